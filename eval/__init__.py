@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: retrieval, classification, multilingual, compositionality, linear probe (SPEC §6)."""

@@ -1,0 +1,231 @@
+"""The canonical manifest (SPEC §4): a directory of Parquet parts plus ``manifest.json``.
+
+One row per sample::
+
+    key            string   unique sample id (never null)
+    image_path     string   a file path, or the tar shard that holds the image when ``image_member`` is set;
+                            relative paths are relative to the manifest directory
+    image_member   string   member name inside the tar ``image_path`` (null for plain files / bytes)
+    image_bytes    binary   encoded image bytes (null when the image is referenced by path)
+    raw_caption    string   web alt-text / original caption (nullable)
+    short_caption  string   short recaption (nullable)
+    long_caption   string   long recaption (nullable)
+    split          string   "train" | "val" | "test" (or a source's own split names)
+    lang           string   language of the captions, BCP-47 (nullable)
+    labels         map<string,string>  label fields, e.g. {"category": "Smileys & Emotion"} (nullable)
+    names          map<string,string>  per-language names/captions for multilingual eval, {"de": "..."} (nullable)
+
+``manifest.json`` holds ``schema_version``, ``source`` (name + arguments), ``counts`` (rows per split) and
+``coverage`` (the counted reasons rows were skipped, e.g. ``{"undecodable_image": 2}``).
+
+The files are plain Parquet: ``pyarrow.dataset.dataset(DIR)`` reads them without this package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST_JSON = "manifest.json"
+CAPTION_COLUMNS = ("raw_caption", "short_caption", "long_caption")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image_path", pa.string()),
+        pa.field("image_member", pa.string()),
+        pa.field("image_bytes", pa.binary()),
+        pa.field("raw_caption", pa.string()),
+        pa.field("short_caption", pa.string()),
+        pa.field("long_caption", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("lang", pa.string()),
+        pa.field("labels", pa.map_(pa.string(), pa.string())),
+        pa.field("names", pa.map_(pa.string(), pa.string())),
+    ]
+)
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, malformed, or of an unsupported schema version."""
+
+
+@dataclass
+class ManifestInfo:
+    """The contents of ``manifest.json``.
+
+    Attributes:
+        source: ``{"name": "emoji" | "webdataset" | ..., "args": {...}}``, how the manifest was built.
+        counts: number of rows per split, e.g. ``{"train": 6000, "test": 800}``; ``"total"`` is added on write.
+        coverage: counted outcomes of bad or unmatched input, e.g. ``{"skipped_undecodable_image": 2}``.
+        parts: Parquet part file names, relative to the manifest directory, in row order.
+        schema_version: :data:`SCHEMA_VERSION` of the writer.
+    """
+
+    source: dict[str, Any]
+    counts: dict[str, int] = field(default_factory=dict)
+    coverage: dict[str, Any] = field(default_factory=dict)
+    parts: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "schema_version": self.schema_version,
+                "source": self.source,
+                "counts": self.counts,
+                "coverage": self.coverage,
+                "parts": self.parts,
+            },
+            indent=2,
+            ensure_ascii=False,
+            sort_keys=False,
+        )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class ManifestWriter:
+    """Write rows into Parquet parts under ``out_dir``; ``close()`` writes ``manifest.json`` last.
+
+    Rows are dicts with the :data:`SCHEMA` column names; missing columns are null. ``labels``/``names`` are
+    plain ``dict[str, str]``. Keys must be unique across the manifest: a repeated key raises
+    :class:`ManifestError` (sources decide duplicates before writing). A manifest without ``manifest.json``
+    is incomplete and :func:`read_manifest` refuses it.
+
+    Args:
+        out_dir: the manifest directory (created; an existing ``manifest.json`` there is replaced on close).
+        source: see :class:`ManifestInfo`.
+        rows_per_part: rows per Parquet part file.
+    """
+
+    def __init__(self, out_dir: str | Path, source: dict[str, Any], rows_per_part: int = 50_000):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / MANIFEST_JSON).unlink(missing_ok=True)
+        for old in self.out_dir.glob("part-*.parquet"):
+            old.unlink()
+        self.info = ManifestInfo(source=source)
+        self.rows_per_part = rows_per_part
+        self._buffer: list[dict[str, Any]] = []
+        self._keys: set[str] = set()
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Append one sample row. Raises :class:`ManifestError` on a null or repeated key."""
+        key = row.get("key")
+        if not key:
+            raise ManifestError("manifest row without a key")
+        if key in self._keys:
+            raise ManifestError(f"duplicate key {key!r} written to the manifest")
+        self._keys.add(key)
+        split = row.get("split") or "train"
+        self.info.counts[split] = self.info.counts.get(split, 0) + 1
+        self._buffer.append(row)
+        if len(self._buffer) >= self.rows_per_part:
+            self._flush()
+
+    def add_all(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.add(row)
+
+    def count(self, reason: str, n: int = 1) -> None:
+        """Count one outcome of bad or unmatched input under ``coverage[reason]``."""
+        self.info.coverage[reason] = int(self.info.coverage.get(reason, 0)) + n
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        cols = {name: [_cell(r.get(name), name) for r in self._buffer] for name in SCHEMA.names}
+        table = pa.table(cols, schema=SCHEMA)
+        name = f"part-{len(self.info.parts):05d}.parquet"
+        tmp = self.out_dir / f".{name}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, self.out_dir / name)
+        self.info.parts.append(name)
+        self._buffer = []
+
+    def close(self) -> ManifestInfo:
+        """Flush the last part and write ``manifest.json`` (atomically, last). Returns the info written."""
+        self._flush()
+        self.info.counts["total"] = len(self._keys)
+        _atomic_write_text(self.out_dir / MANIFEST_JSON, self.info.to_json())
+        return self.info
+
+
+def _cell(value: Any, name: str) -> Any:
+    if name in ("labels", "names") and isinstance(value, dict):
+        return list(value.items())
+    return value
+
+
+def read_manifest_info(manifest_dir: str | Path) -> ManifestInfo:
+    """Read ``manifest.json``. Raises :class:`ManifestError` if absent (an unfinished build) or too new."""
+    path = Path(manifest_dir) / MANIFEST_JSON
+    if not path.exists():
+        raise ManifestError(f"{manifest_dir} is not a finished manifest (no {MANIFEST_JSON})")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ManifestError(
+            f"manifest schema version {data['schema_version']} is newer than this package's {SCHEMA_VERSION}"
+        )
+    return ManifestInfo(**data)
+
+
+def read_manifest(
+    manifest_dir: str | Path, columns: list[str] | None = None, split: str | None = None
+) -> pa.Table:
+    """Read a manifest as one ``pyarrow.Table`` in row order (parts in order).
+
+    Args:
+        manifest_dir: directory written by :class:`ManifestWriter`.
+        columns: subset of :data:`SCHEMA` names (``key`` is always included).
+        split: keep only rows of this split.
+
+    Raises:
+        ManifestError: unfinished manifest, missing part file, or unknown column.
+    """
+    info = read_manifest_info(manifest_dir)
+    if columns is not None:
+        unknown = set(columns) - set(SCHEMA.names)
+        if unknown:
+            raise ManifestError(f"unknown manifest columns {sorted(unknown)}")
+        columns = ["key"] + [c for c in columns if c != "key"]
+        if split is not None and "split" not in columns:
+            columns.append("split")
+    tables = []
+    for part in info.parts:
+        path = Path(manifest_dir) / part
+        if not path.exists():
+            raise ManifestError(f"manifest part {path} is missing")
+        tables.append(pq.read_table(path, columns=columns, schema=SCHEMA))
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns or SCHEMA.names)
+    if split is not None:
+        table = table.filter(pc.equal(table["split"], split))
+    return table
+
+
+def iter_rows(manifest_dir: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield manifest rows as dicts (``labels``/``names`` as ``dict``), part by part, in row order."""
+    info = read_manifest_info(manifest_dir)
+    for part in info.parts:
+        for batch in pq.ParquetFile(Path(manifest_dir) / part).iter_batches(columns=columns):
+            for row in batch.to_pylist():
+                for name in ("labels", "names"):
+                    if isinstance(row.get(name), list):
+                        row[name] = dict(row[name])
+                yield row

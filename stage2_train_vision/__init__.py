@@ -1,0 +1,1 @@
+"""Stage 2: a timm ViT + MLP projector trained against cached LLM vectors with Accelerate (SPEC §5)."""
