@@ -1,0 +1,238 @@
+"""The stage-1 encoder: captions -> unit facet vectors with facet-decoupled attention (SPEC §2.3, §2.4).
+
+Every present text of a sample becomes one packed sequence (raw: 1 facet, short: 3, long: 7 for FLAME).
+Sequences of many samples are bucketed by length into token-budget batches, run through the truncated
+base decoder in its dtype with an explicit 4-D mask and explicit position ids, and each facet's vector is
+read at its closing quote, optionally passed through the final norm (``post_norm``), and L2-normalized in
+float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheIdentity
+from stage1_embed_text.llm import LoadedLLM
+from stage1_embed_text.packing import (
+    POSITION_MODES,
+    Batch,
+    PackedSequence,
+    collate,
+    facet_mask,
+    group_templates,
+    pack,
+    plan_batches,
+)
+from stage1_embed_text.prompts import FLAME, GROUPS, PromptSet, clean_caption
+
+log = logging.getLogger(__name__)
+
+READOUTS = ("pre_norm", "post_norm")
+
+
+@dataclass
+class EncodedBatch:
+    """Facet vectors of ``n`` samples.
+
+    Attributes:
+        vectors: ``float32 [n, F, D]``; unit-norm for present facets, zeros for absent ones.
+        mask: ``bool [n, F]`` facet presence (a group is absent when its caption is missing/None/blank).
+        tokens: ``int32 [n, 3]`` packed-sequence length of the raw/short/long sequence (0 if absent).
+        truncated: ``bool [n, 3]`` caption tokens of the raw/short/long sequence were cut to fit.
+    """
+
+    vectors: np.ndarray
+    mask: np.ndarray
+    tokens: np.ndarray
+    truncated: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Item:
+    row: int
+    group: int  # index into GROUPS
+    facet_start: int  # first facet column of the group in the output
+    seq: PackedSequence
+
+
+class FacetEncoder:
+    """Embed samples' captions with a frozen LLM and a prompt set (SPEC §2.4).
+
+    Args:
+        llm: a :class:`LoadedLLM` (already cut to its readout layer).
+        prompt_set: prompt definition; its facets are the output columns (11 for FLAME).
+        readout: ``"pre_norm"`` (the block output, official recipe) or ``"post_norm"`` (final norm applied).
+        position_mode: ``"restart"`` (each facet continues from the prefix end; equals separate passes) or
+            ``"continuous"`` (official numbering).
+        max_tokens: longest packed sequence; longer captions are cut (SPEC §2.4).
+        max_batch_tokens: padded tokens per forward batch.
+        padding_side: ``"right"`` (default) or ``"left"``; results do not depend on it.
+
+    Raises:
+        ValueError: unknown readout/position mode, or ``max_tokens`` too small for a template.
+    """
+
+    def __init__(
+        self,
+        llm: LoadedLLM,
+        prompt_set: PromptSet = FLAME,
+        readout: str = "pre_norm",
+        position_mode: str = "restart",
+        max_tokens: int = 512,
+        max_batch_tokens: int = 8192,
+        padding_side: str = "right",
+    ):
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+        self.llm = llm
+        self.prompt_set = prompt_set
+        self.readout = readout
+        self.position_mode = position_mode
+        self.max_tokens = int(max_tokens)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.padding_side = padding_side
+        self.facets: tuple[str, ...] = prompt_set.facets
+        self.dim: int = llm.hidden_size
+        self.templates = group_templates(llm.tokenizer, prompt_set)
+        for name, t in self.templates.items():
+            if t.fixed_len >= self.max_tokens:
+                raise ValueError(
+                    f"max_tokens={self.max_tokens} leaves no room for a caption in group {name!r} "
+                    f"(template alone is {t.fixed_len} tokens)"
+                )
+        tok = llm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self.device = next(llm.model.parameters()).device
+        self.dtype = next(llm.model.parameters()).dtype
+
+    def identity(self) -> CacheIdentity:
+        """The cache identity of vectors this encoder produces (every field filled)."""
+        return CacheIdentity(
+            llm=self.llm.name,
+            llm_fingerprint=self.llm.fingerprint,
+            tokenizer=str(getattr(self.llm.tokenizer, "name_or_path", "") or self.llm.name),
+            layer=self.llm.layer,
+            readout=self.readout,
+            dim=self.dim,
+            prompt_set=self.prompt_set.name,
+            prompt_set_hash=self.prompt_set.content_hash,
+            facets=self.facets,
+            position_mode=self.position_mode,
+            bos_marker=self.prompt_set.bos_marker,
+            max_tokens=self.max_tokens,
+            dtype_compute=self.llm.dtype,
+            dtype_stored="float16",
+            backend="hf",
+        )
+
+    def encode(
+        self,
+        samples: Sequence[Mapping[str, str | None]],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> EncodedBatch:
+        """Embed every present text of ``samples``.
+
+        Args:
+            samples: mappings with keys ``"raw"``, ``"short"``, ``"long"``; a missing key, ``None`` or a blank
+                caption makes that group absent (mask False, zero vectors, 0 tokens).
+            progress: called as ``progress(n_sequences_done, n_tokens_done)`` (cumulative, unpadded tokens)
+                after each forward batch.
+
+        Returns:
+            :class:`EncodedBatch` with ``n = len(samples)`` rows in input order.
+        """
+        n, f = len(samples), len(self.facets)
+        out = EncodedBatch(
+            vectors=np.zeros((n, f, self.dim), np.float32),
+            mask=np.zeros((n, f), bool),
+            tokens=np.zeros((n, len(GROUPS)), np.int32),
+            truncated=np.zeros((n, len(GROUPS)), bool),
+        )
+        items = self._pack(samples)
+        for it in items:
+            out.tokens[it.row, it.group] = len(it.seq)
+            out.truncated[it.row, it.group] = it.seq.truncated
+        if any(it.seq.truncated for it in items):
+            log.info("%d of %d sequences had their caption cut to max_tokens=%d",
+                     sum(it.seq.truncated for it in items), len(items), self.max_tokens)
+        done_seqs = done_tokens = 0
+        for idx in plan_batches([len(it.seq) for it in items], self.max_batch_tokens):
+            batch_items = [items[i] for i in idx]
+            vecs = self._forward([it.seq for it in batch_items])
+            k = 0
+            for it in batch_items:
+                m = len(it.seq.seg_lens)
+                cols = slice(it.facet_start, it.facet_start + m)
+                out.vectors[it.row, cols] = vecs[k : k + m]
+                out.mask[it.row, cols] = True
+                k += m
+            done_seqs += len(batch_items)
+            done_tokens += sum(len(it.seq) for it in batch_items)
+            if progress is not None:
+                progress(done_seqs, done_tokens)
+        return out
+
+    def _pack(self, samples: Sequence[Mapping[str, str | None]]) -> list[_Item]:
+        items: list[_Item] = []
+        for g in self.prompt_set.groups:
+            rows, captions = [], []
+            for r, s in enumerate(samples):
+                c = clean_caption(s.get(g.name))
+                if c is not None:
+                    rows.append(r)
+                    captions.append(c)
+            if not captions:
+                continue
+            # Captions longer than max_tokens are cut by the tokenizer already (the template needs room too).
+            ids = self.llm.tokenizer(
+                captions, add_special_tokens=False, truncation=True, max_length=self.max_tokens
+            )["input_ids"]
+            start = self.prompt_set.facet_slice(g.name).start
+            template = self.templates[g.name]
+            for r, cap_ids in zip(rows, ids):
+                items.append(_Item(r, GROUPS.index(g.name), start, pack(template, cap_ids, self.max_tokens)))
+        return items
+
+    @torch.inference_mode()
+    def _forward(self, seqs: Sequence[PackedSequence]) -> np.ndarray:
+        """``float32 [R, D]`` unit vectors of all facets of ``seqs`` (sequence order, then facet order)."""
+        batch = collate(seqs, self.pad_id, self.position_mode, self.padding_side)
+        hidden = self.llm.model(
+            input_ids=batch.input_ids.to(self.device),
+            position_ids=batch.position_ids.to(self.device),
+            attention_mask=self._masks(batch),
+            use_cache=False,
+        ).last_hidden_state
+        h = hidden[batch.readout_rows.to(self.device), batch.readout_cols.to(self.device)]
+        if self.readout == "post_norm":
+            h = self.llm.final_norm(h)
+        h = h.float()
+        h = h / h.norm(dim=-1, keepdim=True)
+        return h.cpu().numpy()
+
+    def _masks(self, batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One mask if every block attends alike, else ``{"full_attention": ..., "sliding_attention": ...}``."""
+        kinds = sorted(set(self.llm.layer_types)) or ["full_attention"]
+        longest = int(batch.position_ids.max()) + 1
+        window = self.llm.sliding_window
+        masks = {}
+        full = None
+        for kind in kinds:
+            w = window if kind == "sliding_attention" and window is not None and window < longest else None
+            if w is None:
+                full = full if full is not None else facet_mask(batch.segments, batch.position_ids, self.dtype)
+                masks[kind] = full
+            else:
+                masks[kind] = facet_mask(batch.segments, batch.position_ids, self.dtype, w)
+        masks = {k: v.to(self.device) for k, v in masks.items()}
+        if len(masks) == 1:
+            return next(iter(masks.values()))
+        return masks
