@@ -145,34 +145,33 @@ def embedded_folder(name: str) -> Path:
 def convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint and save it as a bf16 safetensors folder (model + tokenizer) at ``target``.
 
-    Raises:
-        FileExistsError: ``target`` appeared meanwhile (another process converted it); it is left as is.
+    If another process finished the same conversion first, its folder is kept and this one discarded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize_kwargs()
     )
-    # A model loaded from GGUF refuses save_pretrained; copy its dense weights into a plain model of that config.
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    plain.load_state_dict(quantized.state_dict(), strict=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        plain.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+        log.info("%s was converted by another process meanwhile; using it", target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _dequantize_kwargs() -> dict:
-    """transformers >= 5 keeps GGUF weights packed unless asked to dequantize; older versions always dequantize."""
+    """transformers >= 5 keeps GGUF weights packed (and refuses to save them) unless asked to dequantize;
+    older versions always dequantize."""
     try:
         from transformers import GgufConfig
     except ImportError:
