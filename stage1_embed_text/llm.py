@@ -155,6 +155,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is meant to be readable like a download
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

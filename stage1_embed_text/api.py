@@ -1,0 +1,98 @@
+"""Embed free texts the way a cache was built (for evaluation, SPEC §6).
+
+:class:`TextEmbedder` loads the LLM, layer, readout, position mode and prompt set named in a cache identity,
+so eval's text vectors live in the same space as the vectors stage 2 trained against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import CacheIdentity, CacheIdentityError
+from stage1_embed_text.encoder import FacetEncoder
+from stage1_embed_text.llm import load_llm
+from stage1_embed_text.prompts import get_prompt_set
+
+log = logging.getLogger(__name__)
+
+MODES = ("single", "multi")
+
+
+class TextEmbedder:
+    """Texts -> unit vectors in a cache's space: ``single`` (raw prompt) or ``multi`` (mean of long facets).
+
+    Args:
+        encoder: a :class:`FacetEncoder` whose prompt set has a ``raw`` group (for ``single``) and/or a
+            ``long`` group (for ``multi``).
+    """
+
+    def __init__(self, encoder: FacetEncoder):
+        self.encoder = encoder
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @classmethod
+    def from_identity(cls, identity: dict[str, Any] | CacheIdentity, dtype: str | None = None) -> TextEmbedder:
+        """Load what ``identity`` names (LLM, layer, readout, position mode, prompt set, ``<s>`` marker).
+
+        Args:
+            identity: a :class:`CacheIdentity` or its dict (e.g. ``CacheReader(...).identity``).
+            dtype: compute dtype; default the identity's ``dtype_compute``.
+
+        Raises:
+            CacheIdentityError: the identity's prompt-set hash is not this code's hash of that set (the prompt
+                text changed), or the weights loaded have another fingerprint, or another D; the message names
+                both values.
+        """
+        ident = identity if isinstance(identity, CacheIdentity) else CacheIdentity.from_dict(identity)
+        prompt_set = get_prompt_set(ident.prompt_set, bos_marker=ident.bos_marker)
+        if prompt_set.content_hash != ident.prompt_set_hash:
+            raise CacheIdentityError(
+                f"prompt set {ident.prompt_set!r}: cache has hash {ident.prompt_set_hash}, this code's "
+                f"definition hashes to {prompt_set.content_hash} (the prompts changed; re-embed or use the "
+                f"package version that built the cache)"
+            )
+        llm = load_llm(ident.llm, dtype=dtype or ident.dtype_compute, layer=ident.layer)
+        encoder = FacetEncoder(
+            llm, prompt_set, readout=ident.readout, position_mode=ident.position_mode, max_tokens=ident.max_tokens
+        )
+        encoder.identity().check(
+            {"llm_fingerprint": ident.llm_fingerprint, "dim": ident.dim}, what=f"LLM loaded from {ident.llm!r}"
+        )
+        return cls(encoder)
+
+    def embed(self, texts: Sequence[str], mode: str = "single") -> np.ndarray:
+        """Embed ``texts``.
+
+        Args:
+            texts: captions or class prompts (cleaned and templated like training captions, SPEC §2.1).
+            mode: ``"single"``: the raw single-prompt vector; ``"multi"``: the long group's facets (7 for FLAME),
+                each L2-normalized, averaged, renormalized (SPEC §6).
+
+        Returns:
+            ``float32 [n, D]``, unit-norm rows.
+
+        Raises:
+            ValueError: unknown mode, the prompt set lacks the group the mode needs, or a blank text.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        group = "raw" if mode == "single" else "long"
+        ps = self.encoder.prompt_set
+        if group not in ps.group_names:
+            raise ValueError(f"mode {mode!r} needs a {group!r} group; prompt set {ps.name!r} has {ps.group_names}")
+        blank = [i for i, t in enumerate(texts) if not (t and t.strip())]
+        if blank:
+            raise ValueError(f"cannot embed blank texts (positions {blank[:5]})")
+        out = self.encoder.encode([{group: t} for t in texts])
+        vecs = out.vectors[:, ps.facet_slice(group)]
+        if mode == "single":
+            return np.ascontiguousarray(vecs[:, 0])
+        mean = vecs.mean(axis=1)
+        return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
