@@ -1,0 +1,269 @@
+"""Typed stage-2 configuration (SPEC §5), loaded from TOML with ``section.key=value`` overrides.
+
+A config file has the sections ``[model]``, ``[data]``, ``[loss]``, ``[optim]`` and ``[train]``, each mapping
+onto one dataclass below. Unknown sections or keys are errors, so a typo never silently falls back to a
+default. The projector output D is normally absent: it comes from the cache identity (``model.out_dim`` may
+be set to make a run refuse a cache of another D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key, has a value of the wrong type, or is inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    """The vision encoder: a timm ViT, all output tokens, a per-token MLP projector into D.
+
+    Attributes:
+        name: timm model name, e.g. ``"vit_base_patch16_224"`` (created without pretrained weights).
+        img_size: input side in pixels (square).
+        patch_size / depth / width / num_heads: overrides of the timm defaults (``None`` keeps them).
+        final_norm: keep the backbone's final norm; ``False`` (default) = the official behaviour.
+        proj_hidden: projector hidden size H; ``None`` = ``max(D, 4096)``.
+        out_dim: projector output D; ``None`` = take it from the cache identity (the normal case).
+        grad_checkpointing: recompute backbone activations in backward to save memory.
+        init_logit_scale: initial temperature t (the parameter holds ``log t``).
+        init_logit_bias: initial sigmoid bias b.
+        max_logit_scale: t is clamped to at most this.
+    """
+
+    name: str = "vit_tiny_patch16_224"
+    img_size: int = 224
+    patch_size: int | None = None
+    depth: int | None = None
+    width: int | None = None
+    num_heads: int | None = None
+    final_norm: bool = False
+    proj_hidden: int | None = None
+    out_dim: int | None = None
+    grad_checkpointing: bool = False
+    init_logit_scale: float = 10.0
+    init_logit_bias: float = -10.0
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class DataConfig:
+    """Where pairs come from and how images are augmented.
+
+    Attributes:
+        manifest: manifest directory (SPEC §4).
+        cache: cache directory (SPEC §3) built from that manifest.
+        split: manifest split to train on.
+        expect: cache identity fields the run requires (e.g. ``{layer = 17, llm = "..."}``).
+        positives: P, facets sampled per image each time it is loaded.
+        mode: ``"memory"`` (decode everything once, hold it in RAM), ``"stream"`` (read manifest parts in turn
+            through a shuffle buffer) or ``"auto"`` (memory up to ``memory_max_samples``).
+        memory_max_samples: the ``"auto"`` threshold.
+        shuffle_buffer: rows held by the streaming shuffle buffer.
+        num_workers: DataLoader worker processes.
+        crop_scale: RandomResizedCrop area range.
+        interpolation: ``"bicubic"`` | ``"bilinear"``.
+        mean / std: normalisation (CLIP by default).
+    """
+
+    manifest: str = ""
+    cache: str = ""
+    split: str = "train"
+    expect: dict[str, Any] = field(default_factory=dict)
+    positives: int = 6
+    mode: str = "auto"
+    memory_max_samples: int = 200_000
+    shuffle_buffer: int = 2048
+    num_workers: int = 0
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass
+class LossConfig:
+    """``kind``: ``"sigmoid"`` (multi-positive sigmoid, the FLAME loss) or ``"infonce"`` (multi-positive)."""
+
+    kind: str = "sigmoid"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + cosine schedule with linear warm-up (decay skipped on biases, norms, 1-D params, t and b)."""
+
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.5
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The run.
+
+    Attributes:
+        output_dir: checkpoints, logs, plots and the exported model go here.
+        epochs: passes over the data.
+        batch_size: global batch (all processes, all accumulation micro-steps).
+        grad_accum: micro-steps per optimizer step.
+        mixed_precision: ``"no"`` | ``"bf16"`` | ``"fp16"`` (Accelerate).
+        seed: seeds model init, shuffling, augmentation and facet draws.
+        save_every: checkpoint every this many optimizer steps (0 = only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        log_every: tracker/loss-curve logging interval in steps.
+        log_with: Accelerate trackers, e.g. ``["tensorboard"]``.
+        stop_at_step: stop after this step as if killed (the schedule still spans all epochs); 0 = off.
+        threads: torch intra-op threads (0 = torch default).
+    """
+
+    output_dir: str = "runs/stage2"
+    epochs: int = 1
+    batch_size: int = 256
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    log_with: list[str] = field(default_factory=list)
+    stop_at_step: int = 0
+    threads: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert a TOML value against a dataclass field type (ints are accepted for floats)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is list:
+        if isinstance(value, str):
+            value = [value] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    if hint in (bool, int, str) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _apply(obj: Any, values: dict[str, Any], section: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown key {section}.{key} (known: {', '.join(sorted(names))})")
+        setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    """``"optim.lr=1e-3"`` -> ``("optim", "lr", 0.001)``; the value is TOML, else a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    path, raw = text.split("=", 1)
+    if path.count(".") != 1:
+        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. optim.lr")
+    section, key = path.strip().split(".")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from a TOML file (optional) and ``section.key=value`` overrides, in that order.
+
+    Raises:
+        ConfigError: unknown section or key, a value of the wrong type, or a malformed override.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    cfg = Config()
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    if path is not None:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        for section, values in raw.items():
+            if section not in sections or not isinstance(values, dict):
+                raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sections)})")
+            _apply(sections[section], values, section)
+    for text in overrides or []:
+        section, key, value = _parse_override(text)
+        if section not in sections:
+            raise ConfigError(f"override {text!r}: unknown section {section!r} (known: {', '.join(sections)})")
+        _apply(sections[section], {key: value}, section)
+    return cfg
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Image preprocessing, as exported in ``config.json["image"]`` for eval.
+
+    Attributes:
+        size: square side fed to the model (= ``ModelConfig.img_size``).
+        mean / std: per-channel normalisation of ``[0, 1]`` pixels.
+        interpolation: ``"bicubic"`` | ``"bilinear"``.
+        crop_scale: RandomResizedCrop area range (training only).
+    """
+
+    size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: str = "bicubic"
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+
+    @classmethod
+    def of(cls, cfg: ImageConfig | Config | dict[str, Any]) -> ImageConfig:
+        """Accept an :class:`ImageConfig`, a whole :class:`Config`, or the exported ``config.json["image"]`` dict."""
+        if isinstance(cfg, ImageConfig):
+            return cfg
+        if isinstance(cfg, Config):
+            d = cfg.data
+            return cls(cfg.model.img_size, tuple(d.mean), tuple(d.std), d.interpolation, tuple(d.crop_scale))
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in names}
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

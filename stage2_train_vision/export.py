@@ -1,0 +1,75 @@
+"""Export the trained encoder for eval: ``model.safetensors`` + ``config.json`` (SPEC §5).
+
+``config.json``::
+
+    {"model": {ModelConfig fields, out_dim set},
+     "image": {"size", "mean", "std", "interpolation", "crop_scale"},
+     "cache_identity": {the CacheIdentity the vectors came from},
+     "train": {summary of the run: steps, epochs, loss, ...}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stage2_train_vision.config import DataConfig, ImageConfig, ModelConfig
+from stage2_train_vision.model import FlameVisionModel
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def export_model(
+    model: FlameVisionModel,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    cache_identity: dict[str, Any],
+    out_dir: str | Path,
+    train_summary: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model's weights (float32, contiguous) and its config to ``out_dir``; returns ``out_dir``.
+
+    Raises:
+        ValueError: ``model_cfg.out_dim`` is unset (export the resolved config the model was built from).
+    """
+    if model_cfg.out_dim is None:
+        raise ValueError("export needs the resolved ModelConfig (out_dim set from the cache)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+    image = ImageConfig(
+        model_cfg.img_size, tuple(data_cfg.mean), tuple(data_cfg.std), data_cfg.interpolation, tuple(data_cfg.crop_scale)
+    )
+    config = {
+        "model": dataclasses.asdict(model_cfg),
+        "image": image.to_dict(),
+        "cache_identity": dict(cache_identity),
+        "train": dict(train_summary or {}),
+    }
+    (out / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False, default=list), encoding="utf-8")
+    return out
+
+
+def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[FlameVisionModel, dict[str, Any]]:
+    """Rebuild the exported model (eval mode, on ``device``) and return it with the parsed ``config.json``.
+
+    Raises:
+        FileNotFoundError: ``model.safetensors`` or ``config.json`` is missing.
+        RuntimeError: the weights do not fit the config (missing or unexpected tensors).
+    """
+    d = Path(model_dir)
+    for name in (WEIGHTS, CONFIG):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"{d} is not an exported flame model (no {name})")
+    config = json.loads((d / CONFIG).read_text(encoding="utf-8"))
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = FlameVisionModel(ModelConfig(**{k: v for k, v in config["model"].items() if k in names}))
+    model.load_state_dict(load_file(d / WEIGHTS), strict=True)
+    return model.to(device).eval(), config

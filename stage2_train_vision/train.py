@@ -1,0 +1,278 @@
+"""Stage 2 training loop (SPEC §5): ViT + projector against cached text vectors, under Accelerate.
+
+Run it as ``accelerate launch stage2_train_vision/train.py --config FILE [section.key=value ...] [--resume]``
+or, in one process, ``flame train --config FILE ...``. The text side is the cache only: nothing here imports
+transformers or an LLM.
+
+Outputs under ``train.output_dir``: ``checkpoints/step-NNNNNNN/`` (Accelerate ``save_state``: model, optimizer,
+scheduler, RNG, and :class:`TrainState` = epoch, position in the epoch, step, loss history), ``model/`` (the
+export, :mod:`stage2_train_vision.export`), ``loss.png``, ``train_config.json`` and tracker logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from pipeline.cache import CacheIdentityError, CacheReader
+from stage2_train_vision.cli import add_arguments, run
+from stage2_train_vision.config import Config, ConfigError, ModelConfig
+from stage2_train_vision.data import build_training_data
+from stage2_train_vision.export import export_model
+from stage2_train_vision.loss import contrastive_loss
+from stage2_train_vision.model import FlameVisionModel
+from stage2_train_vision.optim import build_optimizer, build_scheduler
+from stage2_train_vision.plots import plot_loss_curve
+from stage2_train_vision.transforms import train_transform
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint.
+
+    Attributes:
+        epoch: the epoch to continue in.
+        batch: micro-batches of that epoch already consumed (the resume point in the data).
+        step: optimizer steps done.
+        images: images trained on (all processes).
+        history: ``[step, loss]`` of every optimizer step.
+        skipped: invalid batch slots seen so far, by reason (failed images, samples without facets).
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    images: int = 0
+    history: list[list[float]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def resolve_model_config(cfg: ModelConfig, cache_dim: int) -> ModelConfig:
+    """``cfg`` with ``out_dim`` = the cache's D. Raises :class:`CacheIdentityError` if ``cfg.out_dim`` is set
+    to another value (D is never typed twice: leave ``model.out_dim`` unset normally)."""
+    if cfg.out_dim is not None and cfg.out_dim != cache_dim:
+        raise CacheIdentityError(
+            f"projector output model.out_dim={cfg.out_dim} but the cache's D is {cache_dim}; "
+            "remove model.out_dim (D comes from the cache) or use the cache it was meant for"
+        )
+    return dataclasses.replace(cfg, out_dim=cache_dim)
+
+
+def per_process_batch(global_batch: int, world: int, grad_accum: int) -> int:
+    """Images per process per micro-step. Raises :class:`ConfigError` unless the global batch divides evenly."""
+    if global_batch % (world * grad_accum):
+        raise ConfigError(
+            f"train.batch_size={global_batch} is not divisible by processes x grad_accum = {world} x {grad_accum}"
+        )
+    return global_batch // (world * grad_accum)
+
+
+def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
+    """``resume`` as a checkpoint directory, or the newest under ``output_dir/checkpoints`` for ``"latest"``.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+    """
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return path
+    found = sorted((Path(output_dir) / CHECKPOINTS).glob("step-*"))
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint under {Path(output_dir) / CHECKPOINTS}")
+    return found[-1]
+
+
+def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+    path = output_dir / CHECKPOINTS / f"step-{step:07d}"
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and keep > 0:
+        for old in sorted((output_dir / CHECKPOINTS).glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    log.info("saved checkpoint %s", path)
+
+
+def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    """Train per ``cfg``; resume from a checkpoint (path or ``"latest"``) if given.
+
+    Returns:
+        The run summary (also written into the export's ``config.json["train"]``); ``"stopped": True`` when
+        ``train.stop_at_step`` ended the run early (no export then).
+
+    Raises:
+        ConfigError, CacheIdentityError, DataError: refusals with a message naming the values involved.
+    """
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    output_dir = Path(tc.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accum,
+        log_with=tc.log_with or None,
+        project_dir=str(output_dir),
+    )
+    set_seed(tc.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    reader = CacheReader(cfg.data.cache, expect=cfg.data.expect or None)
+    model_cfg = resolve_model_config(cfg.model, reader.dim)
+    batch = per_process_batch(tc.batch_size, world, tc.grad_accum)
+    data = build_training_data(
+        cfg.data, reader, train_transform(cfg), model_cfg.img_size, batch, rank, world, tc.seed, tc.grad_accum
+    )
+    if data.skipped:
+        log.warning("dropped before training: %s", dict(data.skipped))
+    model = FlameVisionModel(model_cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    total_steps = sum(data.steps_per_epoch(e) for e in range(tc.epochs)) // tc.grad_accum
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    state = TrainState()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler, state)
+    if resume:
+        ckpt = find_checkpoint(output_dir, resume)
+        accelerator.load_state(str(ckpt))
+        log.info("resumed from %s at epoch %d, batch %d, step %d", ckpt, state.epoch, state.batch, state.step)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+    if tc.log_with:
+        accelerator.init_trackers("flame-stage2", config=_flat(cfg.to_dict()))
+    log.info(
+        "%s samples (%s), %d processes x %d images x %d accumulation = batch %d, %d steps, D=%d",
+        data.n_samples, data.mode, world, batch, tc.grad_accum, tc.batch_size, total_steps, model_cfg.out_dim,
+    )
+
+    core = accelerator.unwrap_model(model)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
+    skipped = Counter(state.skipped)
+    stopped = False
+    t_start, images_start = time.perf_counter(), state.images
+    accum = torch.zeros((), device=accelerator.device)
+    model.train()
+    for epoch in range(state.epoch, tc.epochs):
+        n_batches = data.steps_per_epoch(epoch)
+        start = state.batch if epoch == state.epoch else 0
+        data.set_epoch(epoch, start)
+        state.epoch, state.batch = epoch, start
+        for b in data.loader:
+            images = b["images"].to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    emb = model(images)
+                loss = contrastive_loss(
+                    cfg.loss.kind, emb, b["texts"].to(emb.device), b["text_valid"].to(emb.device),
+                    core.temperature(), core.logit_bias, b["image_valid"].to(emb.device),
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            accum += loss.detach()
+            skipped.update(b["skipped"])
+            state.batch += 1
+            state.images += batch * world
+            if state.batch == n_batches:
+                state.epoch, state.batch = epoch + 1, 0
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            value = accelerator.reduce(accum, "mean").item() / tc.grad_accum
+            accum.zero_()
+            state.history.append([state.step, value])
+            state.skipped = dict(skipped)
+            rate = (state.images - images_start) / (time.perf_counter() - t_start)
+            lr = scheduler.get_last_lr()[0]
+            t = core.temperature().item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", t=f"{t:.2f}", img_s=f"{rate:.0f}")
+            if tc.log_with and state.step % tc.log_every == 0:
+                accelerator.log({"loss": value, "lr": lr, "logit_scale": t, "images_per_s": rate}, step=state.step)
+            if tc.save_every and state.step % tc.save_every == 0:
+                _save(accelerator, output_dir, state.step, tc.keep_checkpoints)
+            if tc.stop_at_step and state.step >= tc.stop_at_step:
+                stopped = True
+                break
+        if stopped:
+            break
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "steps": state.step,
+        "total_steps": total_steps,
+        "epochs": tc.epochs,
+        "images": state.images,
+        "images_per_s": round((state.images - images_start) / max(elapsed, 1e-9), 2),
+        "processes": world,
+        "batch_size": tc.batch_size,
+        "loss": cfg.loss.kind,
+        "first_loss": state.history[0][1] if state.history else None,
+        "final_loss": state.history[-1][1] if state.history else None,
+        "skipped_before_training": dict(data.skipped),
+        "skipped_in_batches": dict(skipped),
+        "stopped": stopped,
+        "seed": tc.seed,
+    }
+    if not stopped:
+        if tc.save_every and state.step % tc.save_every:
+            _save(accelerator, output_dir, state.step, tc.keep_checkpoints)
+        if accelerator.is_main_process:
+            export_model(core, model_cfg, cfg.data, reader.identity.to_dict(), output_dir / "model", summary)
+            if state.history:
+                steps, losses = zip(*state.history)
+                plot_loss_curve(steps, losses, output_dir / "loss.png", title=f"{cfg.model.name} / {cfg.loss.kind}")
+            log.info("exported %s; loss %.4f -> %.4f", output_dir / "model", summary["first_loss"], summary["final_loss"])
+    accelerator.end_training()
+    return summary
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"section.key": scalar or str}`` for trackers (TensorBoard hparams take scalars)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{name}."))
+        else:
+            out[name] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point under ``accelerate launch``; returns the exit code."""
+    parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
