@@ -1,0 +1,196 @@
+"""Retrieval and zero-shot classification metrics with their chance levels (SPEC §6).
+
+Names follow CLIP_benchmark where it has one: ``image_retrieval_recall@k`` is **text -> image** (a caption
+queries the images), ``text_retrieval_recall@k`` is **image -> text**; ``acc1``, ``acc5``,
+``mean_per_class_recall``. Every value is a fraction in ``[0, 1]``.
+
+Rankings come from :func:`eval.ranking.topk` (descending score, ties broken by the lower index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from eval.ranking import order_candidates, topk
+
+RECALL_KS = (1, 5, 10)
+
+
+@dataclass
+class RetrievalOutcome:
+    """Result of :func:`retrieval_metrics`.
+
+    Attributes:
+        metrics: ``{"image_retrieval_recall@k": .., "text_retrieval_recall@k": ..}`` for each k.
+        chance: the same keys, the expected value under a uniformly random ranking.
+        counts: ``n_images``, ``n_texts``, ``n_pairs`` and the number of queries each way.
+        i2t_queries: ``int64 [Qi]`` image indices that were queries (images with at least one positive).
+        i2t_topk: ``int64 [Qi, K]`` text indices ranked for each of them.
+        t2i_queries, t2i_topk: the same for text queries over images.
+    """
+
+    metrics: dict[str, float]
+    chance: dict[str, float]
+    counts: dict[str, int]
+    i2t_queries: np.ndarray = field(repr=False)
+    i2t_topk: np.ndarray = field(repr=False)
+    t2i_queries: np.ndarray = field(repr=False)
+    t2i_topk: np.ndarray = field(repr=False)
+
+
+def hits_at_k(ranked: np.ndarray, queries: np.ndarray, positives: np.ndarray,
+              n_keys: int) -> np.ndarray:
+    """Which ranked keys are positives of their query.
+
+    Args:
+        ranked: ``int64 [Q, K]`` key indices per query, best first.
+        queries: ``int64 [Q]`` query indices (rows of ``positives``' first column).
+        positives: ``int64 [P, 2]`` (query index, key index) pairs.
+        n_keys: number of keys (to encode pairs as ``query * n_keys + key``).
+
+    Returns:
+        ``bool [Q, K]``.
+    """
+    pos = np.asarray(positives, dtype=np.int64)
+    codes = pos[:, 0] * n_keys + pos[:, 1]
+    return np.isin(queries[:, None] * n_keys + ranked, codes)
+
+
+def recall_from_hits(hits: np.ndarray, ks: tuple[int, ...] = RECALL_KS) -> dict[int, float]:
+    """Recall@k: the fraction of queries with **any** positive in their top k, for each k in ``ks``."""
+    return {k: float(hits[:, :k].any(axis=1).mean()) if len(hits) else float("nan") for k in ks}
+
+
+def chance_recall(n_positives: np.ndarray, n_keys: int, ks: tuple[int, ...] = RECALL_KS) -> dict[int, float]:
+    """Expected recall@k of a random ranking.
+
+    A query with ``m`` positives among ``N`` keys misses all of them in a random top k with probability
+    ``C(N-m, k) / C(N, k) = prod_{i<k} (N-m-i)/(N-i)``; chance is the mean over queries of one minus that
+    (``k/N`` when every query has one positive).
+
+    Args:
+        n_positives: ``int [Q]`` positives per query.
+        n_keys: ``N``.
+    """
+    m = np.asarray(n_positives, dtype=np.float64)
+    out = {}
+    for k in ks:
+        kk = min(k, n_keys)
+        i = np.arange(kk, dtype=np.float64)
+        miss = np.prod(np.clip((n_keys - m[:, None] - i) / (n_keys - i), 0.0, None), axis=1)
+        out[k] = float((1.0 - miss).mean()) if len(m) else float("nan")
+    return out
+
+
+def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, pairs: np.ndarray,
+                      ks: tuple[int, ...] = RECALL_KS, backend: str = "auto") -> RetrievalOutcome:
+    """Image<->text recall@k with several positives per query (SPEC §6).
+
+    An image query hits at k if **any** text paired with it is in its top k texts; a text query hits if any
+    image paired with it is in its top k images. Images (texts) without any pair are in the gallery but are
+    not queries.
+
+    Args:
+        image_emb: ``float [N_img, D]``, L2-normalized.
+        text_emb: ``float [N_txt, D]``, L2-normalized.
+        pairs: ``int64 [P, 2]`` positive (image index, text index) pairs, no duplicates needed.
+        ks: recall cut-offs.
+        backend: see :func:`eval.ranking.topk`.
+
+    Raises:
+        ValueError: empty pairs or an index out of range.
+    """
+    pairs = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
+    n_img, n_txt = len(image_emb), len(text_emb)
+    if len(pairs) == 0:
+        raise ValueError("retrieval needs at least one (image, text) pair")
+    if pairs[:, 0].max() >= n_img or pairs[:, 1].max() >= n_txt or pairs.min() < 0:
+        raise ValueError(f"pair index out of range for {n_img} images / {n_txt} texts")
+    kmax = max(ks)
+    i2t_q, i2t_m = np.unique(pairs[:, 0], return_counts=True)
+    t2i_q, t2i_m = np.unique(pairs[:, 1], return_counts=True)
+    i2t = topk(image_emb[i2t_q], text_emb, kmax, backend)
+    t2i = topk(text_emb[t2i_q], image_emb, kmax, backend)
+    r_i2t = recall_from_hits(hits_at_k(i2t, i2t_q, pairs, n_txt), ks)
+    r_t2i = recall_from_hits(hits_at_k(t2i, t2i_q, pairs[:, ::-1], n_img), ks)
+    c_i2t = chance_recall(i2t_m, n_txt, ks)
+    c_t2i = chance_recall(t2i_m, n_img, ks)
+    metrics, chance = {}, {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = r_t2i[k]
+        metrics[f"text_retrieval_recall@{k}"] = r_i2t[k]
+        chance[f"image_retrieval_recall@{k}"] = c_t2i[k]
+        chance[f"text_retrieval_recall@{k}"] = c_i2t[k]
+    counts = {"n_images": n_img, "n_texts": n_txt, "n_pairs": len(pairs),
+              "n_image_queries": len(i2t_q), "n_text_queries": len(t2i_q)}
+    return RetrievalOutcome(metrics, chance, counts, i2t_q, i2t, t2i_q, t2i)
+
+
+def class_prototypes(template_emb: np.ndarray) -> np.ndarray:
+    """Zero-shot class vectors: L2-normalize each prompt vector, average over templates, renormalize.
+
+    Args:
+        template_emb: ``float [C, T, D]`` (class x template).
+
+    Returns:
+        ``float32 [C, D]``, unit norm.
+    """
+    e = np.asarray(template_emb, dtype=np.float64)
+    e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+    mean = e.mean(axis=1)
+    return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class ClassificationOutcome:
+    """Result of :func:`classification_metrics`.
+
+    Attributes:
+        metrics: ``acc1``, ``acc5`` (only with >= 5 classes), ``mean_per_class_recall``.
+        chance: the same keys for a uniformly random classifier (``1/C``, ``5/C``, ``1/C``).
+        counts: ``n_images``, ``n_classes``, ``n_classes_present``.
+        predictions: ``int64 [N]`` top-1 class per image.
+        per_class_recall: ``float [C]`` (NaN for classes without images).
+        confusion: ``int64 [C, C]``, rows = true class, columns = top-1 prediction.
+    """
+
+    metrics: dict[str, float]
+    chance: dict[str, float]
+    counts: dict[str, int]
+    predictions: np.ndarray = field(repr=False)
+    per_class_recall: np.ndarray = field(repr=False)
+    confusion: np.ndarray = field(repr=False)
+
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> ClassificationOutcome:
+    """Top-1 / top-5 accuracy and mean per-class recall from image x class scores.
+
+    Ranking per image: descending score, ties broken by the lower class index.
+
+    Args:
+        scores: ``float [N, C]`` similarities of each image to each class prototype.
+        labels: ``int [N]`` true class indices in ``[0, C)``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    n, c = scores.shape
+    k = min(5, c)
+    cand = np.broadcast_to(np.arange(c, dtype=np.int64), (n, c))
+    ranked = order_candidates(scores, cand, k)
+    correct = ranked == labels[:, None]
+    metrics = {"acc1": float(correct[:, 0].mean())}
+    chance = {"acc1": 1.0 / c}
+    if c >= 5:
+        metrics["acc5"] = float(correct[:, :5].any(axis=1).mean())
+        chance["acc5"] = 5.0 / c
+    confusion = np.zeros((c, c), dtype=np.int64)
+    np.add.at(confusion, (labels, ranked[:, 0]), 1)
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    metrics["mean_per_class_recall"] = float(np.nanmean(per_class))
+    chance["mean_per_class_recall"] = 1.0 / c
+    counts = {"n_images": n, "n_classes": c, "n_classes_present": int((support > 0).sum())}
+    return ClassificationOutcome(metrics, chance, counts, ranked[:, 0], per_class, confusion)
