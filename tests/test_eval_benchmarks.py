@@ -1,0 +1,192 @@
+"""Benchmark adapters on tiny fixtures in each published format (issue 5)."""
+
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval.benchmarks import BenchmarkError, load_benchmark
+from eval.benchmarks.base import pairs_from_captions
+from manifests.schema import ManifestWriter
+
+
+def png(color=(255, 0, 0), size=8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(path, color=(255, 0, 0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png(color))
+
+
+def test_pairs_from_captions_dedupe():
+    texts, pairs = pairs_from_captions([["a", "b"], ["a"], [None, ""]], dedupe=True)
+    assert texts == ["a", "b"] and pairs.tolist() == [[0, 0], [0, 1], [1, 0]]
+    texts, pairs = pairs_from_captions([["a", "b"], ["a"]])
+    assert texts == ["a", "b", "a"] and pairs.tolist() == [[0, 0], [0, 1], [1, 2]]
+
+
+def test_karpathy_coco_and_size_warning(tmp_path, caplog):
+    imgs = [{"filepath": "val2014", "filename": f"{i}.jpg", "split": s,
+             "sentences": [{"raw": f"cap {i} a "}, {"raw": f"cap {i} b"}]} for i, s in enumerate(["test", "test", "train"])]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": imgs}))
+    for i in range(3):
+        write_png(tmp_path / "val2014" / f"{i}.jpg")
+    with caplog.at_level(logging.WARNING):
+        b = load_benchmark("coco", tmp_path)
+    assert b.counts == {"images": 2, "texts": 4} and b.split == "test"
+    task = b.tasks[0]
+    assert task.texts[0] == "cap 0 a" and task.pairs.tolist() == [[0, 0], [0, 1], [1, 2], [1, 3]]
+    assert task.text_mode == "multi"
+    assert b.images[1].open().size == (8, 8)
+    assert "published benchmark has 5000" in caplog.text
+    with pytest.raises(BenchmarkError, match="strict"):
+        load_benchmark("coco", tmp_path, strict=True)
+
+
+def _tar(path, members: dict[str, bytes]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_clip_benchmark_wds_retrieval_and_classification(tmp_path):
+    r = tmp_path / "flickr"
+    _tar(r / "test" / "0.tar", {"s0000000.webp": png(), "s0000000.txt": b"one\ntwo",
+                                "s0000001.png": png((0, 255, 0)), "s0000001.txt": b"three"})
+    (r / "test" / "nshards.txt").write_text("1\n")
+    b = load_benchmark("flickr30k", r)
+    assert b.tasks[0].texts == ["one", "two", "three"] and b.tasks[0].pairs.tolist() == [[0, 0], [0, 1], [1, 2]]
+    assert b.images[1].open().getpixel((0, 0)) == (0, 255, 0)
+    c = tmp_path / "cls"
+    _tar(c / "test" / "0.tar", {"a.jpg": png(), "a.cls": b"1", "b.jpg": png(), "b.cls": b"0"})
+    (c / "classnames.txt").write_text("cat\ndog\n")
+    (c / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    b = load_benchmark("wds", c)
+    t = b.tasks[0]
+    assert t.classnames == ["cat", "dog"] and t.labels.tolist() == [1, 0] and t.templates == ["a photo of a {c}."]
+
+
+def test_urban1k(tmp_path):
+    for i in range(2):
+        write_png(tmp_path / "image" / f"{i}.jpg")
+        (tmp_path / "caption").mkdir(exist_ok=True)
+        (tmp_path / "caption" / f"{i}.txt").write_text(f"long caption {i}\n")
+    b = load_benchmark("urban1k", tmp_path)
+    assert b.tasks[0].texts == ["long caption 0", "long caption 1"] and b.tasks[0].kind == "long_caption"
+
+
+def test_sharegpt4v_first_n(tmp_path):
+    entries = [{"id": str(i), "image": f"coco/{i}.jpg",
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"text {i}"}]}
+               for i in range(3)]
+    f = tmp_path / "share-captioner_coco_lcs_sam_1246k_1107.json"
+    f.write_text(json.dumps(entries))
+    from eval.benchmarks.retrieval_sets import sharegpt4v
+
+    b = sharegpt4v(tmp_path, n=2)
+    assert b.tasks[0].texts == ["text 0", "text 1"] and b.images[1].path == "coco/1.jpg"
+
+
+def test_dci(tmp_path):
+    root = tmp_path / "densely_captioned_images"
+    (root / "annotations").mkdir(parents=True)
+    (root / "splits.json").write_text(json.dumps({"train": ["a.json"], "test": ["b.json"]}))
+    for n in "ab":
+        (root / "annotations" / f"{n}.json").write_text(
+            json.dumps({"image": f"{n}.jpg", "short_caption": f"short {n}", "extra_caption": f"extra {n}"}))
+        write_png(root / "photos" / f"{n}.jpg")
+    b = load_benchmark("dci", tmp_path)
+    assert b.tasks[0].texts == ["short a\nextra a", "short b\nextra b"]
+    assert b.images[0].open().size == (8, 8)
+
+
+def test_docci_test_split(tmp_path):
+    rows = [{"example_id": "x", "split": "train", "image_file": "x.jpg", "description": "no"},
+            {"example_id": "y", "split": "test", "image_file": "y.jpg", "description": "yes "}]
+    (tmp_path / "docci_descriptions.jsonlines").write_text("\n".join(json.dumps(r) for r in rows))
+    b = load_benchmark("docci", tmp_path)
+    assert b.tasks[0].texts == ["yes"] and b.counts["images"] == 1
+
+
+def test_xm3600_per_language(tmp_path):
+    lines = [{"image/key": "k1", "en": {"caption": ["dog", "a dog"]}, "de": {"caption": ["Hund"]}},
+             {"image/key": "k2", "en": {"caption": ["cat"]}, "de": {"caption": ["Katze"]}}]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    b = load_benchmark("xm3600", tmp_path)
+    tasks = {t.lang: t for t in b.tasks}
+    assert set(tasks) == {"de", "en"} and tasks["de"].texts == ["Hund", "Katze"]
+    assert tasks["en"].pairs.tolist() == [[0, 0], [0, 1], [1, 2]]
+    assert all(t.kind == "multilingual" and t.text_mode == "single" for t in b.tasks)
+    assert load_benchmark("xm3600", tmp_path, languages=["de"]).counts["languages"] == 1
+
+
+def test_class_folder_with_train_probe(tmp_path):
+    for split in ("test", "train"):
+        for c, col in (("n01_cat", (255, 0, 0)), ("n02_dog", (0, 0, 255))):
+            write_png(tmp_path / split / c / "1.png", col)
+    (tmp_path / "classnames.txt").write_text("cat\ndog\n")
+    b = load_benchmark("classfolder", tmp_path)
+    zs, lp = b.tasks
+    assert zs.classnames == ["cat", "dog"] and zs.labels.tolist() == [0, 1]
+    assert lp.train_ids.tolist() == [2, 3] and lp.test_ids.tolist() == [0, 1]
+
+
+def test_winoground_and_sugarcrepe(tmp_path):
+    w = tmp_path / "wino"
+    (w / "images").mkdir(parents=True)
+    rows = [{"id": 0, "image_0": "ex_0_img_0", "image_1": "ex_0_img_1", "caption_0": "a b", "caption_1": "b a"}]
+    (w / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for n in ("ex_0_img_0", "ex_0_img_1"):
+        write_png(w / "images" / f"{n}.png")
+    b = load_benchmark("winoground", w)
+    assert b.tasks[0].image_ids.tolist() == [[0, 1]] and b.tasks[0].captions == [("a b", "b a")]
+    s = tmp_path / "sugar"
+    s.mkdir()
+    (s / "swap_obj.json").write_text(json.dumps({"0": {"filename": "x.jpg", "caption": "p", "negative_caption": "n"},
+                                                 "1": {"filename": "x.jpg", "caption": "p2", "negative_caption": "n2"}}))
+    b = load_benchmark("sugarcrepe", s)
+    assert [t.name for t in b.tasks] == ["swap_obj"] and b.tasks[0].image_ids.tolist() == [0, 0]
+    assert b.counts == {"swap_obj": 2, "images": 1}
+
+
+def write_emoji_manifest(d):
+    """4 test images = 2 emojis x 2 vendors sharing captions, 4 train images; names in de and fr."""
+    w = ManifestWriter(d, source={"name": "emoji", "args": {}})
+    cats = ["Animals & Nature", "Food & Drink"]
+    for i in range(8):
+        e = i // 2
+        split = "test" if e < 2 else "train"
+        cat = cats[e % 2]
+        w.add({"key": f"{e}-{i % 2}", "image_bytes": png((40 * e, 200 * (i % 2), 90)), "split": split,
+               "raw_caption": f"emoji {e}", "long_caption": f"a detailed emoji number {e}",
+               "labels": {"category": cat, "subcategory": f"sub-{e % 2}"},
+               "names": {"de": f"Emoji {e}", "fr": f"émoji {e}", "en": f"emoji {e}"}})
+    w.close()
+
+
+def test_emoji_manifest_tasks(tmp_path):
+    write_emoji_manifest(tmp_path / "m")
+    b = load_benchmark("emoji", tmp_path / "m", linear_probe=True)
+    tasks = {t.name: t for t in b.tasks}
+    assert set(tasks) == {"retrieval_en_raw", "retrieval_en_long", "classification_category",
+                          "classification_subcategory", "linear_probe_category", "multilingual_de", "multilingual_fr"}
+    raw = tasks["retrieval_en_raw"]
+    assert raw.texts == ["emoji 0", "emoji 1"] and raw.text_mode == "single"
+    assert raw.pairs.tolist() == [[0, 0], [1, 0], [2, 1], [3, 1]]  # both vendors' images match one text
+    assert tasks["retrieval_en_long"].text_mode == "multi"
+    cat = tasks["classification_category"]
+    assert cat.classnames == ["Animals & Nature", "Food & Drink"] and cat.labels.tolist() == [0, 0, 1, 1]
+    assert tasks["classification_subcategory"].classnames == ["sub 0", "sub 1"]
+    lp = tasks["linear_probe_category"]
+    assert len(lp.train_ids) == 4 and b.counts == {"images": 4, "train_images": 4}
+    assert np.asarray(b.images[0].open()).shape == (8, 8, 3)
