@@ -1,0 +1,389 @@
+"""The stage-1 batch job (SPEC §2.6): manifest -> deduplicated plan -> cache shards, resumable, multi-process.
+
+``run_embed(EmbedConfig(...))`` is what ``flame embed`` and ``python -m stage1_embed_text`` call.
+
+* Rank ``r`` of ``W`` processes (``accelerate launch`` / ``torchrun``; one process by default) takes cache
+  shards ``r, r + W, ...`` in increasing order; rank 0 creates the cache, then all ranks meet at a barrier.
+* A shard with a finished marker is skipped; any other shard is computed whole and committed atomically by
+  :meth:`pipeline.cache.CacheWriter.write_shard` (vectors, mask, index part, marker last).
+* Every text is embedded once per job by the row that owns it (:mod:`stage1_embed_text.plan`); a row whose
+  text is owned by an earlier shard copies that shard's stored float16 vectors once the shard is finished.
+  The encoder's batches for a shard depend only on the plan, so a resumed or multi-process run writes the
+  same bytes as one uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from manifests.schema import read_manifest
+from pipeline.cache import CacheMeta, CacheReader, CacheWriter
+from stage1_embed_text.plan import CAPTION_COLUMNS, Plan, build_plan, text_sha1
+from stage1_embed_text.prompts import GROUPS
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "vllm")
+_POLL_S = 0.5  # how often a rank looks for another rank's finished marker
+
+
+@dataclass
+class EmbedConfig:
+    """Arguments of a stage-1 job.
+
+    Attributes:
+        manifest: manifest directory (SPEC §4).
+        out: cache directory to create or resume (SPEC §3).
+        llm: embedded name, local folder, ``.gguf`` file or hub id (:func:`stage1_embed_text.llm.load_llm`).
+        layer: ``hidden_states`` index read out; ``None`` = penultimate block.
+        readout: ``"pre_norm"`` or ``"post_norm"``.
+        dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
+        backend: ``"hf"`` (``"vllm"`` is not implemented by this job yet).
+        context_tokens: longest packed sequence; longer captions are cut (SPEC §2.4).
+        max_batch_tokens: padded tokens per forward batch.
+        batch_size: if set, at most this many sequences per batch (on top of the token budget).
+        limit: only the first ``limit`` manifest rows (after ``split``).
+        split: only rows of this split.
+        shard_rows: cache rows per shard (the unit of work, resume and multi-process split).
+        chunk_rows: rows per Zarr chunk (must divide ``shard_rows``).
+        position_mode: ``"restart"`` (default) or ``"continuous"``.
+        prompt_set: prompt set name (``"flame"``).
+        bos_marker: the official ``<s>`` marker, ``"drop"`` (default) or ``"keep"``.
+        progress: show a tqdm bar (rank 0 only).
+    """
+
+    manifest: str
+    out: str
+    llm: str = "gemma3-270m"
+    layer: int | None = None
+    readout: str = "pre_norm"
+    dtype: str = "bfloat16"
+    backend: str = "hf"
+    context_tokens: int = 512
+    max_batch_tokens: int = 8192
+    batch_size: int | None = None
+    limit: int | None = None
+    split: str | None = None
+    shard_rows: int = 4096
+    chunk_rows: int = 64
+    position_mode: str = "restart"
+    prompt_set: str = "flame"
+    bos_marker: str = "drop"
+    progress: bool = True
+
+
+@dataclass
+class EmbedSummary:
+    """What a job did (whole cache for the counts; this run for work and speed).
+
+    Attributes:
+        cache: cache directory.
+        samples: manifest rows considered; empty_samples: those without any caption (not in the cache).
+        keys: keys in the cache index; rows: unique rows N; dedup_ratio: keys / rows.
+        unique_texts: packed sequences the plan embeds (one per distinct group text).
+        absent_texts: ``{group: rows whose text of that group is absent}``.
+        absent_facets: facet slots ``[row, facet]`` masked absent (each absent text masks its group's facets).
+        truncated_rows: rows with at least one cut caption; truncated_texts: per group.
+        shards: total shards; shards_written / shards_skipped: by this run (all ranks).
+        sequences, tokens: embedded by this run (all ranks); tokens_per_s: tokens / wall_s.
+        wall_s: seconds from start to the end barrier (model loading included).
+        world_size: processes.
+    """
+
+    cache: str
+    samples: int
+    empty_samples: int
+    keys: int
+    rows: int
+    dedup_ratio: float
+    unique_texts: int
+    absent_texts: dict[str, int]
+    absent_facets: int
+    truncated_rows: int
+    truncated_texts: dict[str, int]
+    shards: int
+    shards_written: int
+    shards_skipped: int
+    sequences: int
+    tokens: int
+    tokens_per_s: float
+    wall_s: float
+    world_size: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _ShardArrays:
+    """One shard's content: vectors ``float16 [n, F, D]``, mask ``bool [n, F]``, tokens ``int32 [n, G]``,
+    truncated ``bool [n, G]`` (``n`` = rows of the shard, ``G`` = groups)."""
+
+    vectors: np.ndarray
+    mask: np.ndarray
+    tokens: np.ndarray
+    truncated: np.ndarray
+
+
+def load_plan(config: EmbedConfig, prompt_set) -> Plan:
+    """Read the manifest captions (``split``, first ``limit`` rows) and build the job's :class:`Plan`."""
+    table = read_manifest(config.manifest, columns=list(CAPTION_COLUMNS.values()), split=config.split)
+    if config.limit is not None:
+        table = table.slice(0, config.limit)
+    cols = [table.column(c).to_pylist() for c in ("key", *CAPTION_COLUMNS.values())]
+    return build_plan(zip(*cols), prompt_set, shard_rows=config.shard_rows, chunk_rows=config.chunk_rows)
+
+
+def build_encoder(config: EmbedConfig, device: torch.device):
+    """Load the LLM and wrap it in a :class:`~stage1_embed_text.encoder.FacetEncoder` for ``config``.
+
+    Raises:
+        NotImplementedError: ``backend="vllm"``.
+        ValueError: unknown backend.
+    """
+    if config.backend == "vllm":
+        raise NotImplementedError("flame embed --backend vllm is not yet implemented; use --backend hf")
+    if config.backend != "hf":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+    from stage1_embed_text.encoder import FacetEncoder
+    from stage1_embed_text.llm import load_llm
+    from stage1_embed_text.prompts import get_prompt_set
+
+    llm = load_llm(config.llm, dtype=config.dtype, layer=config.layer)
+    if device.type != "cpu":
+        llm.model.to(device)
+        llm.final_norm.to(device)
+    kw = {"max_batch_sequences": config.batch_size} if config.batch_size else {}
+    return FacetEncoder(
+        llm,
+        prompt_set=get_prompt_set(config.prompt_set, bos_marker=config.bos_marker),
+        readout=config.readout,
+        position_mode=config.position_mode,
+        max_tokens=config.context_tokens,
+        max_batch_tokens=config.max_batch_tokens,
+        **kw,
+    )
+
+
+def run_embed(config: EmbedConfig, encoder=None) -> EmbedSummary:
+    """Run (or resume) the job of ``config`` on this process's shards; returns the whole job's summary.
+
+    Args:
+        config: the job.
+        encoder: an already built encoder (tests); default :func:`build_encoder`.
+
+    Raises:
+        pipeline.cache.CacheIdentityError: ``out`` holds a cache of another model, prompt set or plan.
+        pipeline.cache.CacheError: a vector that is not finite and unit-norm (the shard is not committed).
+        manifests.schema.ManifestError: unfinished or malformed manifest.
+    """
+    t0 = time.perf_counter()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
+    encoder = encoder if encoder is not None else build_encoder(config, state.device)
+    prompt_set = encoder.prompt_set
+    plan = load_plan(config, prompt_set)
+    meta = CacheMeta(
+        identity=encoder.identity(),
+        layout=plan.layout,
+        extra={
+            "manifest": str(Path(config.manifest).resolve()),
+            "split": config.split,
+            "limit": config.limit,
+            "samples": plan.n_samples,
+            "keys": len(plan.keys),
+            "empty_samples": len(plan.empty_keys),
+            "batching": {"max_batch_tokens": config.max_batch_tokens, "batch_size": config.batch_size},
+        },
+    )
+    if rank == 0:
+        CacheWriter.create(config.out, meta)
+        _remove_stale_temp_files(Path(config.out))
+    state.wait_for_everyone()
+    writer = CacheWriter(config.out, meta)
+    _warn_on_changed_batching(writer.meta, meta)
+    mine = list(range(rank, plan.layout.n_shards, world))
+    todo = [s for s in mine if not writer.is_done(s)]
+    log.info("rank %d/%d: %d of its %d shards to do, %d already done", rank, world, len(todo), len(mine),
+             len(mine) - len(todo))
+    bar = tqdm(
+        total=sum(plan.owned(s).sum() for s in todo), unit="seq", desc="embed", dynamic_ncols=True,
+        disable=not (config.progress and rank == 0),
+    )
+    work = {"sequences": 0, "tokens": 0, "samples": 0}
+    for shard in todo:
+        arrays = _compute_shard(plan, shard, encoder, writer, bar, work, t0)
+        keys, rows = plan.shard_keys(shard)
+        writer.write_shard(shard, arrays.vectors, arrays.mask, _index_table(plan, shard, keys, rows, arrays))
+        work["samples"] += len(keys)
+        log.debug("rank %d: shard %d committed (%d rows, %d keys)", rank, shard, len(arrays.mask), len(keys))
+    bar.close()
+    state.wait_for_everyone()
+    totals = _sum_over_ranks(state, {**work, "written": len(todo), "skipped": len(mine) - len(todo)})
+    return _summarize(config, plan, prompt_set, totals, world, time.perf_counter() - t0)
+
+
+def _compute_shard(plan: Plan, shard: int, encoder, writer: CacheWriter, bar, work: dict, t0: float) -> _ShardArrays:
+    """Encode the texts shard ``shard`` owns and copy the others from their owner rows."""
+    rows = plan.layout.shard_range(shard)
+    n, groups = len(rows), plan.groups
+    f, d = len(encoder.facets), encoder.dim
+    out = _ShardArrays(
+        vectors=np.zeros((n, f, d), np.float16), mask=np.zeros((n, f), bool),
+        tokens=np.zeros((n, len(groups)), np.int32), truncated=np.zeros((n, len(groups)), bool),
+    )
+    owned = plan.owned(shard)
+    enc_rows = np.flatnonzero(owned.any(axis=1))
+    if len(enc_rows):
+        samples = [
+            {g: (plan.texts[rows.start + j][i] if owned[j, i] else None) for i, g in enumerate(groups)}
+            for j in enc_rows
+        ]
+        done = {"seq": 0, "tok": 0}
+
+        def progress(n_seq: int, n_tok: int) -> None:
+            bar.update(n_seq - done["seq"])
+            done["seq"], done["tok"] = n_seq, n_tok
+            bar.set_postfix(samples=work["samples"], tok_s=f"{(work['tokens'] + n_tok) / (time.perf_counter() - t0):.0f}")
+
+        enc = encoder.encode(samples, progress=progress)
+        work["sequences"] += int(owned.sum())
+        work["tokens"] += int(enc.tokens.sum())
+        for i, g in enumerate(groups):
+            sel, col = owned[enc_rows, i], GROUPS.index(g)
+            dst, fs = enc_rows[sel], encoder.prompt_set.facet_slice(g)
+            out.vectors[dst, fs] = enc.vectors[sel, fs].astype(np.float16)
+            out.mask[dst, fs] = enc.mask[sel, fs]
+            out.tokens[dst, i] = enc.tokens[sel, col]
+            out.truncated[dst, i] = enc.truncated[sel, col]
+    _copy_from_owners(plan, shard, encoder.prompt_set, owned, out, writer)
+    return out
+
+
+def _copy_from_owners(plan: Plan, shard: int, prompt_set, owned: np.ndarray, out: _ShardArrays, writer) -> None:
+    """Fill the shard's texts owned by other rows: same-shard owners from ``out``, earlier shards from disk."""
+    rows = plan.layout.shard_range(shard)
+    owners = plan.owner[rows.start : rows.stop]
+    copied = (owners >= 0) & ~owned
+    if not copied.any():
+        return
+    earlier = copied & (owners < rows.start)
+    ext = _read_owner_rows(plan, writer, np.unique(owners[earlier])) if earlier.any() else None
+    for i, g in enumerate(plan.groups):
+        fs = prompt_set.facet_slice(g)
+        for j in np.flatnonzero(copied[:, i]):
+            o = int(owners[j, i])
+            if o >= rows.start:
+                src = (out.vectors[o - rows.start, fs], out.tokens[o - rows.start, i], out.truncated[o - rows.start, i])
+            else:
+                k = ext["pos"][o]
+                src = (ext["vectors"][k, fs], ext["tokens"][k, i], ext["truncated"][k, i])
+            out.vectors[j, fs], out.tokens[j, i], out.truncated[j, i] = src
+            out.mask[j, fs] = True
+
+
+def _read_owner_rows(plan: Plan, writer: CacheWriter, owner_rows: np.ndarray) -> dict:
+    """Stored vectors, token counts and truncation flags of rows in earlier shards (waits for their markers)."""
+    shards = sorted({int(r) // plan.layout.shard_rows for r in owner_rows})
+    for s in shards:
+        if not writer.is_done(s):
+            log.info("waiting for shard %d (another rank) whose texts this shard reuses", s)
+            while not writer.is_done(s):
+                time.sleep(_POLL_S)
+    vectors = writer.vectors.get_orthogonal_selection((owner_rows, slice(None), slice(None)))
+    tokens = np.zeros((len(owner_rows), len(plan.groups)), np.int32)
+    truncated = np.zeros((len(owner_rows), len(plan.groups)), bool)
+    pos = {int(r): k for k, r in enumerate(owner_rows)}
+    for s in shards:
+        part = pq.read_table(writer.dir / "index" / f"shard-{s:05d}.parquet").to_pydict()
+        for k, r in enumerate(part["row"]):
+            if r in pos:
+                for i, g in enumerate(plan.groups):
+                    tokens[pos[r], i] = part[f"{g}_tokens"][k]
+                    truncated[pos[r], i] = part[f"{g}_truncated"][k]
+    return {"pos": pos, "vectors": vectors, "tokens": tokens, "truncated": truncated}
+
+
+def _index_table(plan: Plan, shard: int, keys: list[str], rows: np.ndarray, arrays: _ShardArrays) -> pa.Table:
+    """The shard's index part: ``key``, ``row``, then per group ``{g}_sha1`` (cleaned text, null if absent),
+    ``{g}_tokens`` (packed sequence length, 0 if absent) and ``{g}_truncated``; keys in manifest order."""
+    local = rows - plan.layout.shard_range(shard).start
+    cols: dict[str, pa.Array] = {"key": pa.array(keys, pa.string()), "row": pa.array(rows, pa.int64())}
+    for i, g in enumerate(plan.groups):
+        cols[f"{g}_sha1"] = pa.array([text_sha1(plan.texts[r][i]) for r in rows.tolist()], pa.string())
+        cols[f"{g}_tokens"] = pa.array(arrays.tokens[local, i], pa.int32())
+        cols[f"{g}_truncated"] = pa.array(arrays.truncated[local, i], pa.bool_())
+    return pa.table(cols)
+
+
+def _remove_stale_temp_files(cache_dir: Path) -> None:
+    """Delete temporary files a killed writer left in ``index/`` and ``done/`` (hidden names, never read)."""
+    stale = [p for d in ("index", "done") for p in (cache_dir / d).glob(".*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary files of an interrupted run", len(stale))
+
+
+def _warn_on_changed_batching(old: CacheMeta, new: CacheMeta) -> None:
+    before, now = old.extra.get("batching"), new.extra.get("batching")
+    if before != now:
+        log.warning(
+            "resuming a cache built with batching %s using %s: vectors stay valid, but bytes may differ from a "
+            "run with one setting", before, now,
+        )
+
+
+def _sum_over_ranks(state, counts: dict[str, int]) -> dict[str, int]:
+    if state.num_processes == 1:
+        return counts
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([counts])
+    return {k: sum(c[k] for c in gathered) for k in counts}
+
+
+def _summarize(
+    config: EmbedConfig, plan: Plan, prompt_set, totals: dict[str, int], world: int, wall: float
+) -> EmbedSummary:
+    absent = plan.absent_counts()
+    index = CacheReader(config.out).index
+    rows = index.column("row").to_numpy()
+    _, first = np.unique(rows, return_index=True)
+    trunc = {g: int(index.column(f"{g}_truncated").to_numpy(zero_copy_only=False)[first].sum()) for g in plan.groups}
+    any_trunc = np.zeros(len(first), bool)
+    for g in plan.groups:
+        any_trunc |= index.column(f"{g}_truncated").to_numpy(zero_copy_only=False)[first]
+    return EmbedSummary(
+        cache=str(config.out),
+        samples=plan.n_samples,
+        empty_samples=len(plan.empty_keys),
+        keys=len(plan.keys),
+        rows=plan.n_rows,
+        dedup_ratio=round(len(plan.keys) / max(plan.n_rows, 1), 4),
+        unique_texts=plan.n_unique_texts,
+        absent_texts=absent,
+        absent_facets=sum(n * len(prompt_set.group(g).facet_names) for g, n in absent.items()),
+        truncated_rows=int(any_trunc.sum()),
+        truncated_texts=trunc,
+        shards=plan.layout.n_shards,
+        shards_written=totals["written"],
+        shards_skipped=totals["skipped"],
+        sequences=totals["sequences"],
+        tokens=totals["tokens"],
+        tokens_per_s=round(totals["tokens"] / wall, 1),
+        wall_s=round(wall, 2),
+        world_size=world,
+    )

@@ -1,0 +1,225 @@
+"""The stage-1 batch job (SPEC §2.6): dedup, empty samples, index content, rerun, resume after SIGKILL, 2 processes.
+
+A tiny random Llama (tests/stage1_tiny.py) is saved with ``save_pretrained`` so the job loads it by path, as a
+user's ``--llm PATH``. The subprocess tests share one uninterrupted single-process reference cache.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from manifests.schema import ManifestWriter
+from pipeline.cache import CacheIdentityError, CacheReader
+from stage1_embed_text.encoder import FacetEncoder
+from stage1_embed_text.job import EmbedConfig, run_embed
+from stage1_embed_text.llm import load_llm
+from stage1_embed_text.plan import build_plan
+from stage1_embed_text.prompts import FLAME
+from stage1_tiny import tiny_causal_lm, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 160  # the tiny long template is 120 tokens, so the 200-token LONG_TEXT is cut to 40 caption tokens
+LONG_TEXT = " ".join(["zebra"] * 40)
+
+# (key, raw, short, long); comments give the expected row.
+SAMPLES = [
+    ("k0", "a red apple", "A red apple on a table.", "A red apple lies on a wooden table in the sun."),  # row 0
+    ("k1", "a red apple.", "A red apple on a table.", "A red apple lies on a wooden table in the sun"),  # row 0 (clean-up)
+    ("k2", None, None, None),  # no caption: counted, no row
+    ("k3", "  ", "", None),  # blank captions are absent too
+    ("k4", "dog", None, "Two dogs play in the park."),  # row 1, short absent
+    ("k5", "a red apple", "A red apple on a table.", "A green apple and a rocket."),  # row 2: raw+short of row 0
+    ("k6", 'say "hi"?', None, None),  # row 3: raw only, cleaned to "say 'hi'."
+    ("k7", "dog", None, "Two dogs play in the park."),  # row 1
+    ("k8", "cat", "A cat.", LONG_TEXT),  # row 4, long caption truncated
+]
+
+
+def _write_manifest(path: Path, samples) -> Path:
+    w = ManifestWriter(path, {"name": "test", "args": {}}, rows_per_part=4)
+    for key, raw, short, long in samples:
+        w.add({"key": key, "raw_caption": raw, "short_caption": short, "long_caption": long, "split": "train"})
+    w.close()
+    return path
+
+
+def _big_samples(n=48):
+    """Two 'vendors' per concept sharing raw+short captions but not long ones, some exact duplicates."""
+    out = []
+    for i in range(n):
+        c = i // 2
+        long = None if c % 5 == 0 else f"Drawing number {c} in style {'ab'[i % 2] if c % 3 else 'a'}."
+        out.append((f"s{i:03d}", f"thing {c}", f"A short caption about thing {c}." if c % 4 else None, long))
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """FLAME_HOME in a tmp dir, the tiny model folder, and a subprocess environment that sees the tests."""
+    root = tmp_path_factory.mktemp("stage1_job")
+    model = root / "tiny-llama"
+    tiny_causal_lm("llama").save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    old = os.environ.get("FLAME_HOME")
+    os.environ["FLAME_HOME"] = str(root / "home")
+    sub = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    yield {"root": root, "model": model, "env": sub}
+    if old is None:
+        os.environ.pop("FLAME_HOME")
+    else:
+        os.environ["FLAME_HOME"] = old
+
+
+def _config(env, manifest, out, **kw):
+    base = dict(manifest=str(manifest), out=str(out), llm=str(env["model"]), dtype="float32",
+                context_tokens=CONTEXT, shard_rows=2, chunk_rows=1, progress=False)
+    return EmbedConfig(**(base | kw))
+
+
+def _files(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache by relative path; ``meta.json`` without its creation time."""
+    out = {}
+    for p in sorted(cache.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == "meta.json":
+                meta = json.loads(data)
+                meta.pop("created")
+                data = json.dumps(meta, sort_keys=True).encode()
+            out[str(p.relative_to(cache))] = data
+    return out
+
+
+def test_plan_dedupes_rows_and_texts():
+    plan = build_plan(SAMPLES, FLAME, shard_rows=2, chunk_rows=1)
+    assert plan.keys == ["k0", "k1", "k4", "k5", "k6", "k7", "k8"]
+    assert plan.key_rows.tolist() == [0, 0, 1, 2, 3, 1, 4]
+    assert plan.empty_keys == ["k2", "k3"] and plan.n_samples == 9
+    assert plan.texts[3] == ("say 'hi'.", None, None)
+    assert plan.owner.tolist() == [[0, 0, 0], [1, -1, 1], [0, 0, 2], [3, -1, -1], [4, 4, 4]]
+    assert plan.n_unique_texts == 10
+    assert plan.absent_counts() == {"raw": 0, "short": 2, "long": 1}
+    keys, rows = plan.shard_keys(1)
+    assert plan.layout.n_shards == 3 and keys == ["k5", "k6"] and rows.tolist() == [2, 3]
+    assert plan.owned(1).tolist() == [[False, False, True], [True, False, False]]
+    again = build_plan(SAMPLES, FLAME, shard_rows=2, chunk_rows=1)
+    assert again.plan_hash == plan.plan_hash
+    assert build_plan(SAMPLES[:-1], FLAME, shard_rows=2, chunk_rows=1).plan_hash != plan.plan_hash
+    with pytest.raises(ValueError, match="chunk_rows > 0 dividing it"):
+        build_plan(SAMPLES, FLAME, shard_rows=4, chunk_rows=3)
+
+
+def test_job_writes_deduplicated_cache_equal_to_encoder(env, tmp_path):
+    manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
+    cache = tmp_path / "cache"
+    summary = run_embed(_config(env, manifest, cache))
+
+    enc = FacetEncoder(load_llm(str(env["model"]), dtype="float32"), max_tokens=CONTEXT)
+    uniq = [SAMPLES[i] for i in (0, 4, 5, 6, 8)]  # the first sample of each row, in row order
+    expected = enc.encode([{"raw": r, "short": s, "long": lg} for _, r, s, lg in uniq])
+
+    assert summary.to_dict() | {"tokens_per_s": 0, "wall_s": 0} == {
+        "cache": str(cache), "samples": 9, "empty_samples": 2, "keys": 7, "rows": 5, "dedup_ratio": 1.4,
+        "unique_texts": 10, "absent_texts": {"raw": 0, "short": 2, "long": 1}, "absent_facets": 13,
+        "truncated_rows": 1, "truncated_texts": {"raw": 0, "short": 0, "long": 1}, "shards": 3,
+        "shards_written": 3, "shards_skipped": 0, "sequences": 10,
+        "tokens": int(expected.tokens.sum() - expected.tokens[2, :2].sum()), "tokens_per_s": 0, "wall_s": 0,
+        "world_size": 1,
+    }
+    reader = CacheReader(cache, expect={"dim": 64, "layer": 3, "prompt_set_hash": FLAME.content_hash})
+    assert reader.identity.llm == str(env["model"]) and reader.identity.max_tokens == CONTEXT
+    index = reader.index.to_pydict()
+    assert index["key"] == ["k0", "k1", "k4", "k7", "k5", "k6", "k8"]
+    assert index["row"] == [0, 0, 1, 1, 2, 3, 4]
+    sha = lambda t: hashlib.sha1(t.encode()).hexdigest()  # noqa: E731
+    assert index["raw_sha1"][5] == sha("say 'hi'.") and index["short_sha1"][5] is None
+    assert index["long_sha1"][0] == index["long_sha1"][1] == sha("A red apple lies on a wooden table in the sun.")
+    tokens = expected.tokens[[0, 0, 1, 1, 2, 3, 4]]
+    for i, g in enumerate(("raw", "short", "long")):
+        assert index[f"{g}_tokens"] == tokens[:, i].tolist()
+    assert [t == 0 for t in index["short_tokens"]] == [False, False, True, True, False, True, False]
+    assert index["long_truncated"] == [False] * 6 + [True] and not any(index["raw_truncated"])
+    assert index["long_tokens"][6] == CONTEXT
+
+    vec, mask = reader.get(["k0", "k1", "k4", "k5", "k6", "k7", "k8"])
+    rows = [0, 0, 1, 2, 3, 1, 4]
+    assert mask.tolist() == expected.mask[rows].tolist()
+    assert mask.sum(axis=1).tolist() == [11, 11, 8, 11, 1, 8, 11]
+    np.testing.assert_allclose(vec.astype(np.float32), expected.vectors[rows], rtol=0, atol=2e-4)
+    # row 2 copies raw + short of row 0 (another shard) byte for byte; its long facets are its own
+    all_vec, _ = reader.load_all()
+    assert all_vec[2, :4].tobytes() == all_vec[0, :4].tobytes()
+    assert not np.array_equal(all_vec[2, 4:], all_vec[0, 4:])
+
+
+def test_rerun_of_finished_cache_does_nothing(env, tmp_path):
+    manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
+    cache = tmp_path / "cache"
+    run_embed(_config(env, manifest, cache))
+    before = {p: (cache / p).stat().st_mtime_ns for p in _files(cache)}
+    summary = run_embed(_config(env, manifest, cache))
+    assert (summary.shards_written, summary.shards_skipped, summary.sequences, summary.tokens) == (0, 3, 0, 0)
+    assert {p: (cache / p).stat().st_mtime_ns for p in _files(cache)} == before
+    with pytest.raises(CacheIdentityError, match="planned differently"):
+        run_embed(_config(env, manifest, cache, limit=3))
+
+
+def _cli(env, manifest, out):
+    return ["--manifest", str(manifest), "--out", str(out), "--llm", str(env["model"]), "--dtype", "float32",
+            "--context-tokens", str(CONTEXT), "--shard-rows", "2", "--chunk-rows", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """An uninterrupted single-process cache of the 48-sample manifest, built by ``python -m stage1_embed_text``."""
+    manifest = _write_manifest(env["root"] / "big-manifest", _big_samples())
+    out = env["root"] / "reference"
+    proc = subprocess.run([sys.executable, "-m", "stage1_embed_text", *_cli(env, manifest, out)],
+                          env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["samples"], summary["keys"], summary["rows"], summary["shards"]) == (48, 48, 38, 19)
+    return manifest, out
+
+
+def test_resume_after_sigkill_gives_identical_cache(env, reference, tmp_path):
+    manifest, ref = reference
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "stage1_embed_text", *_cli(env, manifest, out)]
+    proc = subprocess.Popen(cmd, env=env["env"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "done" / "shard-00000.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(list((out / "done").glob("shard-*.json")))
+    assert 1 <= n_done < 19, f"the kill should land mid-way, found {n_done} finished shards"
+    with pytest.raises(Exception, match="unfinished"):
+        CacheReader(out)
+    rerun = subprocess.run(cmd, env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["shards_skipped"] == n_done and summary["shards_written"] == 19 - n_done
+    assert _files(out) == _files(ref)
+
+
+def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
+    manifest, ref = reference
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "stage1_embed_text", *_cli(env, manifest, out)]
+    proc = subprocess.run(cmd, env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["world_size"], summary["shards_written"], summary["rows"]) == (2, 19, 38)
+    assert _files(out) == _files(ref)
