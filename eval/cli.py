@@ -1,18 +1,69 @@
-"""`flame eval`: Zero-shot evaluation (SPEC §6)."""
+"""`flame eval`: zero-shot evaluation of an exported model (SPEC §6, §8).
+
+Example::
+
+    flame eval --model runs/demo/export --benchmark emoji --data ~/.cache/flame-pipeline/emoji-manifest --out eval-out
+
+The text side is the stage-1 embedder named by the model's ``config.json`` cache identity (a different
+identity is refused). Text vectors are cached under ``--text-cache`` (default
+``$FLAME_HOME/eval-text-cache``) by identity, text mode and text, and reused by later runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
+
+from eval.benchmarks import BENCHMARKS, BenchmarkError
+from pipeline.cache import CacheIdentityError
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `flame eval`."""
-    p = sub.add_parser("eval", help="Zero-shot evaluation (SPEC §6)")
+    p = sub.add_parser("eval", help="Zero-shot evaluation (SPEC §6)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="benchmark name")
+    p.add_argument("--data", required=True, help="benchmark files (for emoji: the manifest directory)")
+    p.add_argument("--out", required=True, help="output directory for results.json, results.md and PNGs")
+    p.add_argument("--text-mode", choices=("single", "multi"), default=None,
+                   help="text mode for every task (default: multi for English/long-caption retrieval and "
+                        "compositionality, single for classification and multilingual)")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--text-batch-size", type=int, default=32, help="texts per text-embedder call")
+    p.add_argument("--text-cache", default=None, help="eval text-vector cache (default $FLAME_HOME/eval-text-cache)")
+    p.add_argument("--device", default=None, help="image encoder device (default cuda when available)")
+    p.add_argument("--image-root", default=None, help="images folder for COCO/Flickr JSON, ShareGPT4V, SugarCrepe")
+    p.add_argument("--languages", default=None, help="comma-separated XM3600 languages (default all)")
+    p.add_argument("--no-linear-probe", action="store_true", help="skip the linear probe")
+    p.add_argument("--ranking", choices=("auto", "torch", "faiss"), default="auto",
+                   help="retrieval ranking backend (auto: exact torch matmul for small sets, faiss for large)")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--strict", action="store_true", help="fail when a benchmark's size differs from the published one")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    print("flame eval: not yet implemented", file=sys.stderr)
-    return 2
+    """Run `flame eval`; exit code 0 on success, 2 on refused input."""
+    from eval.report import render_markdown
+    from eval.run import run_benchmark
+
+    try:
+        doc = run_benchmark(
+            args.model, args.benchmark, args.data, args.out, text_mode=args.text_mode, split=args.split,
+            batch_size=args.batch_size, text_batch_size=args.text_batch_size, text_cache=args.text_cache,
+            device=args.device, strict=args.strict, image_root=args.image_root,
+            languages=args.languages.split(",") if args.languages else None,
+            linear_probe=not args.no_linear_probe, backend=args.ranking, workers=args.workers,
+            plots=not args.no_plots,
+        )
+    except (CacheIdentityError, BenchmarkError, FileNotFoundError, KeyError) as exc:
+        log.error("flame eval: %s", exc)
+        return 2
+    print(render_markdown(doc))
+    return 0

@@ -1,0 +1,187 @@
+"""Image and text embedding for evaluation, with progress bars and the on-disk text-vector cache.
+
+- Images: the exported stage-2 encoder (``model(images) -> [B, D]`` L2-normalized; ``model.features(images)
+  -> [B, width]`` before the projector, for the linear probe), fed by ``eval_transform(config["image"])``.
+- Texts: the stage-1 :class:`stage1_embed_text.api.TextEmbedder` built from the cache identity in the model's
+  ``config.json`` (SPEC §3: the text side must be the one the model was trained against; a mismatch is
+  refused with :class:`pipeline.cache.CacheIdentityError`). Vectors are cached by
+  :class:`eval.text_cache.TextVectorCache` and reused across runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from eval.text_cache import TextVectorCache
+from pipeline.cache import IDENTITY_KEYS, CacheIdentityError
+
+log = logging.getLogger(__name__)
+
+TEXT_MODES = ("single", "multi")
+_NORM_TOL = 1e-2
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, images: Sequence[Any], transform: Callable):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.images[i].open())
+
+
+@torch.no_grad()
+def embed_images(model: torch.nn.Module, images: Sequence[Any], transform: Callable, batch_size: int = 64,
+                 device: str | torch.device = "cpu", features: bool = False, workers: int = 0,
+                 desc: str = "images") -> tuple[np.ndarray, np.ndarray | None]:
+    """Embed images with the exported encoder.
+
+    Args:
+        model: ``model(x) -> [B, D]`` (L2-normalized) and, if ``features``, ``model.features(x) -> [B, W]``.
+        images: objects with ``.open() -> PIL.Image`` (e.g. :class:`eval.benchmarks.base.ImageRef`).
+        transform: PIL image -> ``float [3, H, W]`` tensor (``eval_transform(config["image"])``).
+        batch_size: images per forward pass.
+        device: where the model runs.
+        features: also return the pre-projector features.
+        workers: DataLoader worker processes decoding images.
+        desc: progress-bar label.
+
+    Returns:
+        ``float32 [N, D]`` embeddings and ``float32 [N, W]`` features (or ``None``).
+    """
+    model.eval().to(device)
+    loader = DataLoader(_ImageDataset(images, transform), batch_size=batch_size, num_workers=workers)
+    embs, feats = [], []
+    for x in tqdm(loader, desc=f"embed {desc}", unit="batch", leave=False):
+        x = x.to(device)
+        embs.append(model(x).float().cpu().numpy())
+        if features:
+            feats.append(model.features(x).float().cpu().numpy())
+    d = embs[0].shape[1] if embs else 0
+    emb = np.concatenate(embs) if embs else np.zeros((0, d), np.float32)
+    return emb, (np.concatenate(feats) if features and feats else None)
+
+
+def check_identity(expected: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """Refuse a text side whose identity differs from the one the model was trained against.
+
+    Compares the fields of :data:`pipeline.cache.IDENTITY_KEYS` present in both dicts; ``llm`` (a name or a
+    path, which may legitimately differ) is skipped when both carry an ``llm_fingerprint`` of the weights.
+
+    Raises:
+        CacheIdentityError: naming each differing field with both values.
+    """
+    def norm(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    keys = [k for k in IDENTITY_KEYS
+            if not (k == "llm" and expected.get("llm_fingerprint") and loaded.get("llm_fingerprint"))]
+    diffs = [f"{k}: model was trained against {expected[k]!r}, text embedder has {loaded[k]!r}"
+             for k in keys if k in expected and k in loaded and norm(expected[k]) != norm(loaded[k])]
+    if diffs:
+        raise CacheIdentityError("text side does not match the model's cache identity: " + "; ".join(diffs))
+
+
+def embedder_identity(embedder: Any) -> dict[str, Any] | None:
+    """The identity an embedder produces vectors of, as a dict, or None when it reports none.
+
+    Looked up as ``embedder.identity`` (dict, :class:`pipeline.cache.CacheIdentity` or a method returning
+    one), else ``embedder.encoder.identity()`` (the stage-1 :class:`TextEmbedder`).
+    """
+    ident = getattr(embedder, "identity", None)
+    if ident is None and hasattr(getattr(embedder, "encoder", None), "identity"):
+        ident = embedder.encoder.identity
+    if callable(ident):
+        ident = ident()
+    if ident is None:
+        return None
+    return ident.to_dict() if hasattr(ident, "to_dict") else dict(ident)
+
+
+class TextEncoder:
+    """Embeds eval texts through a stage-1 embedder, deduplicated and cached on disk.
+
+    Args:
+        embedder: has ``embed(texts, mode) -> float32 [n, D]`` unit-norm rows.
+        identity: the model's cache identity (``config["cache_identity"]``); keys the cache.
+        cache_root: directory of the :class:`eval.text_cache.TextVectorCache`.
+        batch_size: texts per ``embed`` call.
+
+    Raises:
+        CacheIdentityError: the embedder reports an identity that differs from ``identity``.
+    """
+
+    def __init__(self, embedder: Any, identity: dict[str, Any], cache_root: str | Path, batch_size: int = 32):
+        loaded = embedder_identity(embedder)
+        if loaded is None:
+            log.warning("text embedder reports no identity; only its output dimension is checked")
+        else:
+            check_identity(identity, loaded)
+        self.embedder, self.identity = embedder, identity
+        self.cache_root, self.batch_size = Path(cache_root), batch_size
+        self._caches: dict[str, TextVectorCache] = {}
+
+    def _cache(self, mode: str) -> TextVectorCache:
+        if mode not in self._caches:
+            self._caches[mode] = TextVectorCache(self.cache_root, self.identity, mode)
+        return self._caches[mode]
+
+    def encode(self, texts: Sequence[str], mode: str, desc: str = "texts") -> np.ndarray:
+        """Vectors for ``texts`` in text mode ``mode`` (SPEC §6), ``float32 [n, D]``, unit norm.
+
+        Identical texts are embedded once; texts already in the on-disk cache are not embedded again.
+
+        Raises:
+            ValueError: unknown mode, or the embedder returned vectors of the wrong shape, not finite or not
+                unit norm.
+        """
+        if mode not in TEXT_MODES:
+            raise ValueError(f"unknown text mode {mode!r} (single, multi)")
+        uniq = list(dict.fromkeys(texts))
+        cache = self._cache(mode)
+        cached, missing = cache.get(uniq)
+        log.info("%s (%s): %d texts, %d unique, %d cached, %d to embed", desc, mode, len(texts), len(uniq),
+                 len(uniq) - len(missing), len(missing))
+        new = [uniq[i] for i in missing]
+        parts = []
+        bar = tqdm(total=len(new), desc=f"embed {desc} ({mode})", unit="text", leave=False)
+        for start in range(0, len(new), self.batch_size):
+            batch = new[start : start + self.batch_size]
+            vec = np.asarray(self.embedder.embed(batch, mode=mode), dtype=np.float32)
+            self._check(vec, len(batch))
+            cache.put(batch, vec)
+            parts.append(vec)
+            bar.update(len(batch))
+        bar.close()
+        if cached is None:
+            vectors = np.concatenate(parts) if parts else np.zeros((0, self.identity.get("dim", 0)), np.float32)
+        else:
+            vectors = cached
+            if parts:
+                vectors[missing] = np.concatenate(parts)
+        row = {t: i for i, t in enumerate(uniq)}
+        return vectors[[row[t] for t in texts]] if len(texts) else vectors[:0]
+
+    def _check(self, vec: np.ndarray, n: int) -> None:
+        dim = self.identity.get("dim")
+        if vec.ndim != 2 or vec.shape[0] != n or (dim is not None and vec.shape[1] != dim):
+            raise ValueError(f"text embedder returned {vec.shape}, expected [{n}, {dim}]")
+        if not np.isfinite(vec).all() or np.abs(np.linalg.norm(vec, axis=1) - 1).max(initial=0) > _NORM_TOL:
+            raise ValueError("text embedder returned vectors that are not finite and unit-norm")
+
+
+def load_text_encoder(identity: dict[str, Any], cache_root: str | Path, batch_size: int = 32) -> TextEncoder:
+    """Build the stage-1 text embedder named by ``identity`` and wrap it in a cached :class:`TextEncoder`."""
+    from stage1_embed_text.api import TextEmbedder
+
+    return TextEncoder(TextEmbedder.from_identity(identity), identity, cache_root, batch_size)

@@ -1,0 +1,117 @@
+"""``results.json`` and ``results.md`` of an evaluation run (SPEC §6 outputs).
+
+``results.json``::
+
+    {"benchmark", "split", "data", "counts", "text_mode" (the override or null),
+     "model": {"dir", "config"}, "cache_identity", "package_version", "created",
+     "tasks": {NAME: {"type", "text_mode", "kind"?, "lang"?, "counts", "metrics", "chance"}},
+     "summary": {"multilingual_average": {"languages", "metrics", "chance"}}}   (when there are languages)
+
+Metric keys follow CLIP_benchmark (``image_retrieval_recall@k`` = text->image, ``text_retrieval_recall@k`` =
+image->text, ``acc1``, ``acc5``, ``mean_per_class_recall``); Winoground ``text_score``/``image_score``/
+``group_score``; SugarCrepe ``acc``. Values are fractions; ``results.md`` prints percentages with the chance
+level beside every number.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.tasks import TaskResult
+from pipeline import __version__
+
+_RET_COLS = [("text_retrieval_recall@1", "I→T R@1"), ("text_retrieval_recall@5", "I→T R@5"),
+             ("text_retrieval_recall@10", "I→T R@10"), ("image_retrieval_recall@1", "T→I R@1"),
+             ("image_retrieval_recall@5", "T→I R@5"), ("image_retrieval_recall@10", "T→I R@10")]
+
+
+def multilingual_average(results: list[TaskResult]) -> dict[str, Any] | None:
+    """Mean metrics and chance over the ``multilingual`` retrieval tasks (None when there are none)."""
+    ml = [r for r in results if r.type == "retrieval" and r.info.get("kind") == "multilingual"]
+    if not ml:
+        return None
+    keys = list(ml[0].metrics)
+    return {"languages": [r.info["lang"] for r in ml],
+            "metrics": {k: float(np.mean([r.metrics[k] for r in ml])) for k in keys},
+            "chance": {k: float(np.mean([r.chance[k] for r in ml])) for k in keys}}
+
+
+def build_results(benchmark: str, split: str, data: str, counts: dict[str, int], text_mode: str | None,
+                  model_dir: str, config: dict[str, Any], results: list[TaskResult]) -> dict[str, Any]:
+    """The ``results.json`` document."""
+    doc: dict[str, Any] = {
+        "benchmark": benchmark, "split": split, "data": data, "counts": counts, "text_mode": text_mode,
+        "model": {"dir": model_dir, "config": config}, "cache_identity": config.get("cache_identity"),
+        "package_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tasks": {r.name: r.to_json() for r in results},
+        "summary": {},
+    }
+    avg = multilingual_average(results)
+    if avg:
+        doc["summary"]["multilingual_average"] = avg
+    return doc
+
+
+def _cell(value: float, chance: float) -> str:
+    return f"{100 * value:.1f} ({100 * chance:.1f})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """Markdown tables of every task, each number followed by its chance level in parentheses (%)."""
+    tasks = doc["tasks"]
+    ident = doc.get("cache_identity") or {}
+    lines = [f"# {doc['benchmark']} ({doc['split']} split)", "",
+             f"Model `{doc['model']['dir']}`; text side {ident.get('llm', '?')} layer {ident.get('layer', '?')} "
+             f"({ident.get('readout', '?')}), D={ident.get('dim', '?')}, prompt set {ident.get('prompt_set', '?')}.",
+             f"Counts: {doc['counts']}. All numbers in %, chance level in parentheses.", ""]
+
+    def section(title: str, names: list[str], header: list[str], row) -> None:
+        if names:
+            lines.extend([f"## {title}", ""] + _table(header, [row(n, tasks[n]) for n in names]) + [""])
+
+    ret = [n for n, t in tasks.items() if t["type"] == "retrieval" and t.get("kind") != "multilingual"]
+    section("Retrieval", ret, ["task", "text mode", "images", "texts"] + [c for _, c in _RET_COLS],
+            lambda n, t: [n, t["text_mode"], str(t["counts"]["n_images"]), str(t["counts"]["n_texts"])]
+            + [_cell(t["metrics"][k], t["chance"][k]) for k, _ in _RET_COLS])
+    ml = [n for n, t in tasks.items() if t["type"] == "retrieval" and t.get("kind") == "multilingual"]
+    if ml:
+        header = ["language", "text mode", "images", "texts"] + [c for _, c in _RET_COLS]
+        rows = [[t["lang"], t["text_mode"], str(t["counts"]["n_images"]), str(t["counts"]["n_texts"])]
+                + [_cell(t["metrics"][k], t["chance"][k]) for k, _ in _RET_COLS] for t in (tasks[n] for n in ml)]
+        avg = doc["summary"]["multilingual_average"]
+        rows.append(["**average**", "", "", ""] + [_cell(avg["metrics"][k], avg["chance"][k]) for k, _ in _RET_COLS])
+        lines.extend(["## Multilingual retrieval", ""] + _table(header, rows) + [""])
+    for typ, title in (("classification", "Zero-shot classification"), ("linear_probe", "Linear probe")):
+        names = [n for n, t in tasks.items() if t["type"] == typ]
+        section(title, names, ["task", "text mode", "images", "classes", "acc1", "acc5", "mean per-class recall"],
+                lambda n, t: [n, str(t["text_mode"] or "-"), str(t["counts"]["n_images"]), str(t["counts"]["n_classes"])]
+                + [_cell(t["metrics"][k], t["chance"][k]) if k in t["metrics"] else "-"
+                   for k in ("acc1", "acc5", "mean_per_class_recall")])
+    wg = [n for n, t in tasks.items() if t["type"] == "winoground"]
+    section("Winoground", wg, ["task", "text mode", "examples", "text", "image", "group"],
+            lambda n, t: [n, t["text_mode"], str(t["counts"]["examples"])]
+            + [_cell(t["metrics"][k], t["chance"][k]) for k in ("text_score", "image_score", "group_score")])
+    sc = [n for n, t in tasks.items() if t["type"] == "sugarcrepe"]
+    section("SugarCrepe", sc, ["subset", "text mode", "examples", "accuracy"],
+            lambda n, t: [n, t["text_mode"], str(t["counts"]["examples"]), _cell(t["metrics"]["acc"], t["chance"]["acc"])])
+    return "\n".join(lines)
+
+
+def write_results(doc: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "results.json", out / "results.md"
+    js.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    md.write_text(render_markdown(doc), encoding="utf-8")
+    return js, md
