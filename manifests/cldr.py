@@ -53,7 +53,9 @@ class CldrNames:
         self._tables = tables
 
     @classmethod
-    def load(cls, annotations_dir: str | Path, derived_dir: str | Path, locales: tuple[str, ...]) -> CldrNames:
+    def load(
+        cls, annotations_dir: str | Path, derived_dir: str | Path, locales: tuple[str, ...]
+    ) -> CldrNames:
         """Read the JSON files of ``locales`` from the extracted CLDR package folders.
 
         Args:

@@ -51,7 +51,24 @@ logger = logging.getLogger(__name__)
 
 VENDOR_PACKAGES = {"google": "emoji-datasource-google", "twitter": "emoji-datasource-twitter"}
 NAME_LOCALES = (
-    "en", "de", "fr", "es", "it", "pt", "ru", "ja", "zh", "ko", "ar", "hi", "tr", "pl", "nl", "sw", "vi", "th"
+    "en",
+    "de",
+    "fr",
+    "es",
+    "it",
+    "pt",
+    "ru",
+    "ja",
+    "zh",
+    "ko",
+    "ar",
+    "hi",
+    "tr",
+    "pl",
+    "nl",
+    "sw",
+    "vi",
+    "th",
 )
 SPLITS = ("train", "val", "test")
 SKIN_TONES = {
@@ -153,7 +170,9 @@ def composite_on_white(png: bytes) -> bytes:
 def _check_args(vendors: tuple[str, ...], splits: tuple[float, float, float], limit: int | None) -> None:
     unknown = [v for v in vendors if v not in VENDOR_PACKAGES]
     if unknown or not vendors:
-        raise ValueError(f"vendors must be a non-empty subset of {sorted(VENDOR_PACKAGES)}, got {list(vendors)}")
+        raise ValueError(
+            f"vendors must be a non-empty subset of {sorted(VENDOR_PACKAGES)}, got {list(vendors)}"
+        )
     if len(splits) != 3 or min(splits) < 0 or abs(sum(splits) - 1.0) > 1e-9:
         raise ValueError(f"splits must be three non-negative fractions summing to 1, got {splits}")
     if limit is not None and limit < 1:
@@ -162,6 +181,29 @@ def _check_args(vendors: tuple[str, ...], splits: tuple[float, float, float], li
 
 def _read(path: Path) -> bytes | None:
     return composite_on_white(path.read_bytes()) if path.is_file() else None
+
+
+def _row(entry: EmojiEntry, vendor: str, image: bytes, cldr: CldrNames, split: str) -> dict:
+    """One manifest row; ``names`` lacks ``en`` exactly when the English name fell back to emoji.json."""
+    found = {loc: cldr.lookup(loc, entry.code) for loc in NAME_LOCALES}
+    english = found["en"] or CldrEntry(entry.fallback_name, ())
+    caps = emoji_captions(english.name, english.keywords, entry.category, entry.subcategory, vendor)
+    return {
+        "key": f"{vendor}/{entry.code}",
+        "image_bytes": image,
+        "raw_caption": caps.raw,
+        "short_caption": caps.short,
+        "long_caption": caps.long,
+        "split": split,
+        "lang": "en",
+        "labels": {
+            "category": entry.category,
+            "subcategory": entry.subcategory,
+            "base": entry.base,
+            "vendor": vendor,
+        },
+        "names": {loc: e.name for loc, e in found.items() if e is not None},
+    }
 
 
 def build_emoji_manifest(
@@ -230,33 +272,12 @@ def build_emoji_manifest(
             if image is None:
                 coverage[f"missing_image_file_{vendor}"] += 1
                 continue
-            found = {loc: cldr.lookup(loc, entry.code) for loc in NAME_LOCALES}
-            names = {loc: e.name for loc, e in found.items() if e is not None}
-            names_present.update(names.keys())
-            english = found["en"] or CldrEntry(entry.fallback_name, ())
-            coverage["name_fallback_emoji_json"] += found["en"] is None
-            caps = emoji_captions(english.name, english.keywords, entry.category, entry.subcategory, vendor)
-            split = split_of(entry.base, seed, splits)
-            bases[split].add(entry.base)
+            row = _row(entry, vendor, image, cldr, split_of(entry.base, seed, splits))
+            names_present.update(row["names"].keys())
+            coverage["name_fallback_emoji_json"] += "en" not in row["names"]
+            bases[row["split"]].add(entry.base)
             per_vendor[vendor] += 1
-            writer.add(
-                {
-                    "key": f"{vendor}/{entry.code}",
-                    "image_bytes": image,
-                    "raw_caption": caps.raw,
-                    "short_caption": caps.short,
-                    "long_caption": caps.long,
-                    "split": split,
-                    "lang": "en",
-                    "labels": {
-                        "category": entry.category,
-                        "subcategory": entry.subcategory,
-                        "base": entry.base,
-                        "vendor": vendor,
-                    },
-                    "names": names,
-                }
-            )
+            writer.add(row)
     rows = sum(per_vendor.values())
     writer.info.coverage = {
         **{k: v for k, v in sorted(coverage.items())},
@@ -268,4 +289,3 @@ def build_emoji_manifest(
     info = writer.close()
     logger.info("emoji manifest: %d rows %s in %s", rows, info.counts, out_dir)
     return info
-

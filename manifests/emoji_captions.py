@@ -65,7 +65,10 @@ def emoji_captions(
     ]
     if words:
         sentences.append(f"Related words: {', '.join(words)}.")
-    sentences += [f"It is drawn with {vendor_style}.", "The image is a small 64 by 64 pixel icon on a white background."]
+    sentences += [
+        f"It is drawn with {vendor_style}.",
+        "The image is a small 64 by 64 pixel icon on a white background.",
+    ]
     return EmojiCaptions(
         raw=name,
         short=f"An emoji showing {name}, from the {category_phrase} category.",

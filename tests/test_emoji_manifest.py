@@ -1,4 +1,4 @@
-"""The emoji manifest on a tiny npm-style fixture (exact rows, captions, pixels, splits) and, slow, for real."""
+"""The emoji manifest on a tiny npm-style fixture (exact rows, captions, pixels, splits); slow: for real."""
 
 from __future__ import annotations
 
@@ -19,18 +19,50 @@ HALF_RED, CLEAR, QUARTER_BLACK = (255, 0, 0, 128), (0, 0, 255, 0), (0, 0, 0, 64)
 ON_WHITE = {(0, 0): (255, 127, 127), (1, 0): (255, 255, 255), (1, 1): (191, 191, 191)}
 
 EMOJI_JSON = [
-    {"unified": "1F600", "image": "1f600.png", "name": "GRINNING FACE", "category": "Smileys & Emotion",
-     "subcategory": "face-smiling", "sort_order": 1, "has_img_google": True, "has_img_twitter": True},
-    {"unified": "1F44B", "image": "1f44b.png", "name": "WAVING HAND SIGN", "category": "People & Body",
-     "subcategory": "hand-fingers-open", "sort_order": 2, "has_img_google": True, "has_img_twitter": True,
-     "skin_variations": {
-         "1F3FF": {"unified": "1F44B-1F3FF", "image": "1f44b-1f3ff.png", "has_img_google": True,
-                   "has_img_twitter": True},
-         "1F3FB": {"unified": "1F44B-1F3FB", "image": "1f44b-1f3fb.png", "has_img_google": True,
-                   "has_img_twitter": True},
-     }},
-    {"unified": "1F9A9", "image": "1f9a9.png", "name": "FLAMINGO", "category": "Animals & Nature",
-     "subcategory": "animal-bird", "sort_order": 0, "has_img_google": True, "has_img_twitter": False},
+    {
+        "unified": "1F600",
+        "image": "1f600.png",
+        "name": "GRINNING FACE",
+        "category": "Smileys & Emotion",
+        "subcategory": "face-smiling",
+        "sort_order": 1,
+        "has_img_google": True,
+        "has_img_twitter": True,
+    },
+    {
+        "unified": "1F44B",
+        "image": "1f44b.png",
+        "name": "WAVING HAND SIGN",
+        "category": "People & Body",
+        "subcategory": "hand-fingers-open",
+        "sort_order": 2,
+        "has_img_google": True,
+        "has_img_twitter": True,
+        "skin_variations": {
+            "1F3FF": {
+                "unified": "1F44B-1F3FF",
+                "image": "1f44b-1f3ff.png",
+                "has_img_google": True,
+                "has_img_twitter": True,
+            },
+            "1F3FB": {
+                "unified": "1F44B-1F3FB",
+                "image": "1f44b-1f3fb.png",
+                "has_img_google": True,
+                "has_img_twitter": True,
+            },
+        },
+    },
+    {
+        "unified": "1F9A9",
+        "image": "1f9a9.png",
+        "name": "FLAMINGO",
+        "category": "Animals & Nature",
+        "subcategory": "animal-bird",
+        "sort_order": 0,
+        "has_img_google": True,
+        "has_img_twitter": False,
+    },
 ]
 CLDR = {
     ("annotations", "en"): {
@@ -72,7 +104,7 @@ def _png(image_id: int, vendor_id: int) -> bytes:
 
 @pytest.fixture
 def packages(tmp_path, monkeypatch) -> dict[str, Path]:
-    """Fake extracted npm packages; twitter lacks 1f44b-1f3fb.png (flagged present) and 1f9a9 (flagged absent)."""
+    """Fake extracted npm packages. Twitter lacks 1f44b-1f3fb.png (flagged present), 1f9a9 (flagged absent)."""
     dirs = {name: tmp_path / name for name in emoji.NPM_PACKAGES}
     (dirs["emoji-datasource"]).mkdir()
     (dirs["emoji-datasource"] / "emoji.json").write_text(json.dumps(EMOJI_JSON))
@@ -100,11 +132,26 @@ def test_rows_labels_names_and_coverage(packages, tmp_path):
     info = emoji.build_emoji_manifest(out)
     rows = _rows(out)
     assert list(rows) == KEYS
-    assert [r["labels"]["base"] for r in rows.values()] == ["1f9a9", "1f600", "1f600", "1f44b", "1f44b", "1f44b", "1f44b", "1f44b"]
+    assert [r["labels"]["base"] for r in rows.values()] == [
+        "1f9a9",
+        "1f600",
+        "1f600",
+        "1f44b",
+        "1f44b",
+        "1f44b",
+        "1f44b",
+        "1f44b",
+    ]
     assert rows["twitter/1f44b-1f3ff"]["labels"] == {
-        "category": "People & Body", "subcategory": "hand-fingers-open", "base": "1f44b", "vendor": "twitter"
+        "category": "People & Body",
+        "subcategory": "hand-fingers-open",
+        "base": "1f44b",
+        "vendor": "twitter",
     }
-    assert rows["google/1f44b-1f3fb"]["names"] == {"en": "waving hand: light skin tone", "de": "winkende Hand: helle Hautfarbe"}
+    assert rows["google/1f44b-1f3fb"]["names"] == {
+        "en": "waving hand: light skin tone",
+        "de": "winkende Hand: helle Hautfarbe",
+    }
     assert rows["google/1f44b-1f3ff"]["names"] == {"de": "winkende Hand: dunkle Hautfarbe"}
     assert rows["google/1f9a9"]["names"] == {}
     assert {r["lang"] for r in rows.values()} == {"en"}
@@ -114,9 +161,18 @@ def test_rows_labels_names_and_coverage(packages, tmp_path):
     assert (cov["no_image_google"], cov["no_image_twitter"]) == (0, 1)
     assert (cov["missing_image_file_google"], cov["missing_image_file_twitter"]) == (0, 1)
     assert cov["name_fallback_emoji_json"] == 3
-    assert (cov["names_per_locale"]["en"], cov["names_per_locale"]["de"], cov["names_per_locale"]["ja"]) == (5, 7, 0)
+    assert (cov["names_per_locale"]["en"], cov["names_per_locale"]["de"], cov["names_per_locale"]["ja"]) == (
+        5,
+        7,
+        0,
+    )
     assert (cov["names_missing_per_locale"]["en"], cov["names_missing_per_locale"]["ja"]) == (3, 8)
-    assert info.source["args"] == {"vendors": ["google", "twitter"], "seed": 0, "splits": [0.8, 0.1, 0.1], "limit": None}
+    assert info.source["args"] == {
+        "vendors": ["google", "twitter"],
+        "seed": 0,
+        "splits": [0.8, 0.1, 0.1],
+        "limit": None,
+    }
     assert read_manifest_info(out).counts == info.counts
 
 
@@ -126,12 +182,15 @@ def test_exact_captions(packages, tmp_path):
     rows = _rows(out)
     wave = rows["google/1f44b-1f3fb"]
     assert wave["raw_caption"] == "waving hand: light skin tone"
-    assert wave["short_caption"] == "An emoji showing waving hand: light skin tone, from the people and body category."
+    assert (
+        wave["short_caption"]
+        == "An emoji showing waving hand: light skin tone, from the people and body category."
+    )
     assert wave["long_caption"] == (
         "An emoji from Google's Noto Color Emoji set showing waving hand: light skin tone. It belongs to the "
-        "people and body category, in the hand fingers open group. Related words: hand, light skin tone, wave. "
-        "It is drawn with rounded shapes, bright colours and subtle shading. The image is a small 64 by 64 "
-        "pixel icon on a white background."
+        "people and body category, in the hand fingers open group. Related words: hand, light skin tone, "
+        "wave. It is drawn with rounded shapes, bright colours and subtle shading. The image is a small "
+        "64 by 64 pixel icon on a white background."
     )
     assert rows["twitter/1f600"]["long_caption"] == (
         "An emoji from Twitter's Twemoji set showing grinning face. It belongs to the smileys and emotion "
@@ -168,8 +227,18 @@ def test_split_by_base_never_leaks(packages, tmp_path):
             assert split_of_base.setdefault(row["labels"]["base"], row["split"]) == row["split"]
         assert sum(info.coverage["bases_per_split"].values()) == 3
     # u = int(sha256(f"{seed}:{base}")[:16], 16) / 2**64: 0:1f44b -> 0.160, 0:1f600 -> 0.190, 0:1f9a9 -> 0.451
-    assert [emoji.split_of(b, 0, (0.17, 0.1, 0.73)) for b in ("1f44b", "1f600", "1f9a9")] == ["train", "val", "test"]
-    assert [emoji.split_of("1f600", s, (0.34, 0.33, 0.33)) for s in range(5)] == ["train", "val", "train", "val", "test"]
+    assert [emoji.split_of(b, 0, (0.17, 0.1, 0.73)) for b in ("1f44b", "1f600", "1f9a9")] == [
+        "train",
+        "val",
+        "test",
+    ]
+    assert [emoji.split_of("1f600", s, (0.34, 0.33, 0.33)) for s in range(5)] == [
+        "train",
+        "val",
+        "train",
+        "val",
+        "test",
+    ]
 
 
 def test_split_counts(packages, tmp_path):
@@ -198,7 +267,10 @@ def test_limit_and_vendor_subset(packages, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"vendors": ("apple",)}, r"vendors must be a non-empty subset of \['google', 'twitter'\], got \['apple'\]"),
+        (
+            {"vendors": ("apple",)},
+            r"vendors must be a non-empty subset of \['google', 'twitter'\], got \['apple'\]",
+        ),
         ({"splits": (0.5, 0.2, 0.2)}, r"splits must be three non-negative fractions summing to 1"),
         ({"limit": 0}, r"limit must be a positive number of rows, got 0"),
     ],
