@@ -104,7 +104,7 @@ def _png(image_id: int, vendor_id: int) -> bytes:
 
 @pytest.fixture
 def packages(tmp_path, monkeypatch) -> dict[str, Path]:
-    """Fake extracted npm packages. Twitter lacks 1f44b-1f3fb.png (flagged present), 1f9a9 (flagged absent)."""
+    """Fake extracted npm packages; twitter lacks 1f44b-1f3fb.png (flagged present) and 1f9a9."""
     dirs = {name: tmp_path / name for name in emoji.NPM_PACKAGES}
     (dirs["emoji-datasource"]).mkdir()
     (dirs["emoji-datasource"] / "emoji.json").write_text(json.dumps(EMOJI_JSON))
