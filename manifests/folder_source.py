@@ -1,0 +1,135 @@
+"""A folder of images plus a captions JSONL file -> manifest.
+
+``FOLDER/captions.jsonl`` (``--captions-file`` names another file in the folder) holds one JSON object per
+line; blank lines are ignored. Fields:
+
+==================  ========  ===============================================================================
+``file``            required  image path, relative to the folder (or absolute)
+``key``             optional  sample key; default: ``file`` as written
+``raw_caption``     optional  original caption; ``caption`` is read when ``raw_caption`` is absent
+``short_caption``   optional  short recaption
+``long_caption``    optional  long recaption
+``split``           optional  default: ``--split``
+``lang``            optional  BCP-47 language of the captions
+==================  ========  ===============================================================================
+
+Rows reference the image file (``image_path``: relative to the manifest folder if the image lies under it,
+else absolute). Outcomes (besides those in :mod:`manifests.common`): a line that is not a JSON object ->
+``skipped_bad_line``; no ``file`` and no ``key`` -> ``skipped_no_key``; no ``file`` or a missing file ->
+``skipped_no_image``; undecodable file -> ``skipped_undecodable_image``; a non-string caption raises
+:class:`~manifests.schema.ManifestError`. Image files (``.jpg .jpeg .png .webp``) in the folder that no
+line names are counted as ``unlisted_images`` (not counted when ``--limit`` stopped the read early).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from manifests.common import (
+    IMAGE_SUFFIXES,
+    ManifestBuilder,
+    caption_value,
+    file_image_problem,
+    reference_path,
+)
+from manifests.schema import ManifestInfo
+
+log = logging.getLogger(__name__)
+
+CAPTIONS_FILE = "captions.jsonl"
+
+
+def build_folder_manifest(
+    folder: str | Path,
+    out_dir: str | Path,
+    *,
+    captions_file: str = CAPTIONS_FILE,
+    split: str = "train",
+    on_duplicate: str = "error",
+    limit: int | None = None,
+) -> ManifestInfo:
+    """Build a manifest from an image folder and its captions JSONL (fields in the module docstring).
+
+    Args:
+        folder: the image folder.
+        out_dir: the manifest directory.
+        captions_file: the JSONL file name inside ``folder``.
+        split: ``split`` of lines without one.
+        on_duplicate: ``"error" | "first" | "skip"`` (:mod:`manifests.common`).
+        limit: read at most this many lines.
+
+    Raises:
+        FileNotFoundError: the folder or its captions file does not exist.
+        ManifestError: a caption field is not a string.
+        DuplicateKeyError: a repeated key under ``on_duplicate="error"``.
+    """
+    folder = Path(folder)
+    jsonl = folder / captions_file
+    if not jsonl.is_file():
+        raise FileNotFoundError(f"captions file {jsonl} does not exist")
+    args = {"folder": str(folder), "captions_file": captions_file, "split": split,
+            "on_duplicate": on_duplicate, "limit": limit}
+    listed: set[Path] = set()
+    with ManifestBuilder(out_dir, {"name": "folder", "args": args}, on_duplicate, limit) as builder:
+        with open(jsonl, encoding="utf-8") as f:
+            for lineno, line in enumerate(tqdm(f, desc=f"read {captions_file}", unit="line", disable=None), 1):
+                if builder.full:
+                    break
+                if line.strip():
+                    _add_line(line, f"{jsonl} line {lineno}", folder, Path(out_dir), split, builder, listed)
+        if not builder.full:
+            unlisted = _count_unlisted(folder, listed, Path(out_dir))
+            if unlisted:
+                builder.count("unlisted_images", unlisted)
+        return builder.finish()
+
+
+def _add_line(
+    line: str, where: str, folder: Path, out_dir: Path, split: str, builder: ManifestBuilder, listed: set[Path]
+) -> None:
+    try:
+        entry: Any = json.loads(line)
+    except json.JSONDecodeError as exc:
+        log.debug("%s: %s", where, exc)
+        entry = None
+    if not isinstance(entry, dict):
+        builder.reject("bad_line")
+        return
+    file = entry.get("file")
+    key = entry.get("key") or file
+    if not key:
+        builder.reject("no_key")
+        return
+    raw = entry["raw_caption"] if "raw_caption" in entry else entry.get("caption")
+    row = {
+        "key": str(key),
+        "raw_caption": caption_value(raw, where),
+        "short_caption": caption_value(entry.get("short_caption"), where),
+        "long_caption": caption_value(entry.get("long_caption"), where),
+        "split": entry.get("split") or split,
+        "lang": entry.get("lang"),
+    }
+    if file:
+        full = Path(file) if Path(file).is_absolute() else folder / file
+        listed.add(full.resolve())
+        skip = file_image_problem(full)
+        row["image_path"] = reference_path(full, out_dir)
+    else:
+        skip = "no_image"
+    builder.add(row, where, skip=skip)
+
+
+def _count_unlisted(folder: Path, listed: set[Path], out_dir: Path) -> int:
+    out = out_dir.resolve()
+    count = 0
+    for path in folder.rglob("*"):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            full = path.resolve()
+            if full not in listed and out not in full.parents:
+                count += 1
+    return count
