@@ -1,4 +1,4 @@
-"""The canonical manifest (SPEC §4): a directory of Parquet parts plus ``manifest.json``.
+"""The canonical manifest (SPEC §4): ``manifest.json`` plus a ``data/`` directory of Parquet parts.
 
 One row per sample::
 
@@ -18,7 +18,7 @@ One row per sample::
 ``manifest.json`` holds ``schema_version``, ``source`` (name + arguments), ``counts`` (rows per split) and
 ``coverage`` (the counted reasons rows were skipped, e.g. ``{"undecodable_image": 2}``).
 
-The files are plain Parquet: ``pyarrow.dataset.dataset(DIR)`` reads them without this package.
+The parts are plain Parquet: ``pyarrow.parquet.read_table("DIR/data")`` reads them without this package.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 MANIFEST_JSON = "manifest.json"
+DATA_DIR = "data"
 CAPTION_COLUMNS = ("raw_caption", "short_caption", "long_caption")
 
 SCHEMA = pa.schema(
@@ -68,7 +69,7 @@ class ManifestInfo:
         source: ``{"name": "emoji" | "webdataset" | ..., "args": {...}}``, how the manifest was built.
         counts: number of rows per split, e.g. ``{"train": 6000, "test": 800}``; ``"total"`` is added on write.
         coverage: counted outcomes of bad or unmatched input, e.g. ``{"skipped_undecodable_image": 2}``.
-        parts: Parquet part file names, relative to the manifest directory, in row order.
+        parts: Parquet part paths relative to the manifest directory (``data/part-00000.parquet``), in row order.
         schema_version: :data:`SCHEMA_VERSION` of the writer.
     """
 
@@ -118,7 +119,8 @@ class ManifestWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / MANIFEST_JSON).unlink(missing_ok=True)
-        for old in self.out_dir.glob("part-*.parquet"):
+        (self.out_dir / DATA_DIR).mkdir(exist_ok=True)
+        for old in (self.out_dir / DATA_DIR).glob("part-*.parquet"):
             old.unlink()
         self.info = ManifestInfo(source=source)
         self.rows_per_part = rows_per_part
@@ -152,8 +154,8 @@ class ManifestWriter:
             return
         cols = {name: [_cell(r.get(name), name) for r in self._buffer] for name in SCHEMA.names}
         table = pa.table(cols, schema=SCHEMA)
-        name = f"part-{len(self.info.parts):05d}.parquet"
-        tmp = self.out_dir / f".{name}.tmp"
+        name = f"{DATA_DIR}/part-{len(self.info.parts):05d}.parquet"
+        tmp = self.out_dir / DATA_DIR / ".part.tmp"
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, self.out_dir / name)
         self.info.parts.append(name)

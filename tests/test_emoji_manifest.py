@@ -252,7 +252,7 @@ def test_split_counts(packages, tmp_path):
 def test_deterministic_bytes(packages, tmp_path):
     emoji.build_emoji_manifest(tmp_path / "a")
     emoji.build_emoji_manifest(tmp_path / "b", workers=1)
-    for name in ("part-00000.parquet", "manifest.json"):
+    for name in ("data/part-00000.parquet", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
@@ -295,3 +295,11 @@ def test_real_emoji_manifest(tmp_path):
     row = next(r for r in iter_rows(tmp_path / "emoji") if r["key"] == "google/1f44b-1f3fb")
     assert row["names"]["de"] == "winkende Hand: helle Hautfarbe"
     assert row["raw_caption"] == "waving hand: light skin tone"
+
+
+def test_plain_pyarrow_reads_the_manifest(packages, tmp_path):
+    import pyarrow.parquet as pq
+
+    emoji.build_emoji_manifest(tmp_path / "m")
+    table = pq.read_table(tmp_path / "m" / "data")
+    assert table.num_rows == 8 and table.column("key").to_pylist() == KEYS
