@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from manifests.common import CAPTION_FLAGS, ManifestBuilder, check_columns, file_image_problem, reference_path
-from manifests.schema import ManifestInfo
+from manifests.schema import ManifestError, ManifestInfo
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def build_csv_manifest(
 
     Raises:
         FileNotFoundError: a CSV file does not exist.
-        ManifestError: a named column is missing from a header.
+        ManifestError: a named column is missing from a header, or a file is not UTF-8.
         DuplicateKeyError: a repeated key under ``on_duplicate="error"``.
     """
     captions = {"raw_caption": raw_column, "short_caption": short_column, "long_caption": long_column}
@@ -105,8 +105,11 @@ def build_csv_manifest(
         for csv_path in map(Path, csv_paths):
             if not csv_path.is_file():
                 raise FileNotFoundError(f"CSV file {csv_path} does not exist")
-            _read_csv(csv_path, detect_separator(csv_path, sep), builder, image_column, captions, key_column,
-                      split, Path(out_dir))
+            try:
+                _read_csv(csv_path, detect_separator(csv_path, sep), builder, image_column, captions, key_column,
+                          split, Path(out_dir))
+            except UnicodeDecodeError as exc:
+                raise ManifestError(f"{csv_path} is not UTF-8 text ({exc})") from exc
             if builder.full:
                 break
         return builder.finish()

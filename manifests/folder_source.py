@@ -37,7 +37,7 @@ from manifests.common import (
     file_image_problem,
     reference_path,
 )
-from manifests.schema import ManifestInfo
+from manifests.schema import ManifestError, ManifestInfo
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def build_folder_manifest(
 
     Raises:
         FileNotFoundError: the folder or its captions file does not exist.
-        ManifestError: a caption field is not a string.
+        ManifestError: a caption field is not a string, or the file is not UTF-8.
         DuplicateKeyError: a repeated key under ``on_duplicate="error"``.
     """
     folder = Path(folder)
@@ -76,12 +76,15 @@ def build_folder_manifest(
             "on_duplicate": on_duplicate, "limit": limit}
     listed: set[Path] = set()
     with ManifestBuilder(out_dir, {"name": "folder", "args": args}, on_duplicate, limit) as builder:
-        with open(jsonl, encoding="utf-8") as f:
-            for lineno, line in enumerate(tqdm(f, desc=f"read {captions_file}", unit="line", disable=None), 1):
-                if builder.full:
-                    break
-                if line.strip():
-                    _add_line(line, f"{jsonl} line {lineno}", folder, Path(out_dir), split, builder, listed)
+        try:
+            with open(jsonl, encoding="utf-8") as f:
+                for lineno, line in enumerate(tqdm(f, desc=f"read {captions_file}", unit="line", disable=None), 1):
+                    if builder.full:
+                        break
+                    if line.strip():
+                        _add_line(line, f"{jsonl} line {lineno}", folder, Path(out_dir), split, builder, listed)
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{jsonl} is not UTF-8 text ({exc})") from exc
         if not builder.full:
             unlisted = _count_unlisted(folder, listed, Path(out_dir))
             if unlisted:

@@ -10,7 +10,7 @@ member name and the verdict are kept, never the shard's image bytes.
 Rows reference their image: ``image_path`` = the tar (relative to the manifest directory if the tar lies
 under it, else absolute), ``image_member`` = the member name. ``raw_caption`` = the ``.txt`` (``.json`` is
 not read). If a shard repeats a member name, the k-th member of each extension forms copy k of that key
-(a duplicate key inside one shard); a kept copy is always the first, which is the member
+(a duplicate key inside one shard); the key is the member name up to its first dot (webdataset's rule). A kept copy is always the first, which is the member
 :func:`manifests.images.load_image` opens.
 
 Optional FLAME recaption files (``--long-captions``/``--short-captions``: JSON lists of
@@ -62,7 +62,7 @@ from manifests.common import (
     image_problem,
     reference_path,
 )
-from manifests.schema import ManifestInfo
+from manifests.schema import ManifestError, ManifestInfo
 
 log = logging.getLogger(__name__)
 
@@ -191,32 +191,38 @@ def load_recaptions(
 
     Raises:
         DuplicateKeyError: a wanted key is listed twice and ``on_duplicate == "error"``.
-        ijson.JSONError: the file is not valid JSON.
+        ManifestError: the file is not valid JSON.
     """
     found: dict[str, str | None] = {}
     dropped: set[str] = set()
-    with open(path, "rb") as f:
-        entries = ijson.items(f, "item")
-        for entry in tqdm(entries, desc=f"read {Path(path).name}", unit="caption", disable=None):
-            key = entry.get("__key__") if isinstance(entry, dict) else None
-            if not isinstance(key, str):
-                builder.count(f"{column}_bad_entry")
-                continue
-            if key not in wanted:
-                builder.count(f"{column}_without_sample")
-                continue
-            if key in found or key in dropped:
-                if on_duplicate == "error":
-                    raise DuplicateKeyError(
-                        f"{path}: key {key!r} is listed more than once; use --on-duplicate first|skip to resolve"
-                    )
-                builder.count(f"{column}_duplicate_key")
-                if on_duplicate == "skip" and key in found:
-                    del found[key]
-                    dropped.add(key)
-                continue
-            text = entry.get(field_name)
-            found[key] = clean_caption(text) if isinstance(text, str) else None
+    entries = 0
+    try:
+        with open(path, "rb") as f:
+            for entry in tqdm(ijson.items(f, "item"), desc=f"read {Path(path).name}", unit="caption", disable=None):
+                entries += 1
+                key = entry.get("__key__") if isinstance(entry, dict) else None
+                if not isinstance(key, str):
+                    builder.count(f"{column}_bad_entry")
+                    continue
+                if key not in wanted:
+                    builder.count(f"{column}_without_sample")
+                    continue
+                if key in found or key in dropped:
+                    if on_duplicate == "error":
+                        raise DuplicateKeyError(
+                            f"{path}: key {key!r} is listed more than once; use --on-duplicate first|skip to resolve"
+                        )
+                    builder.count(f"{column}_duplicate_key")
+                    if on_duplicate == "skip" and key in found:
+                        del found[key]
+                        dropped.add(key)
+                    continue
+                text = entry.get(field_name)
+                found[key] = clean_caption(text) if isinstance(text, str) else None
+    except ijson.JSONError as exc:
+        raise ManifestError(f"{path}: invalid JSON ({exc})") from exc
+    if not entries:
+        log.warning("%s has no entries; expected a JSON list of {\"__key__\": ..., %r: ...}", path, field_name)
     return found
 
 
@@ -250,6 +256,9 @@ def build_webdataset_manifest(
         DuplicateKeyError: a repeated key under ``on_duplicate="error"``.
     """
     urls = expand_shards(shards)
+    for path in (long_captions, short_captions):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"recaption file {path} does not exist")
     args = {
         "shards": urls,
         "split": split,

@@ -378,3 +378,45 @@ def test_manifest_inside_data_folder_uses_relative_paths(tmp_path):
     row = next(iter_rows(tmp_path))
     assert row["image_path"] == "a.png"
     assert load_image(row, tmp_path).getpixel((0, 0)) == colour(1)
+
+
+def test_cli_flags_reach_csv_parquet_and_folder_sources(tmp_path, capsys):
+    (tmp_path / "0.png").write_bytes(png(0))
+    (tmp_path / "list.txt").write_text("path;caption;long\n0.png;zero;a long zero\nmissing.png;gone;x\n")
+    out = tmp_path / "csv"
+    assert main(["manifest", "csv", str(tmp_path / "list.txt"), "--out", str(out), "--sep", ";",
+                 "--image-column", "path", "--raw-column", "caption", "--long-column", "long", "--split", "val"]) == 0
+    assert [(r["key"], r["raw_caption"], r["long_caption"], r["split"]) for r in iter_rows(out)] == [
+        ("0.png", "zero", "a long zero", "val")]
+    assert any(line.split() == ["skipped_no_image", "1"] for line in capsys.readouterr().out.splitlines())
+
+    pq.write_table(image_table(PARQUET_ROWS[:3]), tmp_path / "t.parquet")
+    out = tmp_path / "pq"
+    assert main(["manifest", "parquet", str(tmp_path / "t.parquet"), "--out", str(out), "--limit", "1"]) == 0
+    assert [r["key"] for r in iter_rows(out)] == ["p0"]
+
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "0.png", "caption": "zero"}) + "\n")
+    assert main(["manifest", "folder", str(tmp_path), "--out", str(tmp_path / "f")]) == 0
+    assert [r["raw_caption"] for r in iter_rows(tmp_path / "f")] == ["zero"]
+    capsys.readouterr()
+
+    assert main(["manifest", "folder", "--out", str(tmp_path / "x")]) == 1
+    assert main(["manifest", "emoji", "extra", "--out", str(tmp_path / "x")]) == 1
+    assert main(["manifest", "csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "takes exactly one folder" in err and "takes no inputs" in err and "nope.csv does not exist" in err
+
+
+def test_unreadable_side_files_raise_clear_errors(tmp_path, shards):
+    paths, _ = shards
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"__key__": "a0", "minicpm": "x"}, {"__key__": ')
+    with pytest.raises(ManifestError, match="broken.json: invalid JSON"):
+        build_webdataset_manifest(paths, tmp_path / "m", on_duplicate="first", long_captions=broken)
+    with pytest.raises(FileNotFoundError, match="recaption file .*absent.json does not exist"):
+        build_webdataset_manifest(paths, tmp_path / "m", short_captions=tmp_path / "absent.json")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"filepath,title\nx.png,caf\xe9\n")
+    with pytest.raises(ManifestError, match="latin1.csv is not UTF-8 text"):
+        build_csv_manifest([latin1], tmp_path / "m")
+    assert not (tmp_path / "m" / ".staging").exists()
