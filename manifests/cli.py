@@ -16,13 +16,10 @@ INPUTS follow SOURCE directly (options go before SOURCE or after the inputs). En
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from manifests.common import ON_DUPLICATE
 from manifests.schema import ManifestError, ManifestInfo
-
-log = logging.getLogger(__name__)
 
 SOURCES = ("emoji", "webdataset", "parquet", "csv", "folder")
 

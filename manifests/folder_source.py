@@ -86,7 +86,7 @@ def build_folder_manifest(
         except UnicodeDecodeError as exc:
             raise ManifestError(f"{jsonl} is not UTF-8 text ({exc})") from exc
         if not builder.full:
-            unlisted = _count_unlisted(folder, listed, Path(out_dir))
+            unlisted = _count_unlisted(folder, listed)
             if unlisted:
                 builder.count("unlisted_images", unlisted)
         return builder.finish()
@@ -127,12 +127,9 @@ def _add_line(
     builder.add(row, where, skip=skip)
 
 
-def _count_unlisted(folder: Path, listed: set[Path], out_dir: Path) -> int:
-    out = out_dir.resolve()
-    count = 0
-    for path in folder.rglob("*"):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            full = path.resolve()
-            if full not in listed and out not in full.parents:
-                count += 1
-    return count
+def _count_unlisted(folder: Path, listed: set[Path]) -> int:
+    return sum(
+        1
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.resolve() not in listed
+    )

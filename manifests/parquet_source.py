@@ -23,7 +23,6 @@ non-string caption raises :class:`~manifests.schema.ManifestError`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,6 @@ from manifests.common import (
     reference_path,
 )
 from manifests.schema import ManifestInfo
-
-log = logging.getLogger(__name__)
 
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json")
 DEFAULT_KEY_COLUMNS = ("key", "__key__")

@@ -9,17 +9,23 @@ member name and the verdict are kept, never the shard's image bytes.
 
 Rows reference their image: ``image_path`` = the tar (relative to the manifest directory if the tar lies
 under it, else absolute), ``image_member`` = the member name. ``raw_caption`` = the ``.txt`` (``.json`` is
-not read). If a shard repeats a member name, the k-th member of each extension forms copy k of that key
-(a duplicate key inside one shard); the key is the member name up to its first dot (webdataset's rule). A kept copy is always the first, which is the member
-:func:`manifests.images.load_image` opens.
+not read). The key is the member name up to its first dot (webdataset's rule). If a shard repeats a
+member name, the k-th member of each extension forms copy k of that key (a duplicate key inside one
+shard); a kept copy is always the first, which is the member :func:`manifests.images.load_image` opens.
 
 Optional FLAME recaption files (``--long-captions``/``--short-captions``: JSON lists of
-``{"__key__": ..., "<caption field>": ...}``) are streamed with ijson after the shards are read; only
-captions of keys that will become rows are kept in memory.
+``{"__key__": ..., "<caption field>": ...}``) are streamed with ijson after the shards are read; memory
+holds the set of keys that will become rows and the recaptions of those keys only, never the whole file.
 
 Outcomes (besides those in :mod:`manifests.common`):
 
 ==============================  ============================================================================
+``A.jpg B.jpg B.txt A.txt``     non-adjacent members: grouped by key, A gets A.txt (no outcome to count)
+caption with ``"`` or ``:"``    kept verbatim
+50,000-character caption        kept verbatim (stage 1 truncates caption tokens)
+key twice in a shard / in two   ``--on-duplicate error`` (default): :class:`~manifests.common.DuplicateKeyError`
+shards                          naming the key and both ``<tar> member <name> (#<member number>)``;
+                                ``first``: first copy kept; ``skip``: all dropped; ``skipped_duplicate``
 truncated JPEG, HTML as .jpg    ``skipped_undecodable_image``
 sample with no image member     ``skipped_no_image``
 ``k.jpg`` and ``k.png``         ``skipped_ambiguous_image``
