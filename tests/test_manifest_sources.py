@@ -151,6 +151,9 @@ def test_webdataset_first_counts_every_outcome(tmp_path, shards, recaptions):
     assert list(rows) == ["a0", "a1", "a2", "empty2", "quote", "long", "nonutf", "dupin", "dupx", "a3", "b0"]
     assert_belongs(rows, out, expected)
     assert len(rows["long"]["raw_caption"]) == 50_000
+    plain = pads.dataset(out / "data").to_table(columns=["key", "image_member", "raw_caption"])
+    assert plain.to_pylist() == [
+        {"key": k, "image_member": rows[k]["image_member"], "raw_caption": rows[k]["raw_caption"]} for k in rows]
     assert rows["dupx"]["image_path"] == str(Path(paths[0]).resolve())
     assert rows["empty2"]["long_caption"] == "long recaption of empty2"
     assert rows["a0"]["long_caption"] == "long recaption of a0"
@@ -272,8 +275,9 @@ def test_parquet_source(tmp_path):
         "p0": ("caption p0", "long p0"), "p2": ("caption p2", None), "p3": (None, "long p3")}
     for key, row in rows.items():
         assert load_image(row, out).getpixel((0, 0)) == colour(int(key[1]))
-    table = pads.dataset(out, format="parquet", exclude_invalid_files=True).to_table()
+    table = pads.dataset(out / "data").to_table()  # plain pyarrow, no project code
     assert table.column("key").to_pylist() == ["p0", "p2", "p3"]
+    assert table.column("image_bytes").to_pylist() == [png(0), png(2), png(3)]
     with pytest.raises(ManifestError, match=r"no column 'title' \(--raw-column\)"):
         build_parquet_manifest([src], out, raw_column="title")
 
