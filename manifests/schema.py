@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 MANIFEST_JSON = "manifest.json"
@@ -92,13 +93,6 @@ class ManifestInfo:
             ensure_ascii=False,
             sort_keys=False,
         )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class ManifestWriter:
@@ -165,7 +159,7 @@ class ManifestWriter:
         """Flush the last part and write ``manifest.json`` (atomically, last). Returns the info written."""
         self._flush()
         self.info.counts["total"] = len(self._keys)
-        _atomic_write_text(self.out_dir / MANIFEST_JSON, self.info.to_json())
+        atomic_write_bytes(self.out_dir / MANIFEST_JSON, self.info.to_json().encode("utf-8"))
         return self.info
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline import __version__
+from pipeline.atomic import atomic_write_bytes
 
 META_JSON = "meta.json"
 FORMAT_VERSION = 1
@@ -190,16 +190,6 @@ class CacheMeta:
         )
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def check_unit_vectors(vectors: np.ndarray, mask: np.ndarray, tol: float = NORM_TOLERANCE) -> None:
     """Raise :class:`CacheError` unless every present vector is finite and unit-norm (SPEC §2.3).
 
@@ -270,7 +260,7 @@ class CacheWriter:
             )
             (d / "index").mkdir(exist_ok=True)
             (d / "done").mkdir(exist_ok=True)
-            _atomic_write_bytes(d / META_JSON, meta.to_json().encode())
+            atomic_write_bytes(d / META_JSON, meta.to_json().encode())
         return cls(d, meta)
 
     def _marker(self, shard: int) -> Path:
@@ -311,7 +301,7 @@ class CacheWriter:
         pq.write_table(index, tmp)
         os.replace(tmp, part)
         marker = {"shard": shard, "rows": [rows.start, rows.stop], "keys": index.num_rows}
-        _atomic_write_bytes(self._marker(shard), json.dumps(marker).encode())
+        atomic_write_bytes(self._marker(shard), json.dumps(marker).encode())
 
 
 class CacheReader:
