@@ -1,7 +1,7 @@
 """The stage-1 batch job (SPEC §2.6): dedup, empty samples, index content, rerun, resume after SIGKILL, 2 processes.
 
 A tiny random Llama (tests/stage1_tiny.py) is saved with ``save_pretrained`` so the job loads it by path, as a
-user's ``--llm PATH``. The subprocess tests share one uninterrupted single-process reference cache.
+user's ``--llm PATH``. The subprocess tests share one uninterrupted single-process reference cache (24 samples, 9 shards).
 """
 
 import hashlib
@@ -51,7 +51,7 @@ def _write_manifest(path: Path, samples) -> Path:
     return path
 
 
-def _big_samples(n=48):
+def _big_samples(n=24):
     """Two 'vendors' per concept sharing raw+short captions but not long ones, some exact duplicates."""
     out = []
     for i in range(n):
@@ -179,14 +179,14 @@ def _cli(env, manifest, out):
 
 @pytest.fixture(scope="module")
 def reference(env):
-    """An uninterrupted single-process cache of the 48-sample manifest, built by ``python -m stage1_embed_text``."""
+    """An uninterrupted single-process cache of the 24-sample manifest, built by ``python -m stage1_embed_text``."""
     manifest = _write_manifest(env["root"] / "big-manifest", _big_samples())
     out = env["root"] / "reference"
     proc = subprocess.run([sys.executable, "-m", "stage1_embed_text", *_cli(env, manifest, out)],
                           env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (summary["samples"], summary["keys"], summary["rows"], summary["shards"]) == (48, 48, 38, 19)
+    assert (summary["samples"], summary["keys"], summary["rows"], summary["shards"]) == (24, 24, 18, 9)
     return manifest, out
 
 
@@ -202,13 +202,13 @@ def test_resume_after_sigkill_gives_identical_cache(env, reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_done = len(list((out / "done").glob("shard-*.json")))
-    assert 1 <= n_done < 19, f"the kill should land mid-way, found {n_done} finished shards"
+    assert 1 <= n_done < 9, f"the kill should land mid-way, found {n_done} finished shards"
     with pytest.raises(Exception, match="unfinished"):
         CacheReader(out)
     rerun = subprocess.run(cmd, env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert summary["shards_skipped"] == n_done and summary["shards_written"] == 19 - n_done
+    assert summary["shards_skipped"] == n_done and summary["shards_written"] == 9 - n_done
     assert _files(out) == _files(ref)
 
 
@@ -221,5 +221,5 @@ def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
     proc = subprocess.run(cmd, env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (summary["world_size"], summary["shards_written"], summary["rows"]) == (2, 19, 38)
+    assert (summary["world_size"], summary["shards_written"], summary["rows"]) == (2, 9, 18)
     assert _files(out) == _files(ref)
