@@ -37,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--text-cache", default=None, help="eval text-vector cache (default $FLAME_HOME/eval-text-cache)")
     p.add_argument("--device", default=None, help="image encoder device (default cuda when available)")
     p.add_argument("--image-root", default=None, help="images folder for COCO/Flickr JSON, ShareGPT4V, SugarCrepe")
-    p.add_argument("--languages", default=None, help="comma-separated XM3600 languages (default all)")
+    p.add_argument("--languages", default=None,
+                   help="comma-separated languages for multilingual retrieval; 'all' = every language present "
+                        "(default: all for XM3600; de,fr,es,ja,zh,ar,hi for emoji)")
     p.add_argument("--no-linear-probe", action="store_true", help="skip the linear probe")
     p.add_argument("--ranking", choices=("auto", "torch", "faiss"), default="auto",
                    help="retrieval ranking backend (auto: exact torch matmul for small sets, faiss for large)")

@@ -30,6 +30,16 @@ _RET_COLS = [("text_retrieval_recall@1", "I→T R@1"), ("text_retrieval_recall@5
              ("image_retrieval_recall@5", "T→I R@5"), ("image_retrieval_recall@10", "T→I R@10")]
 
 
+#: FLAME ViT-B/16 R@1 (image->text, text->image) in %, SPEC §7, by training set: what results.md compares to.
+PUBLISHED_R1 = {
+    "sharegpt4v-1k": {"CC3M": (85.6, 80.0), "YFCC15M": (94.1, 93.2)},
+    "urban1k": {"CC3M": (65.3, 66.6), "YFCC15M": (84.0, 87.9)},
+    "dci": {"CC3M": (50.8, 49.3), "YFCC15M": (66.1, 68.1)},
+    "docci": {"CC3M": (54.5, 51.9), "YFCC15M": (75.8, 76.2)},
+    "xm3600": {"YFCC15M": (51.72, 49.00)},  # average over 36 languages
+}
+
+
 def multilingual_average(results: list[TaskResult]) -> dict[str, Any] | None:
     """Mean metrics and chance over the ``multilingual`` retrieval tasks (None when there are none)."""
     ml = [r for r in results if r.type == "retrieval" and r.info.get("kind") == "multilingual"]
@@ -101,6 +111,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
     section("Winoground", wg, ["task", "text mode", "examples", "text", "image", "group"],
             lambda n, t: [n, t["text_mode"], str(t["counts"]["examples"])]
             + [_cell(t["metrics"][k], t["chance"][k]) for k in ("text_score", "image_score", "group_score")])
+    published = PUBLISHED_R1.get(doc["benchmark"])
+    if published:
+        lines.extend(["## Published FLAME ViT-B/16 (SPEC §7)", ""] + _table(
+            ["trained on", "I→T R@1", "T→I R@1"], [[k, f"{a:.1f}", f"{b:.1f}"] for k, (a, b) in published.items()])
+            + [""])
     sc = [n for n, t in tasks.items() if t["type"] == "sugarcrepe"]
     section("SugarCrepe", sc, ["subset", "text mode", "examples", "accuracy"],
             lambda n, t: [n, t["text_mode"], str(t["counts"]["examples"]), _cell(t["metrics"]["acc"], t["chance"]["acc"])])

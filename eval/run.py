@@ -117,7 +117,8 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
         device: image-encoder device (default ``cuda`` when available).
         strict: a benchmark size different from the published one is an error, not a warning.
         image_root: images folder for JSON-described benchmarks.
-        languages: XM3600 languages (default all).
+        languages: multilingual languages (default: all for XM3600, de fr es ja zh ar hi for emoji;
+            ``["all"]``: every language present).
         linear_probe: run the linear probe where the benchmark has a train split.
         backend: retrieval ranking backend (``auto``, ``torch``, ``faiss``).
         workers: image-decoding worker processes.

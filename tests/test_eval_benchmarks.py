@@ -190,3 +190,7 @@ def test_emoji_manifest_tasks(tmp_path):
     lp = tasks["linear_probe_category"]
     assert len(lp.train_ids) == 4 and b.counts == {"images": 4, "train_images": 4}
     assert np.asarray(b.images[0].open()).shape == (8, 8, 3)
+    b = load_benchmark("emoji", tmp_path / "m", languages=["fr"])
+    assert [t.name for t in b.tasks if t.name.startswith("multilingual")] == ["multilingual_fr"]
+    b = load_benchmark("emoji", tmp_path / "m", languages=["all"])
+    assert [t.name for t in b.tasks if t.name.startswith("multilingual")] == ["multilingual_de", "multilingual_fr"]

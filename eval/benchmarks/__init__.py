@@ -49,7 +49,8 @@ def load_benchmark(name: str, data: str | Path, split: str = "test", strict: boo
         split: split to evaluate.
         strict: raise instead of warning on a size mismatch.
         image_root: images folder for the JSON formats (COCO/Flickr30k, ShareGPT4V, SugarCrepe).
-        languages: XM3600 languages to evaluate (default all).
+        languages: multilingual languages (default: all for XM3600, de fr es ja zh ar hi for emoji;
+            ``["all"]``: every language present).
         linear_probe: add a linear probe where the benchmark has a train split (emoji, class folders).
 
     Raises:
@@ -59,7 +60,7 @@ def load_benchmark(name: str, data: str | Path, split: str = "test", strict: boo
     if not data.exists():
         raise BenchmarkError(f"benchmark data {data} does not exist")
     if name == "emoji":
-        bench = emoji(data, split, linear_probe=linear_probe)
+        bench = emoji(data, split, linear_probe=linear_probe, languages=languages)
     elif name in ("coco", "flickr30k"):
         if data.is_dir() and (data / split).is_dir() and any((data / split).glob("*.tar")):
             bench = clip_benchmark_wds(data, split, name=name)

@@ -8,8 +8,9 @@ Tasks built from a manifest directory (``--data``, written by ``flame manifest e
 - ``classification_category`` / ``classification_subcategory``: zero-shot into the label values of the
   **whole** manifest (every split, so classes absent from test still compete), templates
   :data:`TEMPLATES`, subcategory names with ``-`` read as spaces (``face-smiling`` -> ``face smiling``);
-- ``multilingual_<lang>``: retrieval with ``names[lang]`` as the text for every language in the names maps
-  (de, fr, es, ja, zh, ar, hi, ...; default mode ``single``);
+- ``multilingual_<lang>``: retrieval with ``names[lang]`` as the text (default mode ``single``), for
+  :data:`LANGUAGES` by default (each text costs an LLM pass; ``languages=["all"]`` takes every non-English
+  language of the names maps);
 - ``linear_probe_category`` (optional): logistic regression on pre-projector features, train split -> split.
 
 Positives: both vendors' images of one emoji carry the same captions and names. Identical text strings are
@@ -37,6 +38,7 @@ from eval.benchmarks.base import (
 )
 from manifests.schema import read_manifest
 
+LANGUAGES = ("de", "fr", "es", "ja", "zh", "ar", "hi")
 TEMPLATES = ["an emoji of {}.", "an emoji of a {}.", "a {} emoji.", "an icon of {}."]
 LABEL_FIELDS = ("category", "subcategory")
 _COLUMNS = ["image_path", "image_member", "image_bytes", "raw_caption", "long_caption", "split", "labels", "names"]
@@ -61,8 +63,16 @@ def classname(field: str, value: str) -> str:
     return value.replace("-", " ") if field == "subcategory" else value
 
 
-def emoji(data: str | Path, split: str = "test", linear_probe: bool = False) -> Benchmark:
+def emoji(data: str | Path, split: str = "test", linear_probe: bool = False,
+          languages: list[str] | None = None) -> Benchmark:
     """Build the emoji benchmark from a manifest directory.
+
+    Args:
+        data: manifest directory.
+        split: split evaluated.
+        linear_probe: add ``linear_probe_category`` (train split -> ``split``).
+        languages: multilingual languages (default :data:`LANGUAGES`; ``["all"]``: every non-English language
+            of the names maps). Languages absent from the names maps are skipped.
 
     Raises:
         BenchmarkError: the split is empty.
@@ -96,7 +106,8 @@ def emoji(data: str | Path, split: str = "test", linear_probe: bool = False) -> 
             tasks.append(LinearProbeTask(f"linear_probe_{field}", np.arange(start, len(images)),
                                          np.array([index[r["labels"][field]] for r in train], np.int64),
                                          np.array(have, np.int64), labels, [classname(field, v) for v in values]))
-    langs = sorted({lang for r in rows for lang in (r.get("names") or {})} - {"en"})
+    present = {lang for r in rows for lang in (r.get("names") or {})} - {"en"}
+    langs = sorted(present) if languages == ["all"] else [lang for lang in languages or LANGUAGES if lang in present]
     for lang in langs:
         texts, pairs = pairs_from_captions([[(r.get("names") or {}).get(lang)] for r in rows], dedupe=True)
         if len(pairs):

@@ -50,11 +50,12 @@ def _read(data: Path) -> dict[str, dict[str, list[str]]]:
 
 
 def xm3600(data: str | Path, split: str = "test", languages: list[str] | None = None) -> Benchmark:
-    """Load Crossmodal-3600; ``languages`` limits the tasks (default: every language present)."""
+    """Load Crossmodal-3600; ``languages`` limits the tasks (default or ``["all"]``: every language present)."""
     data = Path(data)
     caps = _read(data)
     keys = list(caps)
-    langs = languages or sorted({lang for v in caps.values() for lang in v})
+    present = sorted({lang for v in caps.values() for lang in v})
+    langs = present if languages in (None, ["all"]) else languages
     images = [ImageRef(path=str(data / "images" / f"{k}.jpg"), name=f"{k}.jpg") for k in keys]
     tasks = []
     for lang in langs:
