@@ -118,7 +118,7 @@ class FacetEncoder:
         return CacheIdentity(
             llm=self.llm.name,
             llm_fingerprint=self.llm.fingerprint,
-            tokenizer=str(getattr(self.llm.tokenizer, "name_or_path", "") or self.llm.name),
+            tokenizer=self.llm.name,  # load_llm always takes the tokenizer from the model's own source
             layer=self.llm.layer,
             readout=self.readout,
             dim=self.dim,

@@ -101,7 +101,7 @@ def load_llm(
     folder, gguf = _resolve(name_or_path)
     full, tokenizer = _load_model_and_tokenizer(folder, gguf, DTYPES[dtype], trust_remote_code)
     fingerprint = weights_fingerprint(Path(folder) / gguf if gguf else folder)
-    llm = _prepare(full, tokenizer, name_or_path, fingerprint, layer, dtype)
+    llm = _prepare(full, tokenizer, _source_name(name_or_path), fingerprint, layer, dtype)
     log.info(
         "loaded %s (%s, %d/%d blocks, D=%d, %s) in %.1f s",
         llm.name, llm.architecture, llm.layer, llm.num_layers, llm.hidden_size, dtype, time.perf_counter() - t0,
@@ -123,6 +123,14 @@ def _resolve(name_or_path: str) -> tuple[str, str | None]:
     if name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model path not found: {p}")
     return name_or_path, None
+
+
+def _source_name(name_or_path: str) -> str:
+    """Embedded names and hub ids as given; local paths made absolute (so a cache identity can be reloaded)."""
+    p = Path(name_or_path).expanduser()
+    if name_or_path not in EMBEDDED and p.exists():
+        return str(p.resolve())
+    return name_or_path
 
 
 def embedded_folder(name: str) -> Path:
@@ -271,7 +279,7 @@ def weights_fingerprint(source: str | Path) -> str:
 
     The digest covers each weight file's name and contents (sorted by name), so it does not depend on the
     dtype the model is loaded in. The cache entry is keyed by the files' paths, sizes and mtimes; a hub id is
-    resolved to its local snapshot first.
+    resolved to its local snapshot (the files already downloaded) first.
 
     Raises:
         FileNotFoundError: no weight files found.
@@ -303,7 +311,7 @@ def _weight_files(source: str | Path) -> list[Path]:
     if not p.is_dir():
         from huggingface_hub import snapshot_download
 
-        p = Path(snapshot_download(str(source), allow_patterns=["*.safetensors", "*.bin", "*.json"]))
+        p = Path(snapshot_download(str(source), local_files_only=True))  # the files from_pretrained fetched
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _WEIGHT_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no weight files in {p}")

@@ -168,7 +168,7 @@ def test_progress_and_identity():
     ident = enc.identity()
     assert isinstance(ident, CacheIdentity)
     assert ident.to_dict() == {
-        "llm": "tiny-llama", "llm_fingerprint": "sha256:tiny-llama-0", "tokenizer": ident.tokenizer, "layer": 3,
+        "llm": "tiny-llama", "llm_fingerprint": "sha256:tiny-llama-0", "tokenizer": "tiny-llama", "layer": 3,
         "readout": "pre_norm", "dim": 64, "prompt_set": "flame", "prompt_set_hash": FLAME.content_hash,
         "facets": list(FLAME.facets), "position_mode": "restart", "bos_marker": "drop", "max_tokens": 512,
         "dtype_compute": "float32", "dtype_stored": "float16", "backend": "hf",
@@ -233,6 +233,7 @@ def test_load_llm_from_folder_truncates_and_fingerprints(tmp_path, monkeypatch):
     assert llm.layer_types == ("sliding_attention", "full_attention") and llm.sliding_window == WINDOW
     assert load_llm(str(tmp_path / "m"), dtype="bfloat16").fingerprint == llm.fingerprint
     assert llm.fingerprint.startswith("sha256:") and len(llm.fingerprint) == 71
+    assert llm.name == str((tmp_path / "m").resolve())
     ref = reference_vectors("gemma3", SAMPLE, layer=2)
     np.testing.assert_allclose(FacetEncoder(llm).encode([SAMPLE]).vectors[0], ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="layer"):
