@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
 
 def _world() -> tuple[int, int]:
@@ -24,17 +23,31 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every process's gradient of the gathered tensor and returns
+    this process's slice (an all-reduce then a slice: the same as a reduce-scatter, on any backend)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` ``[n, ...]`` of every process along dim 0 in rank order, keeping gradients
     (backward sums the gradients of all processes into each one's input). Identity with one process."""
     _, world = _world()
     if world == 1:
         return x
-    if x.dtype == torch.bool:
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-    return torch.cat(all_gather_with_grad(x.contiguous()))
+    return _AllGather.apply(x)
 
 
 def sigmoid_loss(

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheIdentityError, CacheReader
@@ -122,6 +123,9 @@ def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> N
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train per ``cfg``; resume from a checkpoint (path or ``"latest"``) if given.
 
+    Accelerate's process-wide state is reset afterwards (the distributed setup is kept), so ``train`` can be
+    called again in the same process with another precision or accumulation (tests, ``flame demo``).
+
     Returns:
         The run summary (also written into the export's ``config.json["train"]``); ``"stopped": True`` when
         ``train.stop_at_step`` ended the run early (no export then).
@@ -129,7 +133,20 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     Raises:
         ConfigError, CacheIdentityError, DataError: refusals with a message naming the values involved.
     """
+    try:
+        return _train(cfg, resume)
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     tc = cfg.train
+    for name in ("manifest", "cache"):
+        if not getattr(cfg.data, name):
+            raise ConfigError(f"data.{name} is not set: pass data.{name}=DIR")
+    if "tensorboard" in tc.log_with and not is_tensorboard_available():
+        raise ConfigError("train.log_with names tensorboard but it is not installed: pip install tensorboard")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     output_dir = Path(tc.output_dir)

@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from stage2_train_vision.config import Config, ImageConfig
 

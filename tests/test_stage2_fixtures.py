@@ -80,5 +80,13 @@ def tiny_overrides(manifest: Path, cache: Path, out: Path, **extra: object) -> l
         "optim.lr": 1e-3, "optim.warmup_steps": 2, "optim.weight_decay": 0.1,
     }
     base.update(extra)
-    return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-            for k, v in base.items()]
+    return [f"{k}={_toml(v)}" for k, v in base.items()]
+
+
+def _toml(v: object) -> str:
+    """A TOML literal for an override: strings quoted unless they already are a TOML table/array."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return v if v[:1] in "{[" else f'"{v}"'
+    return str(v)

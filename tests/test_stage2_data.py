@@ -1,0 +1,145 @@
+"""Stage-2 data: pairing by key, counted skips, determinism, resume positions, refusals (SPEC §5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_stage2_fixtures import F, key, make_cache, make_manifest
+
+from pipeline.cache import CacheReader
+from stage2_train_vision.config import DataConfig, ImageConfig
+from stage2_train_vision.data import DataError, build_training_data, draw_facets
+from stage2_train_vision.transforms import train_transform
+
+N, N_TEST, BAD, NO_FACET, FEW_FACETS = 24, 4, 3, 5, 6
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    """24 keys (20 train), k003 undecodable, k018/k019 missing from the cache, k005 without any facet,
+    k006 with 2 facets; manifest in parts of 5 rows."""
+    root = tmp_path_factory.mktemp("s2data")
+    make_manifest(root / "m", n=N, n_test=N_TEST, bad=(BAD,), rows_per_part=5)
+    keys = [key(i) for i in range(N) if i not in (18, 19)]
+    vec, mask = make_cache(root / "c", keys, absent={NO_FACET: list(range(F)), FEW_FACETS: list(range(2, F))})
+    return root, {k: (vec[r], mask[r]) for r, k in enumerate(keys)}
+
+
+def _build(root, mode, batch=2, workers=0, seed=0, rank=0, world=1, **kw):
+    cfg = DataConfig(manifest=str(root / "m"), cache=str(root / "c"), positives=3, mode=mode,
+                     num_workers=workers, shuffle_buffer=4, **kw)
+    reader = CacheReader(cfg.cache)
+    return build_training_data(cfg, reader, train_transform(ImageConfig(16)), 16, batch, rank, world, seed)
+
+
+def _epoch(data, epoch, start=0):
+    data.set_epoch(epoch, start)
+    return list(data.loader)
+
+
+def _check_pairing(batches, vectors):
+    """Every valid text slot holds one of its own key's present vectors; invalid images hold no texts."""
+    for b in batches:
+        for key_, texts, valid, image_ok in zip(b["keys"], b["texts"], b["text_valid"], b["image_valid"]):
+            vec, mask = vectors[key_]
+            if not image_ok:
+                assert not valid.any()
+                continue
+            assert valid.sum().item() == min(3, int(mask.sum()))
+            own = torch.from_numpy(vec[mask])
+            for t in texts[valid]:
+                assert (own == t).all(dim=1).any(), f"{key_} paired with a vector that is not its own"
+
+
+def test_memory_counts_skips_and_pairs_each_key_with_its_own_vectors(fixture):
+    root, vectors = fixture
+    data = _build(root, "memory")
+    assert data.mode == "memory" and data.n_samples == 16
+    assert dict(data.skipped) == {"missing_vector": 2, "no_facet": 1, "bad_image": 1}
+    batches = _epoch(data, 0)
+    assert len(batches) == data.steps_per_epoch(0) == 8
+    keys = [k for b in batches for k in b["keys"]]
+    assert sorted(keys) == sorted(key(i) for i in range(20) if i not in (BAD, NO_FACET, 18, 19))
+    assert batches[0]["images"].shape == (2, 3, 16, 16) and batches[0]["texts"].shape == (2, 3, 16)
+    _check_pairing(batches, vectors)
+
+
+def test_stream_marks_bad_slots_invalid_counts_them_and_pairs_by_key(fixture):
+    root, vectors = fixture
+    data = _build(root, "stream")
+    assert data.mode == "stream" and data.n_samples == 18
+    assert dict(data.skipped) == {"missing_vector": 2}
+    batches = _epoch(data, 0)
+    assert len(batches) == 9
+    keys = [k for b in batches for k in b["keys"]]
+    assert sorted(keys) == sorted(key(i) for i in range(18))
+    skipped = {}
+    for b in batches:
+        for reason, n in b["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    assert skipped == {"bad_image": 1, "no_facet": 1}
+    invalid = {k for b in batches for k, ok in zip(b["keys"], b["image_valid"]) if not ok}
+    assert invalid == {key(BAD), key(NO_FACET)}
+    _check_pairing(batches, vectors)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_same_seed_same_batches_any_workers_and_resume_from_a_position(fixture, mode):
+    root, _ = fixture
+    full = _epoch(_build(root, mode), 1)
+    with_workers = _epoch(_build(root, mode, workers=2), 1)
+    tail = _epoch(_build(root, mode), 1, start=3)
+    for a, b in zip(full, with_workers, strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"]) and torch.equal(a["texts"], b["texts"])
+    for a, b in zip(full[3:], tail, strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"]) and torch.equal(a["texts"], b["texts"])
+    other_epoch = _epoch(_build(root, mode), 2)
+    assert [k for b in full for k in b["keys"]] != [k for b in other_epoch for k in b["keys"]]
+
+
+def test_facets_are_redrawn_each_epoch(fixture):
+    root, _ = fixture
+    data = _build(root, "memory", batch=16)
+    (e0,), (e1,) = _epoch(data, 0), _epoch(data, 1)
+    by_key0 = dict(zip(e0["keys"], e0["texts"]))
+    assert any(not torch.equal(by_key0[k], t) for k, t in zip(e1["keys"], e1["texts"]))
+
+
+def test_two_processes_take_disjoint_halves_of_each_global_batch(fixture):
+    root, _ = fixture
+    single = _epoch(_build(root, "memory", batch=4), 0)
+    ranks = [_epoch(_build(root, "memory", batch=2, rank=r, world=2), 0) for r in range(2)]
+    for g, b0, b1 in zip(single, *ranks, strict=True):
+        assert g["keys"] == b0["keys"] + b1["keys"]
+
+
+def test_draw_facets_takes_distinct_present_facets():
+    mask = np.array([True, False, True, True, False])
+    idx, valid = draw_facets(mask, 2, np.random.default_rng(0))
+    assert valid.tolist() == [True, True] and len(set(idx.tolist())) == 2 and mask[idx].all()
+    idx, valid = draw_facets(mask, 4, np.random.default_rng(0))
+    assert valid.tolist() == [True, True, True, False] and sorted(idx[:3].tolist()) == [0, 2, 3]
+
+
+def test_empty_split_is_refused(fixture):
+    root, _ = fixture
+    with pytest.raises(DataError, match=r"no rows in split 'val' \(rows per split: \{'train': 20, 'test': 4, 'total': 24\}\)"):
+        _build(root, "memory", split="val")
+    with pytest.raises(DataError, match="no rows in split 'val'"):
+        _build(root, "stream", split="val")
+
+
+def test_manifest_and_cache_without_common_keys_are_refused(tmp_path, fixture):
+    root, _ = fixture
+    make_cache(tmp_path / "c", ["x1", "x2"])
+    (tmp_path / "m").symlink_to(root / "m")
+    for mode in ("memory", "stream"):
+        with pytest.raises(DataError, match="have no keys in common"):
+            _build(tmp_path, mode)
+
+
+def test_fewer_samples_than_a_batch_is_refused(fixture):
+    root, _ = fixture
+    with pytest.raises(DataError, match=r"16 usable samples are fewer than one global batch \(32 x 1 accumulation\)"):
+        _build(root, "memory", batch=32)

@@ -1,0 +1,151 @@
+"""Stage-2 building blocks: config loading, the model, optimizer groups, schedule, transforms, export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from stage2_train_vision.config import CLIP_MEAN, CLIP_STD, ConfigError, ImageConfig, ModelConfig, load_config
+from stage2_train_vision.export import export_model, load_exported
+from stage2_train_vision.model import FlameVisionModel, projector_hidden
+from stage2_train_vision.optim import build_optimizer, build_scheduler, param_groups
+from stage2_train_vision.transforms import eval_transform, train_transform
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(img_size=32, patch_size=8, depth=1, width=32, num_heads=2, proj_hidden=64, out_dim=16)
+
+
+def test_official_recipe_config():
+    cfg = load_config(REPO / "configs" / "flame-cc3m-vitb16.toml")
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    assert (m.name, m.img_size, m.final_norm, m.proj_hidden, m.out_dim) == ("vit_base_patch16_224", 224, False, 5120, None)
+    assert (d.positives, d.crop_scale, d.interpolation, d.mean, d.std) == (6, (0.9, 1.0), "bicubic", CLIP_MEAN, CLIP_STD)
+    assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_steps) == (5e-4, (0.9, 0.95), 1e-8, 0.5, 2000)
+    assert (t.epochs, t.batch_size, t.mixed_precision, cfg.loss.kind) == (32, 3072, "bf16", "sigmoid")
+
+
+def test_demo_config_and_typed_overrides():
+    cfg = load_config(REPO / "configs" / "demo-cpu.toml",
+                      ["data.manifest=/m", "data.cache=/c", "optim.lr=2e-3", "train.log_with=tensorboard",
+                       "data.crop_scale=[0.8, 1]", "model.out_dim=640", "data.expect={layer = 17}"])
+    assert (cfg.model.img_size, cfg.data.manifest, cfg.data.cache, cfg.optim.lr) == (64, "/m", "/c", 2e-3)
+    assert (cfg.train.log_with, cfg.data.crop_scale, cfg.model.out_dim, cfg.data.expect) == (
+        ["tensorboard"], (0.8, 1.0), 640, {"layer": 17})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", r"unknown key optim.lrr \(known: betas, eps, grad_clip, lr, min_lr_ratio, warmup_steps, weight_decay\)"),
+        ("optimizer.lr=1", "unknown section 'optimizer'"),
+        ("train.epochs=two", r"train.epochs: expected int, got 'two'"),
+        ("train.epochs=true", r"train.epochs: expected int, got True"),
+        ("optim.betas=[0.9]", r"optim.betas: expected a list of 2 values, got \[0.9\]"),
+        ("lr=1", "must be section.key"),
+    ],
+)
+def test_bad_overrides_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_model_shapes_norms_and_init():
+    torch.manual_seed(0)
+    model = FlameVisionModel(TINY)
+    x = torch.randn(2, 3, 32, 32)
+    emb, feats = model(x), model.features(x)
+    assert emb.shape == (2, 16) and feats.shape == (2, 32) and model.width == 32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    assert isinstance(model.backbone.norm, nn.Identity) and model.backbone.num_prefix_tokens == 1
+    tokens = model.tokens(x)
+    assert tokens.shape == (2, 16, 32)  # (32 / 8)^2 patch tokens, the class token dropped
+    torch.testing.assert_close(feats, tokens.mean(1))
+    torch.testing.assert_close(emb, nn.functional.normalize(model.projector(tokens).mean(1), dim=-1))
+    assert [type(m) for m in model.projector] == [nn.Linear, nn.GELU, nn.Linear, nn.LayerNorm]
+    assert (model.projector[0].in_features, model.projector[0].out_features, model.projector[2].out_features) == (32, 64, 16)
+    assert model.temperature().item() == pytest.approx(10.0) and model.logit_bias.item() == -10.0
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(500.0))
+    assert model.temperature().item() == 100.0
+
+
+def test_final_norm_option_and_default_projector_width():
+    kept = FlameVisionModel(ModelConfig(**{**TINY.__dict__, "final_norm": True}))
+    assert isinstance(kept.backbone.norm, nn.LayerNorm)
+    assert projector_hidden(ModelConfig(), 640) == 4096 and projector_hidden(ModelConfig(), 5120) == 5120
+    with pytest.raises(ValueError, match="out_dim .* is unset"):
+        FlameVisionModel(ModelConfig())
+
+
+def test_no_weight_decay_on_biases_norms_1d_and_logit_params():
+    model = FlameVisionModel(TINY)
+    decay, no_decay = param_groups(model, 0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted([
+        "backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight",
+        "backbone.blocks.0.attn.qkv.weight", "backbone.blocks.0.attn.proj.weight",
+        "backbone.blocks.0.mlp.fc1.weight", "backbone.blocks.0.mlp.fc2.weight",
+        "projector.0.weight", "projector.2.weight",
+    ])
+    assert {"logit_scale", "logit_bias", "projector.3.weight", "projector.3.bias", "backbone.blocks.0.norm1.weight"} <= {
+        names[id(p)] for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_cosine_schedule_with_linear_warmup():
+    model = FlameVisionModel(TINY)
+    cfg = load_config(None, ["optim.lr=1.0", "optim.warmup_steps=2"]).optim
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=6)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_transforms_sizes_and_exact_normalisation():
+    cfg = ImageConfig(32)
+    red = Image.new("RGB", (64, 48), (255, 0, 0))
+    out = eval_transform(cfg)(red)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    expected = [(1 - CLIP_MEAN[0]) / CLIP_STD[0], -CLIP_MEAN[1] / CLIP_STD[1], -CLIP_MEAN[2] / CLIP_STD[2]]
+    torch.testing.assert_close(out.mean(dim=(1, 2)), torch.tensor(expected), rtol=0, atol=1e-5)
+    pixels = torch.from_numpy(np.full((3, 64, 64), 255, np.uint8))
+    torch.manual_seed(0)
+    aug = train_transform({"size": 32, "crop_scale": [0.9, 1.0]})(pixels)
+    assert aug.shape == (3, 32, 32)
+    torch.testing.assert_close(aug[0], torch.full((32, 32), (1 - CLIP_MEAN[0]) / CLIP_STD[0]), rtol=0, atol=1e-5)
+
+
+def test_export_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = FlameVisionModel(TINY)
+    identity = {"llm": "test-llm", "dim": 16, "layer": 3}
+    data_cfg = load_config(None, []).data
+    export_model(model, TINY, data_cfg, identity, tmp_path, {"steps": 3})
+    loaded, config = load_exported(tmp_path)
+    assert not loaded.training
+    assert set(config) == {"model", "image", "cache_identity", "train"}
+    assert config["image"] == {"size": 32, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+                               "interpolation": "bicubic", "crop_scale": [0.9, 1.0]}
+    assert config["cache_identity"] == identity and config["train"] == {"steps": 3}
+    assert config["model"]["out_dim"] == 16 and config["model"]["final_norm"] is False
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.features(x), model.features(x), rtol=0, atol=0)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["patch_size"] == 8
+    with pytest.raises(FileNotFoundError, match="not an exported flame model"):
+        load_exported(tmp_path / "nope")
