@@ -161,5 +161,5 @@ def _plan_hash(
     for t in texts:
         h.update(("|".join(text_sha1(x) or "-" for x in t) + "\n").encode())
     for k, r in zip(keys, key_rows):
-        h.update(f"{len(k)}:{k}\t{r}\n".encode("utf-8"))
+        h.update(f"{len(k)}:{k}\t{r}\n".encode())
     return "sha256:" + h.hexdigest()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stage1_tiny import tiny_causal_lm, tiny_tokenizer
 
 from manifests.schema import ManifestWriter
 from pipeline.cache import CacheIdentityError, CacheReader
@@ -23,7 +24,6 @@ from stage1_embed_text.job import EmbedConfig, run_embed
 from stage1_embed_text.llm import load_llm
 from stage1_embed_text.plan import build_plan
 from stage1_embed_text.prompts import FLAME
-from stage1_tiny import tiny_causal_lm, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 160  # the tiny long template is 120 tokens, so the 200-token LONG_TEXT is cut to 40 caption tokens
@@ -172,6 +172,15 @@ def test_rerun_of_finished_cache_does_nothing(env, tmp_path):
         run_embed(_config(env, manifest, cache, limit=3))
 
 
+def test_cli_vllm_backend_is_refused_cleanly(env, tmp_path, capsys):
+    from pipeline.cli import main
+
+    manifest = _write_manifest(tmp_path / "manifest", SAMPLES[:1])
+    rc = main(["embed", "--manifest", str(manifest), "--out", str(tmp_path / "c"), "--backend", "vllm"])
+    assert rc == 2 and "--backend vllm is not yet implemented" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def _cli(env, manifest, out):
     return ["--manifest", str(manifest), "--out", str(out), "--llm", str(env["model"]), "--dtype", "float32",
             "--context-tokens", str(CONTEXT), "--shard-rows", "2", "--chunk-rows", "1", "--no-progress"]
@@ -214,6 +223,8 @@ def test_resume_after_sigkill_gives_identical_cache(env, reference, tmp_path):
 
 def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
     manifest, ref = reference
+    shard1 = build_plan(_big_samples(), FLAME, shard_rows=2, chunk_rows=1).owner[2:4]
+    assert shard1[0].tolist() == [1, 1, 2]  # rank 1's shard 1 copies texts of rank 0's shard 0
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
