@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run `flame eval`; exit code 0 on success, 2 on refused input."""
     from eval.report import render_markdown
-    from eval.run import run_benchmark
+    from eval.run import ModelConfigError, run_benchmark
 
     try:
         doc = run_benchmark(
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             linear_probe=not args.no_linear_probe, backend=args.ranking, workers=args.workers,
             plots=not args.no_plots,
         )
-    except (CacheIdentityError, BenchmarkError, FileNotFoundError, KeyError) as exc:
+    except (CacheIdentityError, BenchmarkError, ModelConfigError, FileNotFoundError) as exc:
         log.error("flame eval: %s", exc)
         return 2
     print(render_markdown(doc))

@@ -43,8 +43,8 @@ def plot_retrieval_examples(images: Sequence, texts: Sequence[str], outcome: Ret
     positives = {(int(i), int(t)) for i, t in pairs}
     q = outcome.i2t_queries
     rows = np.unique(np.linspace(0, len(q) - 1, num=min(n_queries, len(q))).round().astype(int))
-    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 2.0 * len(rows)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 5]})
+    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 2.0 * len(rows)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 4]})
     for ax_img, ax_txt, r in zip(axes[:, 0], axes[:, 1], rows):
         img = int(q[r])
         ax_img.imshow(images[img].open())
@@ -52,7 +52,7 @@ def plot_retrieval_examples(images: Sequence, texts: Sequence[str], outcome: Ret
         ax_txt.set_axis_off()
         for rank, t in enumerate(outcome.i2t_topk[r, :k]):
             hit = (img, int(t)) in positives
-            ax_txt.text(0.0, 1.0 - rank / k, f"{rank + 1}. {_short(texts[int(t)])}", va="top", fontsize=7,
+            ax_txt.text(0.0, 1.0 - rank / k, f"{rank + 1}. {_short(texts[int(t)])}", va="top", fontsize=7.5,
                         color="green" if hit else "firebrick", transform=ax_txt.transAxes)
     fig.suptitle(title or "image → text: top-5 texts (green = positive)", fontsize=10)
     fig.tight_layout()

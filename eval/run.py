@@ -23,18 +23,23 @@ from eval.text_cache import default_root
 log = logging.getLogger(__name__)
 
 
+class ModelConfigError(ValueError):
+    """An exported model directory whose ``config.json`` lacks what eval needs (the cache identity)."""
+
+
 def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any], Any]:
     """The exported stage-2 encoder, its ``config.json`` and its eval transform.
 
     Raises:
-        KeyError: the config names no ``cache_identity`` (not an exported FLAME model).
+        FileNotFoundError: not an exported model directory.
+        ModelConfigError: the config names no ``cache_identity``.
     """
     from stage2_train_vision.export import load_exported
     from stage2_train_vision.transforms import eval_transform
 
     model, config = load_exported(model_dir)
     if not config.get("cache_identity"):
-        raise KeyError(f"{model_dir}/config.json has no cache_identity; export the model with flame train")
+        raise ModelConfigError(f"{model_dir}/config.json has no cache_identity; export the model with flame train")
     return model, config, eval_transform(config["image"])
 
 
@@ -130,6 +135,7 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
     Raises:
         pipeline.cache.CacheIdentityError: the text embedder is not the one the model was trained against.
         eval.benchmarks.BenchmarkError: unreadable benchmark data (or a size mismatch with ``strict``).
+        FileNotFoundError, ModelConfigError: ``model_dir`` is not an exported model.
     """
     bench = load_benchmark(benchmark, data, split, strict=strict, image_root=image_root, languages=languages,
                            linear_probe=linear_probe)
