@@ -10,6 +10,11 @@ words or facets.
 A batch is padded (right by default) and gets a 4-D additive mask ``[B, 1, T, T]`` in which facet tokens see
 the prefix and their own earlier tokens, padding keys are hidden, and (for sliding-window layers) keys
 further than the window back, measured in positions, are hidden too.
+
+Why the mask is built this way (checked on transformers 5.24): ``masking_utils`` returns a 4-D mask as-is for
+every layer kind, and the SDPA and eager kernels ignore ``sliding_window``, so a custom mask must carry the
+window itself; Gemma-3 and Qwen2 take a dict ``{"full_attention": m, "sliding_attention": m_w}`` for their two
+layer kinds. Eager attention *adds* the mask to the scores, so it must be an additive float mask, not bool.
 """
 
 from __future__ import annotations

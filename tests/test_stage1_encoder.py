@@ -8,7 +8,7 @@ from pipeline.cache import CacheIdentity, CacheIdentityError
 from stage1_embed_text.api import TextEmbedder
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import load_llm
-from stage1_embed_text.packing import collate, facet_mask, pack, plan_batches
+from stage1_embed_text.packing import collate, facet_mask, group_templates, pack, plan_batches
 from stage1_embed_text.prompts import FLAME, SINGLE, clean_caption
 from tests.stage1_tiny import ARCHS, WINDOW, tiny_causal_lm, tiny_config, tiny_llm, tiny_tokenizer
 
@@ -29,7 +29,7 @@ def reference_vectors(arch: str, sample: dict, layer: int, attn: str = "sdpa", r
     """Each facet run alone as ``prefix + facet_i`` through the untruncated HF model: ``hidden_states[layer]``."""
     model = tiny_causal_lm(arch, attn)
     tok = tiny_tokenizer()
-    enc_templates = FacetEncoder(tiny_llm(arch)).templates
+    enc_templates = group_templates(tok, FLAME)
     out = np.zeros((len(FLAME.facets), model.config.hidden_size), np.float32)
     for g in FLAME.group_names:
         t = enc_templates[g]
@@ -251,3 +251,12 @@ def test_real_gemma3_270m():
     for f in range(11):
         v = out.vectors[:, f]
         assert v[0] @ v[1] > v[0] @ v[2], FLAME.facets[f]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are fastest single-threaded (and the CI CPUs are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
