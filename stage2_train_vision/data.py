@@ -1,7 +1,7 @@
 """Training pairs: manifest images + cache vectors by key (SPEC §5), deterministic and resumable.
 
-Every random choice (epoch order, shuffle buffer, crop, facet draw) is a function of ``(seed, epoch, ...)``,
-never of process-global state, so a resumed run sees exactly the batches an uninterrupted run would, with
+Every random choice (epoch order, shuffle buffer, crop, facet draw) is a function of ``(seed, epoch, ...)``
+through numpy generators, never of process-global state, so a resumed run sees exactly the batches an uninterrupted run would, with
 any number of DataLoader workers.
 
 Two sources share the batch format of :func:`collate`:
@@ -93,17 +93,15 @@ def make_sample(
     size: int,
     skip_reason: str | None = None,
 ) -> Sample:
-    """Augment ``image`` (``uint8 [3, H, W]`` or ``None`` for a failed decode) and draw P facets of ``vectors``
-    (``[F, D]``, ``mask [F]``), all seeded by ``seed``. A failed image gives a zero image marked invalid."""
+    """Draw P facets of ``vectors`` (``[F, D]``, ``mask [F]``) and augment ``image`` (``uint8 [3, H, W]``, or
+    ``None`` for a failed decode) with ``transform(image, rng)``, one generator seeded by ``seed`` for both. A
+    failed image gives a zero image marked invalid."""
     rng = np.random.default_rng(seed)
     idx, valid = draw_facets(mask, positives, rng)
-    texts = torch.from_numpy(np.asarray(vectors, np.float32)[idx])
+    texts = torch.from_numpy(np.asarray(vectors[idx], np.float32))
     if image is None:
         return Sample(key, torch.zeros(3, size, size), texts, torch.zeros(positives, dtype=torch.bool), False, skip_reason)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pixels = transform(image)
-    return Sample(key, pixels, texts, torch.from_numpy(valid))
+    return Sample(key, transform(image, rng), texts, torch.from_numpy(valid))
 
 
 def collate(samples: list[Sample]) -> dict[str, Any]:
@@ -175,7 +173,7 @@ class MemoryPairs(Dataset):
     Args:
         keys: sample keys (``K``), each with its ``images[i]`` ``uint8 [3, H, W]`` and cache row ``rows[i]``.
         vectors / mask: the whole cache, ``float16 [N, F, D]`` / ``bool [N, F]``.
-        transform: image transform (:func:`stage2_train_vision.transforms.train_transform`).
+        transform: ``transform(image, rng)``, e.g. :func:`stage2_train_vision.transforms.train_transform`.
         positives, seed, size: P, the run seed, the output image side.
     """
 

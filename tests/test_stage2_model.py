@@ -123,10 +123,22 @@ def test_transforms_sizes_and_exact_normalisation():
     expected = [(1 - CLIP_MEAN[0]) / CLIP_STD[0], -CLIP_MEAN[1] / CLIP_STD[1], -CLIP_MEAN[2] / CLIP_STD[2]]
     torch.testing.assert_close(out.mean(dim=(1, 2)), torch.tensor(expected), rtol=0, atol=1e-5)
     pixels = torch.from_numpy(np.full((3, 64, 64), 255, np.uint8))
-    torch.manual_seed(0)
-    aug = train_transform({"size": 32, "crop_scale": [0.9, 1.0]})(pixels)
+    train = train_transform({"size": 32, "crop_scale": [0.9, 1.0]})
+    aug = train(pixels, np.random.default_rng(0))
     assert aug.shape == (3, 32, 32)
     torch.testing.assert_close(aug[0], torch.full((32, 32), (1 - CLIP_MEAN[0]) / CLIP_STD[0]), rtol=0, atol=1e-5)
+    assert torch.equal(train(red, np.random.default_rng(5)), train(red, np.random.default_rng(5)))
+
+
+def test_random_resized_crop_parameters():
+    train = train_transform(ImageConfig(32))
+    rng = np.random.default_rng(0)
+    crops = [train.crop_params(64, 64, rng) for _ in range(200)]
+    areas = [h * w / 64**2 for _, _, h, w in crops]
+    assert 0.9 - 0.05 <= min(areas) and max(areas) <= 1.0
+    assert all(0 <= t <= 64 - h and 0 <= left <= 64 - w for t, left, h, w in crops)
+    assert len(set(crops)) > 20
+    assert train.crop_params(10, 100, rng) == (0, 43, 10, 13)  # too wide for any draw: central crop at 4:3
 
 
 def test_export_roundtrip(tmp_path):
