@@ -119,8 +119,8 @@ def test_truncated_config_cuts_layer_types_and_validates():
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_truncated_checkpoint_divided_norm_is_hidden_state_direction(tmp_path, arch):
     """What vLLM returns (``final_norm(h_L)`` of the cut model) divided by the scale is ``h_L``'s direction."""
-    from transformers import AutoModelForCausalLM
     from stage1_tiny import LAYERS, tiny_causal_lm, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
     full = tiny_causal_lm(arch)
@@ -150,8 +150,9 @@ def test_truncated_checkpoint_divided_norm_is_hidden_state_direction(tmp_path, a
 
 
 def test_requests_are_packed_sequences_split_per_facet():
-    from stage1_embed_text.encoder import FacetEncoder
     from stage1_tiny import tiny_llm, tiny_tokenizer
+
+    from stage1_embed_text.encoder import FacetEncoder
 
     tok = tiny_tokenizer()
     samples = emoji_samples()[:8]
@@ -177,7 +178,7 @@ def test_requests_are_packed_sequences_split_per_facet():
 
 def test_settings_defaults_per_device():
     cpu = EngineSettings(device="cpu").resolved()
-    assert cpu.block_size == 32 and cpu.enforce_eager and cpu.kv_cache_gib == 2.0 and cpu.in_process
+    assert cpu.block_size == 32 and not cpu.enforce_eager and cpu.kv_cache_gib == 2.0 and cpu.in_process
     assert cpu.omp_threads_bind and cpu.gpu_memory_utilization is None
     gpu = EngineSettings(device="cuda").resolved()
     assert gpu.block_size == 16 and not gpu.enforce_eager and gpu.gpu_memory_utilization == 0.85
@@ -201,7 +202,9 @@ def hf_reference():
 def _vllm_encode(prefix_caching: bool, dtype: str = "bfloat16", n: int = 32):
     from stage1_embed_text.vllm_backend import VllmFacetEncoder
 
-    enc = VllmFacetEncoder(PARITY_LLM, settings=EngineSettings(dtype=dtype, enable_prefix_caching=prefix_caching))
+    enc = VllmFacetEncoder(  # eager: starts in seconds (compiling would take minutes on a small CPU)
+        PARITY_LLM, settings=EngineSettings(dtype=dtype, enable_prefix_caching=prefix_caching, enforce_eager=True)
+    )
     try:
         return enc.identity(), enc.encode(emoji_samples()[:n])
     finally:
