@@ -63,12 +63,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the job; print its summary on rank 0. Returns 0, or 2 for an unavailable backend."""
+    """Run the job; print its summary on rank 0. Returns 0, or 2 when ``--backend vllm`` cannot run here."""
     from stage1_embed_text.job import run_embed
+    from stage1_embed_text.vllm_backend import VllmUnavailableError
 
     try:
         summary = run_embed(config_from_args(args))
-    except NotImplementedError as e:
+    except VllmUnavailableError as e:
         print(f"flame embed: {e}", file=sys.stderr)
         return 2
     from accelerate import PartialState
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(
             f"flame embed: shards {s.shards_written} written, {s.shards_skipped} already done, of {s.shards}; "
-            f"{s.sequences} sequences, {s.tokens} tokens, {s.tokens_per_s} tokens/s, {s.wall_s} s, "
+            f"{s.sequences} sequences, {s.tokens} tokens, {s.tokens_per_s} tokens/s; {s.wall_s} s in all, "
             f"{s.world_size} process(es) -> {s.cache}"
         )
         print(json.dumps(s.to_dict()))

@@ -48,7 +48,7 @@ class EmbedConfig:
         layer: ``hidden_states`` index read out; ``None`` = penultimate block.
         readout: ``"pre_norm"`` or ``"post_norm"``.
         dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
-        backend: ``"hf"`` (``"vllm"`` is not implemented by this job yet).
+        backend: ``"hf"`` (reference, CPU/GPU) or ``"vllm"`` (needs vLLM importable, SPEC §2.5).
         context_tokens: longest packed sequence; longer captions are cut (SPEC §2.4).
         max_batch_tokens: padded tokens per forward batch.
         batch_size: if set, at most this many sequences per batch (on top of the token budget).
@@ -95,7 +95,9 @@ class EmbedSummary:
         absent_facets: facet slots ``[row, facet]`` masked absent (each absent text masks its group's facets).
         truncated_rows: rows with at least one cut caption; truncated_texts: per group.
         shards: total shards; shards_written / shards_skipped: by this run (all ranks).
-        sequences, tokens: embedded by this run (all ranks); tokens_per_s: tokens / wall_s.
+        sequences, tokens: embedded by this run (all ranks).
+        tokens_per_s: tokens / encode_s; encode_s: seconds the slowest rank spent on its shards (encoding,
+            copying, writing; model loading and planning excluded).
         wall_s: seconds from start to the end barrier (model loading included).
         world_size: processes.
     """
@@ -117,6 +119,7 @@ class EmbedSummary:
     sequences: int
     tokens: int
     tokens_per_s: float
+    encode_s: float
     wall_s: float
     world_size: int
 
@@ -145,14 +148,17 @@ def load_plan(config: EmbedConfig, prompt_set) -> Plan:
 
 
 def build_encoder(config: EmbedConfig, device: torch.device):
-    """Load the LLM and wrap it in a :class:`~stage1_embed_text.encoder.FacetEncoder` for ``config``.
+    """The encoder of ``config``: a :class:`~stage1_embed_text.encoder.FacetEncoder` on the loaded LLM
+    (``backend="hf"``) or a :class:`~stage1_embed_text.vllm_backend.VllmFacetEncoder` (``backend="vllm"``).
 
     Raises:
-        NotImplementedError: ``backend="vllm"``.
+        stage1_embed_text.vllm_backend.VllmUnavailableError: ``vllm`` requested but not importable here.
         ValueError: unknown backend.
     """
     if config.backend == "vllm":
-        raise NotImplementedError("flame embed --backend vllm is not yet implemented; use --backend hf")
+        from stage1_embed_text.vllm_backend import build_vllm_encoder
+
+        return build_vllm_encoder(config, device)
     if config.backend != "hf":
         raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
     from stage1_embed_text.encoder import FacetEncoder
@@ -175,12 +181,8 @@ def build_encoder(config: EmbedConfig, device: torch.device):
     )
 
 
-def run_embed(config: EmbedConfig, encoder=None) -> EmbedSummary:
+def run_embed(config: EmbedConfig) -> EmbedSummary:
     """Run (or resume) the job of ``config`` on this process's shards; returns the whole job's summary.
-
-    Args:
-        config: the job.
-        encoder: an already built encoder (tests); default :func:`build_encoder`.
 
     Raises:
         pipeline.cache.CacheIdentityError: ``out`` holds a cache of another model, prompt set or plan.
@@ -192,7 +194,7 @@ def run_embed(config: EmbedConfig, encoder=None) -> EmbedSummary:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
-    encoder = encoder if encoder is not None else build_encoder(config, state.device)
+    encoder = build_encoder(config, state.device)
     prompt_set = encoder.prompt_set
     plan = load_plan(config, prompt_set)
     meta = CacheMeta(
@@ -223,20 +225,26 @@ def run_embed(config: EmbedConfig, encoder=None) -> EmbedSummary:
         disable=not (config.progress and rank == 0),
     )
     work = {"sequences": 0, "tokens": 0, "samples": 0}
+    t_work = time.perf_counter()
     for shard in todo:
-        arrays = _compute_shard(plan, shard, encoder, writer, bar, work, t0)
+        arrays = _compute_shard(plan, shard, encoder, writer, bar, work, t_work)
         keys, rows = plan.shard_keys(shard)
         writer.write_shard(shard, arrays.vectors, arrays.mask, _index_table(plan, shard, keys, rows, arrays))
         work["samples"] += len(keys)
         log.debug("rank %d: shard %d committed (%d rows, %d keys)", rank, shard, len(arrays.mask), len(keys))
     bar.close()
+    work["encode_s"] = time.perf_counter() - t_work
     state.wait_for_everyone()
-    totals = _sum_over_ranks(state, {**work, "written": len(todo), "skipped": len(mine) - len(todo)})
+    totals = _combine_ranks(state, {**work, "written": len(todo), "skipped": len(mine) - len(todo)})
     return _summarize(config, plan, prompt_set, totals, world, time.perf_counter() - t0)
 
 
-def _compute_shard(plan: Plan, shard: int, encoder, writer: CacheWriter, bar, work: dict, t0: float) -> _ShardArrays:
-    """Encode the texts shard ``shard`` owns and copy the others from their owner rows."""
+def _compute_shard(
+    plan: Plan, shard: int, encoder, writer: CacheWriter, bar, work: dict, t_work: float
+) -> _ShardArrays:
+    """Encode the texts shard ``shard`` owns and copy the others from their owner rows.
+
+    ``work`` accumulates this rank's sequences/tokens/samples; ``t_work`` is when this rank started its shards."""
     rows = plan.layout.shard_range(shard)
     n, groups = len(rows), plan.groups
     f, d = len(encoder.facets), encoder.dim
@@ -256,7 +264,7 @@ def _compute_shard(plan: Plan, shard: int, encoder, writer: CacheWriter, bar, wo
         def progress(n_seq: int, n_tok: int) -> None:
             bar.update(n_seq - done["seq"])
             done["seq"], done["tok"] = n_seq, n_tok
-            bar.set_postfix(samples=work["samples"], tok_s=f"{(work['tokens'] + n_tok) / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(samples=work["samples"], tok_s=f"{(work['tokens'] + n_tok) / (time.perf_counter() - t_work):.0f}")
 
         enc = encoder.encode(samples, progress=progress)
         work["sequences"] += int(owned.sum())
@@ -346,13 +354,14 @@ def _warn_on_changed_batching(old: CacheMeta, new: CacheMeta) -> None:
         )
 
 
-def _sum_over_ranks(state, counts: dict[str, int]) -> dict[str, int]:
+def _combine_ranks(state, counts: dict[str, float]) -> dict[str, float]:
+    """Every rank's counts summed (``encode_s``: the slowest rank's)."""
     if state.num_processes == 1:
         return counts
     from accelerate.utils import gather_object
 
     gathered = gather_object([counts])
-    return {k: sum(c[k] for c in gathered) for k in counts}
+    return {k: (max if k == "encode_s" else sum)(c[k] for c in gathered) for k in counts}
 
 
 def _summarize(
@@ -383,7 +392,8 @@ def _summarize(
         shards_skipped=totals["skipped"],
         sequences=totals["sequences"],
         tokens=totals["tokens"],
-        tokens_per_s=round(totals["tokens"] / wall, 1),
+        tokens_per_s=round(totals["tokens"] / max(totals["encode_s"], 1e-9), 1),
+        encode_s=round(totals["encode_s"], 2),
         wall_s=round(wall, 2),
         world_size=world,
     )
