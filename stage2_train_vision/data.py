@@ -283,18 +283,18 @@ class StreamPairs(IterableDataset):
         buffer: list[dict[str, Any]] = []
         while True:
             for shard in self._my_shards(epoch):
-                table = pq.read_table(shard.path, columns=IMAGE_COLUMNS)
-                table = table.filter(pc.equal(table["split"], self.cfg.split))
-                rows = self.reader.rows(table.column("key").to_pylist())
-                for row, r in zip(table.to_pylist(), rows.tolist()):
-                    if r < 0:
-                        continue
-                    row["row"] = r
-                    buffer.append(row)
-                    if len(buffer) >= self.cfg.shuffle_buffer:
-                        j = int(rng.integers(len(buffer)))
-                        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                        yield buffer.pop()
+                for part in pq.ParquetFile(shard.path).iter_batches(batch_size=1024, columns=IMAGE_COLUMNS):
+                    part = part.filter(pc.equal(part["split"], self.cfg.split))
+                    rows = self.reader.rows(part.column("key").to_pylist())
+                    for row, r in zip(part.to_pylist(), rows.tolist()):
+                        if r < 0:
+                            continue
+                        row["row"] = r
+                        buffer.append(row)
+                        if len(buffer) >= self.cfg.shuffle_buffer:
+                            j = int(rng.integers(len(buffer)))
+                            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                            yield buffer.pop()
             rng.shuffle(buffer)
             yield from buffer
             buffer = []
