@@ -135,6 +135,15 @@ def _allowed_cpus() -> str:
     return ",".join(str(c) for c in cpus)
 
 
+def _count_cpus(id_list: str) -> int:
+    """Number of CPUs in a vLLM id list such as ``"0,1"`` or ``"0-3,8"`` (the first list if ``|``-separated)."""
+    n = 0
+    for part in id_list.split("|")[0].split(","):
+        lo, _, hi = part.strip().partition("-")
+        n += int(hi) - int(lo) + 1 if hi else 1
+    return max(n, 1)
+
+
 def apply_cpu_environment(settings: EngineSettings) -> dict[str, str]:
     """Set the environment vLLM's CPU backend reads, keeping any value the user already set.
 
@@ -144,7 +153,7 @@ def apply_cpu_environment(settings: EngineSettings) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(settings.kv_cache_gib or 2)))),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_OMP_THREADS_BIND": settings.omp_threads_bind or _allowed_cpus(),
-        "OMP_NUM_THREADS": str(len((settings.omp_threads_bind or _allowed_cpus()).split(","))),
+        "OMP_NUM_THREADS": str(_count_cpus(settings.omp_threads_bind or _allowed_cpus())),
     }
     if settings.in_process:
         wanted["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

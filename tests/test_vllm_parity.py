@@ -184,6 +184,9 @@ def test_settings_defaults_per_device():
     assert gpu.block_size == 16 and not gpu.enforce_eager and gpu.gpu_memory_utilization == 0.85
     with pytest.raises(ValueError, match="device"):
         EngineSettings(device="tpu").resolved()
+    from stage1_embed_text.vllm_backend import _count_cpus
+
+    assert (_count_cpus("0,1"), _count_cpus("0-3,8"), _count_cpus("2")) == (2, 5, 1)
 
 
 # ------------------------------------------------------------------------------------------------------
