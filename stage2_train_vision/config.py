@@ -118,7 +118,10 @@ class TrainConfig:
 
     Attributes:
         output_dir: checkpoints, logs, plots and the exported model go here.
-        epochs: passes over the data.
+        epochs: passes over the data (ignored when ``max_steps`` is set).
+        max_steps: total optimizer steps; 0 = ``epochs`` full epochs. When set, training runs as many epochs as
+            it takes, stops after this step, and the LR schedule spans exactly these steps (a fixed time budget
+            whatever the dataset size, e.g. the CPU demo).
         batch_size: global batch (all processes, all accumulation micro-steps).
         grad_accum: micro-steps per optimizer step.
         mixed_precision: ``"no"`` | ``"bf16"`` | ``"fp16"`` (Accelerate).
@@ -133,6 +136,7 @@ class TrainConfig:
 
     output_dir: str = "runs/stage2"
     epochs: int = 1
+    max_steps: int = 0
     batch_size: int = 256
     grad_accum: int = 1
     mixed_precision: str = "no"

@@ -168,7 +168,7 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
         log.warning("dropped before training: %s", dict(data.skipped))
     model = FlameVisionModel(model_cfg)
     optimizer = build_optimizer(model, cfg.optim)
-    total_steps = sum(data.steps_per_epoch(e) for e in range(tc.epochs)) // tc.grad_accum
+    total_steps = tc.max_steps or sum(data.steps_per_epoch(e) for e in range(tc.epochs)) // tc.grad_accum
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     state = TrainState()
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -194,11 +194,10 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     t_start, images_start = time.perf_counter(), state.images
     accum = torch.zeros((), device=accelerator.device)
     model.train()
-    for epoch in range(state.epoch, tc.epochs):
+    while state.step < total_steps:
+        epoch = state.epoch
         n_batches = data.steps_per_epoch(epoch)
-        start = state.batch if epoch == state.epoch else 0
-        data.set_epoch(epoch, start)
-        state.epoch, state.batch = epoch, start
+        data.set_epoch(epoch, state.batch)
         for b in data.loader:
             images = b["images"].to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
@@ -238,6 +237,7 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
                 _save(accelerator, output_dir, state.step, tc.keep_checkpoints)
             if tc.stop_at_step and state.step >= tc.stop_at_step:
                 stopped = True
+            if stopped or state.step == total_steps:
                 break
         if stopped:
             break
@@ -246,7 +246,7 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     summary = {
         "steps": state.step,
         "total_steps": total_steps,
-        "epochs": tc.epochs,
+        "epochs": round(state.epoch + state.batch / data.steps_per_epoch(state.epoch), 3),
         "images": state.images,
         "images_per_s": round((state.images - images_start) / max(elapsed, 1e-9), 2),
         "processes": world,

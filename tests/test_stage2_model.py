@@ -35,6 +35,7 @@ def test_demo_config_and_typed_overrides():
     cfg = load_config(REPO / "configs" / "demo-cpu.toml",
                       ["data.manifest=/m", "data.cache=/c", "optim.lr=2e-3", "train.log_with=tensorboard",
                        "data.crop_scale=[0.8, 1]", "model.out_dim=640", "data.expect={layer = 17}"])
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.model.patch_size, cfg.model.depth) == (200, 128, 8, 4)
     assert (cfg.model.img_size, cfg.data.manifest, cfg.data.cache, cfg.optim.lr) == (64, "/m", "/c", 2e-3)
     assert (cfg.train.log_with, cfg.data.crop_scale, cfg.model.out_dim, cfg.data.expect) == (
         ["tensorboard"], (0.8, 1.0), 640, {"layer": 17})

@@ -45,7 +45,7 @@ def _cfg(data, out, **kw):
 def test_flame_train_cli_runs_exports_and_plots(data, tmp_path):
     out = tmp_path / "run"
     rc = flame_main(["train", "--config", str(REPO / "configs" / "demo-cpu.toml"),
-                     *tiny_overrides(data / "m", data / "c", out, **{"train.mixed_precision": "no"})])
+                     *tiny_overrides(data / "m", data / "c", out, **{"train.mixed_precision": "no", "train.max_steps": 0})])
     assert rc == 0
     model, config = load_exported(out / "model")
     summary = config["train"]
@@ -54,6 +54,11 @@ def test_flame_train_cli_runs_exports_and_plots(data, tmp_path):
     assert config["cache_identity"]["llm"] == "test-llm" and config["model"]["out_dim"] == 16
     assert (out / "loss.png").stat().st_size > 1000 and (out / "train_config.json").exists()
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 16)
+
+
+def test_max_steps_fixes_the_run_length_across_epochs(data, tmp_path):
+    summary = train(_cfg(data, tmp_path, **{"train.max_steps": 7}))  # 2 steps per epoch
+    assert (summary["steps"], summary["total_steps"], summary["epochs"], summary["images"]) == (7, 7, 3.5, 56)
 
 
 def test_learns_a_synthetic_pairing(data, tmp_path):
