@@ -12,10 +12,12 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The stage-2 arguments, shared by ``flame train`` and ``stage2_train_vision/train.py``."""
     parser.add_argument("--config", required=True, help="TOML config (configs/demo-cpu.toml, ...)")
-    parser.add_argument(
-        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-        help="continue from a checkpoint directory, or from the newest under OUTPUT_DIR/checkpoints if no path is given",
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_const", const="latest", default=None,
+        help="continue from the newest checkpoint under TRAIN.OUTPUT_DIR/checkpoints (same sample sequence)",
     )
+    resume.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT", help="continue from this checkpoint")
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value",
         help="config overrides, e.g. data.cache=runs/cache optim.lr=1e-3 train.epochs=2",

@@ -162,3 +162,15 @@ def test_export_roundtrip(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["patch_size"] == 8
     with pytest.raises(FileNotFoundError, match="not an exported flame model"):
         load_exported(tmp_path / "nope")
+
+
+def test_cli_arguments():
+    import argparse
+
+    from stage2_train_vision.cli import add_arguments
+
+    parser = add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--config", "c.toml", "--resume", "optim.lr=1e-3"])
+    assert (args.config, args.resume, args.overrides) == ("c.toml", "latest", ["optim.lr=1e-3"])
+    assert parser.parse_args(["--config", "c.toml", "--resume-from", "ck/step-0000010"]).resume == "ck/step-0000010"
+    assert parser.parse_args(["--config", "c.toml"]).resume is None
