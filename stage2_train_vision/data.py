@@ -1,8 +1,8 @@
 """Training pairs: manifest images + cache vectors by key (SPEC §5), deterministic and resumable.
 
 Every random choice (epoch order, shuffle buffer, crop, facet draw) is a function of ``(seed, epoch, ...)``
-through numpy generators, never of process-global state, so a resumed run sees exactly the batches an uninterrupted run would, with
-any number of DataLoader workers.
+through numpy generators, never of process-global state, so a resumed run sees exactly the batches an
+uninterrupted run would, with any number of DataLoader workers.
 
 Two sources share the batch format of :func:`collate`:
 
