@@ -48,7 +48,7 @@ def _timed(encode, samples) -> tuple[float, object]:
 
 def _separate_tokens(hf, samples) -> int:
     """Tokens of all ``prefix + facet_i`` requests (prefix counted once per facet) for ``samples``."""
-    from stage1_embed_text.vllm_backend import pack_samples
+    from stage1_embed_text.packing import pack_samples
 
     items = pack_samples(hf.llm.tokenizer, hf.templates, hf.prompt_set, samples, hf.max_tokens)
     return sum(len(it.seq.seg_lens) * it.seq.n_prefix + sum(it.seq.seg_lens) for it in items)

@@ -25,10 +25,10 @@ from stage1_embed_text.packing import (
     collate,
     facet_mask,
     group_templates,
-    pack,
+    pack_samples,
     plan_batches,
 )
-from stage1_embed_text.prompts import FLAME, GROUPS, PromptSet, clean_caption
+from stage1_embed_text.prompts import FLAME, GROUPS, PromptSet
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,6 @@ class EncodedBatch:
     mask: np.ndarray
     tokens: np.ndarray
     truncated: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Item:
-    row: int
-    group: int  # index into GROUPS
-    facet_start: int  # first facet column of the group in the output
-    seq: PackedSequence
 
 
 class FacetEncoder:
@@ -156,7 +148,7 @@ class FacetEncoder:
             tokens=np.zeros((n, len(GROUPS)), np.int32),
             truncated=np.zeros((n, len(GROUPS)), bool),
         )
-        items = self._pack(samples)
+        items = pack_samples(self.llm.tokenizer, self.templates, self.prompt_set, samples, self.max_tokens)
         for it in items:
             out.tokens[it.row, it.group] = len(it.seq)
             out.truncated[it.row, it.group] = it.seq.truncated
@@ -179,27 +171,6 @@ class FacetEncoder:
             if progress is not None:
                 progress(done_seqs, done_tokens)
         return out
-
-    def _pack(self, samples: Sequence[Mapping[str, str | None]]) -> list[_Item]:
-        items: list[_Item] = []
-        for g in self.prompt_set.groups:
-            rows, captions = [], []
-            for r, s in enumerate(samples):
-                c = clean_caption(s.get(g.name))
-                if c is not None:
-                    rows.append(r)
-                    captions.append(c)
-            if not captions:
-                continue
-            # Captions longer than max_tokens are cut by the tokenizer already (the template needs room too).
-            ids = self.llm.tokenizer(
-                captions, add_special_tokens=False, truncation=True, max_length=self.max_tokens
-            )["input_ids"]
-            start = self.prompt_set.facet_slice(g.name).start
-            template = self.templates[g.name]
-            for r, cap_ids in zip(rows, ids):
-                items.append(_Item(r, GROUPS.index(g.name), start, pack(template, cap_ids, self.max_tokens)))
-        return items
 
     @torch.inference_mode()
     def _forward(self, seqs: Sequence[PackedSequence]) -> np.ndarray:

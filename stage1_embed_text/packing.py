@@ -19,13 +19,13 @@ layer kinds. Eager attention *adds* the mask to the scores, so it must be an add
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from stage1_embed_text.prompts import PromptSet
+from stage1_embed_text.prompts import GROUPS, PromptSet, clean_caption
 
 POSITION_MODES = ("restart", "continuous")
 PAD_SEGMENT = -1
@@ -238,3 +238,62 @@ def facet_mask(
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+@dataclass(frozen=True)
+class PackedText:
+    """One present text of a sample, packed (SPEC §2.4).
+
+    Attributes:
+        row: index of the sample in the batch given to :func:`pack_samples`.
+        group: index into :data:`~stage1_embed_text.prompts.GROUPS` (raw, short, long).
+        facet_start: first facet column of the group in the ``[n, F, D]`` output.
+        seq: the packed ``prefix + segment_1 + ... + segment_K`` sequence.
+    """
+
+    row: int
+    group: int
+    facet_start: int
+    seq: PackedSequence
+
+    def request(self, facet: int) -> list[int]:
+        """Token ids of ``prefix + segment_facet``: the single-facet prompt the packed pass equals in ``restart`` mode."""
+        ends = self.seq.n_prefix + np.cumsum((0,) + tuple(self.seq.seg_lens))
+        ids = self.seq.ids
+        return ids[: self.seq.n_prefix].tolist() + ids[ends[facet] : ends[facet + 1]].tolist()
+
+
+def pack_samples(
+    tokenizer, templates, prompt_set: PromptSet, samples: Sequence[Mapping[str, str | None]], max_tokens: int
+) -> list[PackedText]:
+    """Pack every present text of ``samples`` (one place, used by the ``hf`` and ``vllm`` backends alike).
+
+    Each caption is cleaned (SPEC §2.1; an absent or blank caption yields no text), tokenized without special
+    tokens and pre-cut to ``max_tokens`` (the template needs room too), then packed with its group's template
+    by :func:`pack`, which cuts caption tokens, never facets.
+
+    Args:
+        tokenizer: the LLM's tokenizer.
+        templates: ``{group: template}`` from :func:`group_templates`.
+        prompt_set: the prompt set the templates were built from.
+        samples: dicts with ``"raw"``, ``"short"``, ``"long"`` captions (missing or ``None`` = absent).
+        max_tokens: longest packed sequence.
+
+    Returns:
+        The packed texts, group by group, in sample order within a group.
+    """
+    items: list[PackedText] = []
+    for g in prompt_set.groups:
+        rows, captions = [], []
+        for r, s in enumerate(samples):
+            c = clean_caption(s.get(g.name))
+            if c is not None:
+                rows.append(r)
+                captions.append(c)
+        if not captions:
+            continue
+        ids = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+        start = prompt_set.facet_slice(g.name).start
+        for r, cap_ids in zip(rows, ids):
+            items.append(PackedText(r, GROUPS.index(g.name), start, pack(templates[g.name], cap_ids, max_tokens)))
+    return items

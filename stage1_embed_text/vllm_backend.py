@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import CacheIdentity
-from stage1_embed_text.packing import POSITION_MODES, PackedSequence, group_templates, pack
-from stage1_embed_text.prompts import FLAME, GROUPS, PromptSet, clean_caption
+from stage1_embed_text.packing import POSITION_MODES, PackedText, group_templates, pack_samples
+from stage1_embed_text.prompts import FLAME, GROUPS, PromptSet
 
 log = logging.getLogger(__name__)
 
@@ -242,45 +242,6 @@ def final_norm_scale(folder: str | Path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------
 # requests
-
-
-@dataclass(frozen=True)
-class _Item:
-    row: int
-    group: int  # index into GROUPS
-    facet_start: int  # first facet column of the group in the output
-    seq: PackedSequence
-
-    def request(self, facet: int) -> list[int]:
-        """Token ids of ``prefix + segment_facet`` (the ``restart`` single-facet prompt)."""
-        ends = self.seq.n_prefix + np.cumsum((0,) + self.seq.seg_lens)
-        ids = self.seq.ids
-        return ids[: self.seq.n_prefix].tolist() + ids[ends[facet] : ends[facet + 1]].tolist()
-
-
-def pack_samples(
-    tokenizer, templates, prompt_set: PromptSet, samples: Sequence[Mapping[str, str | None]], max_tokens: int
-) -> list[_Item]:
-    """Packed sequences of every present text, exactly as :class:`FacetEncoder` builds them (same ids, same cut).
-
-    The caption is cleaned (SPEC §2.1), tokenized without special tokens (pre-cut to ``max_tokens``) and packed
-    with the group's template by :func:`stage1_embed_text.packing.pack`.
-    """
-    items: list[_Item] = []
-    for g in prompt_set.groups:
-        rows, captions = [], []
-        for r, s in enumerate(samples):
-            c = clean_caption(s.get(g.name))
-            if c is not None:
-                rows.append(r)
-                captions.append(c)
-        if not captions:
-            continue
-        ids = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
-        start = prompt_set.facet_slice(g.name).start
-        for r, cap_ids in zip(rows, ids):
-            items.append(_Item(r, GROUPS.index(g.name), start, pack(templates[g.name], cap_ids, max_tokens)))
-    return items
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -522,7 +483,7 @@ class VllmFacetEncoder:
                 progress(done_seqs, done_tokens)
         return out
 
-    def _waves(self, items: list[_Item]) -> list[list[_Item]]:
+    def _waves(self, items: list[PackedText]) -> list[list[PackedText]]:
         """Consecutive runs of items whose prefixes together fit ``wave_tokens`` (so they stay cached)."""
         waves, cur, used = [], [], 0
         for it in items:
@@ -535,7 +496,7 @@ class VllmFacetEncoder:
             waves.append(cur)
         return waves
 
-    def _embed_wave(self, wave: list[_Item]) -> list[np.ndarray]:
+    def _embed_wave(self, wave: list[PackedText]) -> list[np.ndarray]:
         """``[K_i, D]`` float32 unit vectors per item: facet 1 of every item first, then all other facets."""
         first = [it.request(0) for it in wave]
         rest = [(j, k) for j, it in enumerate(wave) for k in range(1, len(it.seq.seg_lens))]
