@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedded name (gemma3-270m, smollm2-135m), model folder, .gguf file or hub id")
     p.add_argument("--layer", type=int, default=None,
                    help="hidden_states index to read (0 = embeddings); default: penultimate block")
-    p.add_argument("--readout", choices=("pre_norm", "post_norm"), default="pre_norm")
+    p.add_argument("--readout", choices=("pre_norm", "post_norm"), default=None,
+                   help="hidden state before or after the final norm (default: the LLM's measured choice, "
+                   "post_norm for gemma3-270m; pre_norm otherwise, as in the FLAME recipe)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     size = p.add_mutually_exclusive_group()

@@ -46,7 +46,8 @@ class EmbedConfig:
         out: cache directory to create or resume (SPEC §3).
         llm: embedded name, local folder, ``.gguf`` file or hub id (:func:`stage1_embed_text.llm.load_llm`).
         layer: ``hidden_states`` index read out; ``None`` = penultimate block.
-        readout: ``"pre_norm"`` or ``"post_norm"``.
+        readout: ``"pre_norm"`` or ``"post_norm"``; ``None`` = the LLM's default
+            (:func:`stage1_embed_text.llm.default_readout`).
         dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
         backend: ``"hf"`` (reference, CPU/GPU) or ``"vllm"`` (needs vLLM importable, SPEC §2.5).
         context_tokens: longest packed sequence; longer captions are cut (SPEC §2.4).
@@ -66,7 +67,7 @@ class EmbedConfig:
     out: str
     llm: str = "gemma3-270m"
     layer: int | None = None
-    readout: str = "pre_norm"
+    readout: str | None = None
     dtype: str = "bfloat16"
     backend: str = "hf"
     context_tokens: int = 512
@@ -80,6 +81,12 @@ class EmbedConfig:
     prompt_set: str = "flame"
     bos_marker: str = "drop"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.readout is None:
+            from stage1_embed_text.llm import default_readout
+
+            self.readout = default_readout(self.llm)
 
 
 @dataclass

@@ -109,6 +109,18 @@ def load_llm(
     return llm
 
 
+def default_readout(name_or_path: str) -> str:
+    """The readout stage 1 uses for ``name_or_path`` unless told otherwise (SPEC §2.3, §2.5).
+
+    Embedded LLMs carry a measured choice (:attr:`pipeline.assets.EmbeddedLLM.readout`: ``post_norm`` for
+    Gemma-3-270M); any other model gets the FLAME recipe's ``pre_norm``.
+    """
+    from pipeline.assets import EMBEDDED_LLMS
+
+    llm = EMBEDDED_LLMS.get(name_or_path)
+    return llm.readout if llm else "pre_norm"
+
+
 def _resolve(name_or_path: str) -> tuple[str, str | None]:
     """``(folder or hub id, gguf file name inside it or None)`` for a source."""
     if name_or_path in EMBEDDED:

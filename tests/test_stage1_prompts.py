@@ -91,3 +91,15 @@ def test_unknown_names_raise():
         get_prompt_set("nope")
     with pytest.raises(ValueError, match="bos_marker"):
         get_prompt_set("flame", bos_marker="bos")
+
+
+def test_default_readout_is_the_measured_choice_of_embedded_llms():
+    from stage1_embed_text.job import EmbedConfig
+    from stage1_embed_text.llm import default_readout
+
+    assert default_readout("gemma3-270m") == "post_norm"
+    assert default_readout("smollm2-135m") == "pre_norm"
+    assert default_readout("mistralai/Mistral-Nemo-Base-2407") == "pre_norm"
+    assert EmbedConfig(manifest="m", out="c").readout == "post_norm"
+    assert EmbedConfig(manifest="m", out="c", llm="/models/x", readout=None).readout == "pre_norm"
+    assert EmbedConfig(manifest="m", out="c", readout="pre_norm").readout == "pre_norm"
