@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=512, help="context per packed text")
-    p.add_argument("--max-batch-tokens", type=int, default=8192, help="ours: padded tokens per batch")
+    p.add_argument("--max-batch-tokens", type=int, default=1024, help="ours: padded tokens per batch")
     p.add_argument("--batch-size", type=int, default=32, help="(b) and (c): texts/sequences per batch")
     p.add_argument("--peak-size", type=int, default=2048)
     p.add_argument("--json", help="also write the results here")

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-DEFAULTS = {"llm": "gemma3-270m", "max_tokens": 8192, "context_tokens": 512, "shard_rows": 4096, "chunk_rows": 64}
+DEFAULTS = {"llm": "gemma3-270m", "max_tokens": 1024, "context_tokens": 512, "shard_rows": 4096, "chunk_rows": 64}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

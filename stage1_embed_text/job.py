@@ -71,7 +71,7 @@ class EmbedConfig:
     dtype: str = "bfloat16"
     backend: str = "hf"
     context_tokens: int = 512
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 1024
     batch_size: int | None = None
     limit: int | None = None
     split: str | None = None
