@@ -62,8 +62,9 @@ class FacetEncoder:
         position_mode: ``"restart"`` (each facet continues from the prefix end; equals separate passes) or
             ``"continuous"`` (official numbering).
         max_tokens: longest packed sequence; longer captions are cut (SPEC §2.4).
-        max_batch_tokens: padded tokens per forward batch.
+        max_batch_tokens: padded tokens per forward batch (1024 was 5x faster than 8192 on a 2-core CPU).
         padding_side: ``"right"`` (default) or ``"left"``; results do not depend on it.
+        max_batch_sequences: at most this many sequences per batch (``flame embed --batch-size``).
 
     Raises:
         ValueError: unknown readout/position mode, or ``max_tokens`` too small for a template.
@@ -76,8 +77,9 @@ class FacetEncoder:
         readout: str = "pre_norm",
         position_mode: str = "restart",
         max_tokens: int = 512,
-        max_batch_tokens: int = 8192,
+        max_batch_tokens: int = 1024,
         padding_side: str = "right",
+        max_batch_sequences: int | None = None,
     ):
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
@@ -89,6 +91,7 @@ class FacetEncoder:
         self.position_mode = position_mode
         self.max_tokens = int(max_tokens)
         self.max_batch_tokens = int(max_batch_tokens)
+        self.max_batch_sequences = max_batch_sequences
         self.padding_side = padding_side
         self.facets: tuple[str, ...] = prompt_set.facets
         self.dim: int = llm.hidden_size
@@ -156,7 +159,7 @@ class FacetEncoder:
             log.info("%d of %d sequences had their caption cut to max_tokens=%d",
                      sum(it.seq.truncated for it in items), len(items), self.max_tokens)
         done_seqs = done_tokens = 0
-        for idx in plan_batches([len(it.seq) for it in items], self.max_batch_tokens):
+        for idx in plan_batches([len(it.seq) for it in items], self.max_batch_tokens, self.max_batch_sequences):
             batch_items = [items[i] for i in idx]
             vecs = self._forward([it.seq for it in batch_items])
             k = 0

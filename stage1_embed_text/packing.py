@@ -139,12 +139,14 @@ def pack(template: GroupTemplate, caption_ids: Sequence[int], max_tokens: int) -
     )
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int], max_batch_tokens: int, max_batch_sequences: int | None = None
+) -> list[list[int]]:
     """Group sequence indices into token-budget batches bucketed by length.
 
     Sequences are sorted by length (longest first, ties by index) and each batch is filled while
-    ``batch_size * longest_in_batch <= max_batch_tokens`` (padded tokens); a sequence longer than the budget
-    gets a batch of its own.
+    ``batch_size * longest_in_batch <= max_batch_tokens`` (padded tokens) and, if given,
+    ``batch_size <= max_batch_sequences``; a sequence longer than the budget gets a batch of its own.
 
     Returns:
         Lists of indices into ``lengths``; every index appears exactly once.
@@ -154,7 +156,8 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
     current: list[int] = []
     for i in order:
         longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > max_batch_tokens:
+        full = max_batch_sequences is not None and len(current) >= max_batch_sequences
+        if current and (full or (len(current) + 1) * longest > max_batch_tokens):
             batches.append(current)
             current = []
         current.append(i)

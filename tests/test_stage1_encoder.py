@@ -184,6 +184,8 @@ def test_plan_batches_respects_budget():
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 120
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    # order by length: 100, 60, 50, 49, 7, 5, 3, 3 -> at most 3 sequences per batch on top of the budget
+    assert plan_batches(lengths, 10_000, max_batch_sequences=3) == [[4, 7, 1], [3, 2, 0], [5, 6]]
 
 
 def test_mask_hides_other_facets_and_padding():
