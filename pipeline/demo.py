@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.paths import flame_home
 from pipeline.stages import StageResult, run_stage
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     print("== assets ==", flush=True)
     fetch_all(llms=(cfg.llm,)) if cfg.llm in ("gemma3-270m", "smollm2-135m") else fetch_all(llms=())
-    stages.append(StageResult("assets", Path(), True, time.perf_counter() - t0, {}))
+    stages.append(StageResult("assets", flame_home(), False, time.perf_counter() - t0, {}))
     print(f"== assets: {time.perf_counter() - t0:.1f} s", flush=True)
 
     manifest = stage("manifest", {"source": "emoji", "seed": cfg.seed, "version": __version__},
