@@ -16,16 +16,16 @@ a text twice, and readers take the first copy.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import atomic_write_bytes
 from pipeline.cache import IDENTITY_KEYS
 from pipeline.paths import flame_home
 
@@ -64,7 +64,7 @@ class TextVectorCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         info = self.base / "identity.json"
         if not info.exists():
-            _atomic_write(info, json.dumps({k: identity.get(k) for k in IDENTITY_KEYS}, indent=2,
+            atomic_write_bytes(info, json.dumps({k: identity.get(k) for k in IDENTITY_KEYS}, indent=2,
                                            default=list).encode())
         self._vectors: dict[str, np.ndarray] = {}
         for chunk in sorted(self.dir.glob("chunk-*.npz")):
@@ -101,16 +101,8 @@ class TextVectorCache:
         hashes = np.array([text_hash(t) for t in texts], dtype="S64")
         vectors = np.asarray(vectors, np.float32)
         name = f"chunk-{hashlib.sha256(hashes.tobytes()).hexdigest()[:16]}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".chunk-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, hashes=hashes, vectors=vectors)
-        os.replace(tmp, self.dir / name)
+        buf = io.BytesIO()
+        np.savez(buf, hashes=hashes, vectors=vectors)
+        atomic_write_bytes(self.dir / name, buf.getvalue())
         for h, v in zip(hashes.astype(str), vectors):
             self._vectors.setdefault(h, v)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
