@@ -199,6 +199,9 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     t0 = time.perf_counter()
     from accelerate import PartialState
 
+    from manifests.schema import read_manifest_info
+
+    read_manifest_info(config.manifest)  # refuse a missing or unfinished manifest before loading the LLM
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     encoder = build_encoder(config, state.device)
