@@ -130,8 +130,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         data = stage("subset", {"manifest": str(manifest.path), "train_bases": cfg.train_bases,
                                 "test_bases": cfg.test_bases, "seed": cfg.seed},
                      lambda out: build_subset(manifest.path, out, cfg.train_bases, cfg.test_bases, cfg.seed))
-    # 256-row shards: a killed demo resumes from the last finished shard.
-    embed_cfg = EmbedConfig(manifest=str(data.path), out="", llm=cfg.llm, shard_rows=256)
+    embed_cfg = EmbedConfig(manifest=str(data.path), out="", llm=cfg.llm)
     cache = stage("cache", {"manifest": str(data.path), "embed": dataclasses.asdict(embed_cfg) | {"out": None},
                             "version": __version__},
                   lambda out: run_embed(dataclasses.replace(embed_cfg, out=str(out))).to_dict())
