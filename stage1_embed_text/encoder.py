@@ -22,6 +22,7 @@ from stage1_embed_text.packing import (
     POSITION_MODES,
     Batch,
     PackedSequence,
+    PackedText,
     collate,
     facet_mask,
     group_templates,
@@ -50,6 +51,51 @@ class EncodedBatch:
     mask: np.ndarray
     tokens: np.ndarray
     truncated: np.ndarray
+
+    @classmethod
+    def for_texts(cls, n: int, n_facets: int, dim: int, items: Sequence[PackedText], max_tokens: int) -> EncodedBatch:
+        """An all-absent batch of ``n`` rows with ``tokens``/``truncated`` filled from the packed ``items``.
+
+        Both backends start here and then write each facet's vector and presence.
+        """
+        out = cls(
+            vectors=np.zeros((n, n_facets, dim), np.float32),
+            mask=np.zeros((n, n_facets), bool),
+            tokens=np.zeros((n, len(GROUPS)), np.int32),
+            truncated=np.zeros((n, len(GROUPS)), bool),
+        )
+        for it in items:
+            out.tokens[it.row, it.group] = len(it.seq)
+            out.truncated[it.row, it.group] = it.seq.truncated
+        cut = int(out.truncated.sum())
+        if cut:
+            log.info("%d of %d sequences had their caption cut to max_tokens=%d", cut, len(items), max_tokens)
+        return out
+
+
+def text_identity(
+    *, name: str, fingerprint: str, layer: int, readout: str, dim: int, prompt_set: PromptSet,
+    position_mode: str, max_tokens: int, dtype: str, backend: str,
+) -> CacheIdentity:
+    """The cache identity (SPEC §3) of vectors from either backend; the tokenizer always comes from the model's
+    own source, so it is named by the model."""
+    return CacheIdentity(
+        llm=name,
+        llm_fingerprint=fingerprint,
+        tokenizer=name,
+        layer=layer,
+        readout=readout,
+        dim=dim,
+        prompt_set=prompt_set.name,
+        prompt_set_hash=prompt_set.content_hash,
+        facets=prompt_set.facets,
+        position_mode=position_mode,
+        bos_marker=prompt_set.bos_marker,
+        max_tokens=max_tokens,
+        dtype_compute=dtype,
+        dtype_stored="float16",
+        backend=backend,
+    )
 
 
 class FacetEncoder:
@@ -110,22 +156,10 @@ class FacetEncoder:
 
     def identity(self) -> CacheIdentity:
         """The cache identity of vectors this encoder produces (every field filled)."""
-        return CacheIdentity(
-            llm=self.llm.name,
-            llm_fingerprint=self.llm.fingerprint,
-            tokenizer=self.llm.name,  # load_llm always takes the tokenizer from the model's own source
-            layer=self.llm.layer,
-            readout=self.readout,
-            dim=self.dim,
-            prompt_set=self.prompt_set.name,
-            prompt_set_hash=self.prompt_set.content_hash,
-            facets=self.facets,
-            position_mode=self.position_mode,
-            bos_marker=self.prompt_set.bos_marker,
-            max_tokens=self.max_tokens,
-            dtype_compute=self.llm.dtype,
-            dtype_stored="float16",
-            backend="hf",
+        return text_identity(
+            name=self.llm.name, fingerprint=self.llm.fingerprint, layer=self.llm.layer, readout=self.readout,
+            dim=self.dim, prompt_set=self.prompt_set, position_mode=self.position_mode,
+            max_tokens=self.max_tokens, dtype=self.llm.dtype, backend="hf",
         )
 
     def encode(
@@ -144,20 +178,8 @@ class FacetEncoder:
         Returns:
             :class:`EncodedBatch` with ``n = len(samples)`` rows in input order.
         """
-        n, f = len(samples), len(self.facets)
-        out = EncodedBatch(
-            vectors=np.zeros((n, f, self.dim), np.float32),
-            mask=np.zeros((n, f), bool),
-            tokens=np.zeros((n, len(GROUPS)), np.int32),
-            truncated=np.zeros((n, len(GROUPS)), bool),
-        )
         items = pack_samples(self.llm.tokenizer, self.templates, self.prompt_set, samples, self.max_tokens)
-        for it in items:
-            out.tokens[it.row, it.group] = len(it.seq)
-            out.truncated[it.row, it.group] = it.seq.truncated
-        if any(it.seq.truncated for it in items):
-            log.info("%d of %d sequences had their caption cut to max_tokens=%d",
-                     sum(it.seq.truncated for it in items), len(items), self.max_tokens)
+        out = EncodedBatch.for_texts(len(samples), len(self.facets), self.dim, items, self.max_tokens)
         done_seqs = done_tokens = 0
         for idx in plan_batches([len(it.seq) for it in items], self.max_batch_tokens, self.max_batch_sequences):
             batch_items = [items[i] for i in idx]

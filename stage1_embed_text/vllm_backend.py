@@ -38,7 +38,7 @@ import numpy as np
 
 from pipeline.cache import CacheIdentity
 from stage1_embed_text.packing import POSITION_MODES, PackedText, group_templates, pack_samples
-from stage1_embed_text.prompts import FLAME, GROUPS, PromptSet
+from stage1_embed_text.prompts import FLAME, PromptSet
 
 log = logging.getLogger(__name__)
 
@@ -415,22 +415,12 @@ class VllmFacetEncoder:
     def identity(self) -> CacheIdentity:
         """The cache identity of vectors this encoder produces; equal to the ``hf`` one but for ``backend``
         (and ``dtype_compute`` when the engines run in different dtypes)."""
-        return CacheIdentity(
-            llm=self.source.name,
-            llm_fingerprint=self.source.fingerprint,
-            tokenizer=self.source.name,  # the tokenizer always comes from the model's own source, as in ``hf``
-            layer=self.layer,
-            readout=self.readout,
-            dim=self.dim,
-            prompt_set=self.prompt_set.name,
-            prompt_set_hash=self.prompt_set.content_hash,
-            facets=self.facets,
-            position_mode=self.position_mode,
-            bos_marker=self.prompt_set.bos_marker,
-            max_tokens=self.max_tokens,
-            dtype_compute=self.settings.dtype,
-            dtype_stored="float16",
-            backend="vllm",
+        from stage1_embed_text.encoder import text_identity
+
+        return text_identity(
+            name=self.source.name, fingerprint=self.source.fingerprint, layer=self.layer, readout=self.readout,
+            dim=self.dim, prompt_set=self.prompt_set, position_mode=self.position_mode,
+            max_tokens=self.max_tokens, dtype=self.settings.dtype, backend="vllm",
         )
 
     def encode(
@@ -456,20 +446,8 @@ class VllmFacetEncoder:
         """
         from stage1_embed_text.encoder import EncodedBatch
 
-        n, f = len(samples), len(self.facets)
-        out = EncodedBatch(
-            vectors=np.zeros((n, f, self.dim), np.float32),
-            mask=np.zeros((n, f), bool),
-            tokens=np.zeros((n, len(GROUPS)), np.int32),
-            truncated=np.zeros((n, len(GROUPS)), bool),
-        )
         items = pack_samples(self.tokenizer, self.templates, self.prompt_set, samples, self.max_tokens)
-        for it in items:
-            out.tokens[it.row, it.group] = len(it.seq)
-            out.truncated[it.row, it.group] = it.seq.truncated
-        if any(it.seq.truncated for it in items):
-            log.info("%d of %d sequences had their caption cut to max_tokens=%d",
-                     sum(it.seq.truncated for it in items), len(items), self.max_tokens)
+        out = EncodedBatch.for_texts(len(samples), len(self.facets), self.dim, items, self.max_tokens)
         done_seqs = done_tokens = 0
         for wave in self._waves(items):
             vecs = self._embed_wave(wave)
