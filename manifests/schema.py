@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.key_lookup import key_hashes
 
 SCHEMA_VERSION = 1
 MANIFEST_JSON = "manifest.json"
@@ -99,9 +101,11 @@ class ManifestWriter:
     """Write rows into Parquet parts under ``out_dir``; ``close()`` writes ``manifest.json`` last.
 
     Rows are dicts with the :data:`SCHEMA` column names; missing columns are null. ``labels``/``names`` are
-    plain ``dict[str, str]``. Keys must be unique across the manifest: a repeated key raises
-    :class:`ManifestError` (sources decide duplicates before writing). A manifest without ``manifest.json``
-    is incomplete and :func:`read_manifest` refuses it.
+    plain ``dict[str, str]``. Keys must be unique across the manifest (sources decide duplicates before
+    writing): a key repeated inside the part being filled raises :class:`ManifestError` at once, one repeated
+    across parts when :meth:`close` checks every key's 64-bit hash (8 bytes per row held, the key strings of
+    equal hashes compared exactly). A manifest without ``manifest.json`` is incomplete and
+    :func:`read_manifest` refuses it.
 
     Args:
         out_dir: the manifest directory (created; an existing ``manifest.json`` there is replaced on close).
@@ -119,16 +123,19 @@ class ManifestWriter:
         self.info = ManifestInfo(source=source)
         self.rows_per_part = rows_per_part
         self._buffer: list[dict[str, Any]] = []
-        self._keys: set[str] = set()
+        self._part_keys: set[str] = set()
+        self._hashes: list[np.ndarray] = []
+        self.n_rows = 0
 
     def add(self, row: dict[str, Any]) -> None:
         """Append one sample row. Raises :class:`ManifestError` on a null or repeated key."""
         key = row.get("key")
         if not key:
             raise ManifestError("manifest row without a key")
-        if key in self._keys:
+        if key in self._part_keys:
             raise ManifestError(f"duplicate key {key!r} written to the manifest")
-        self._keys.add(key)
+        self._part_keys.add(key)
+        self.n_rows += 1
         split = row.get("split") or "train"
         self.info.counts[split] = self.info.counts.get(split, 0) + 1
         self._buffer.append(row)
@@ -153,14 +160,33 @@ class ManifestWriter:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, self.out_dir / name)
         self.info.parts.append(name)
+        self._hashes.append(key_hashes(table.column("key")))
         self._buffer = []
+        self._part_keys = set()
 
     def close(self) -> ManifestInfo:
         """Flush the last part and write ``manifest.json`` (atomically, last). Returns the info written."""
         self._flush()
-        self.info.counts["total"] = len(self._keys)
+        self._check_unique_keys()
+        self.info.counts["total"] = self.n_rows
         atomic_write_bytes(self.out_dir / MANIFEST_JSON, self.info.to_json().encode("utf-8"))
         return self.info
+
+
+    def _check_unique_keys(self) -> None:
+        hashes = np.concatenate(self._hashes) if self._hashes else np.zeros(0, np.uint64)
+        self._hashes = []
+        ordered = np.sort(hashes)
+        suspects = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+        if len(suspects) == 0:
+            return
+        seen: set[str] = set()
+        for part in self.info.parts:
+            keys = pq.read_table(self.out_dir / part, columns=["key"]).column("key")
+            for key in pc.filter(keys, pa.array(np.isin(key_hashes(keys), suspects))).to_pylist():
+                if key in seen:
+                    raise ManifestError(f"duplicate key {key!r} written to the manifest")
+                seen.add(key)
 
 
 def _cell(value: Any, name: str) -> Any:
@@ -213,6 +239,78 @@ def read_manifest(
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))
     return table
+
+
+def iter_batches(
+    manifest_dir: str | Path, columns: list[str], batch_rows: int = 65_536
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Stream a manifest's ``columns`` in row order as ``(position of the batch's first row, batch)``.
+
+    Positions count every row of the manifest (parts in order, before any split filter), so they address rows
+    for :class:`RowFetcher`. Memory: one batch of ``batch_rows`` rows.
+
+    Raises:
+        ManifestError: unfinished manifest, missing part file, or unknown column.
+    """
+    unknown = set(columns) - set(SCHEMA.names)
+    if unknown:
+        raise ManifestError(f"unknown manifest columns {sorted(unknown)}")
+    start = 0
+    for path in _part_paths(manifest_dir):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+            yield start, batch
+            start += batch.num_rows
+
+
+class RowFetcher:
+    """Read manifest rows by position (as counted by :func:`iter_batches`), part by part.
+
+    Positions asked for in increasing order read each part once: the last part read is kept (one part's
+    ``columns``, e.g. ~50 MB of captions for a 50,000-row part).
+
+    Args:
+        manifest_dir: a finished manifest.
+        columns: the columns to return.
+
+    Raises:
+        ManifestError: unfinished manifest, missing part, or a position past the last row.
+    """
+
+    def __init__(self, manifest_dir: str | Path, columns: list[str]):
+        self.paths = _part_paths(manifest_dir)
+        self.columns = columns
+        counts = [pq.ParquetFile(p).metadata.num_rows for p in self.paths]
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._part: tuple[int, pa.Table] | None = None
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        """Rows at ``positions`` (``int64 [B]``, any order), in that order."""
+        positions = np.asarray(positions, np.int64)
+        if len(positions) and (positions.min() < 0 or positions.max() >= self.offsets[-1]):
+            raise ManifestError(f"manifest position outside [0, {int(self.offsets[-1])}): was the manifest rewritten?")
+        part = np.searchsorted(self.offsets, positions, side="right") - 1
+        pieces, where = [], []
+        for p in np.unique(part):
+            if self._part is None or self._part[0] != p:
+                self._part = (int(p), pq.read_table(self.paths[p], columns=self.columns, schema=SCHEMA))
+            sel = np.flatnonzero(part == p)
+            pieces.append(self._part[1].take(pa.array(positions[sel] - self.offsets[p])))
+            where.append(sel)
+        if not pieces:
+            return SCHEMA.empty_table().select(self.columns)
+        table = pa.concat_tables(pieces)
+        inverse = np.empty(len(positions), np.int64)
+        inverse[np.concatenate(where)] = np.arange(len(positions))
+        return table.take(pa.array(inverse))
+
+
+def _part_paths(manifest_dir: str | Path) -> list[Path]:
+    info = read_manifest_info(manifest_dir)
+    paths = [Path(manifest_dir) / part for part in info.parts]
+    for path in paths:
+        if not path.exists():
+            raise ManifestError(f"manifest part {path} is missing")
+    return paths
 
 
 def iter_rows(manifest_dir: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:

@@ -1,25 +1,21 @@
 """The stage-1 vector cache (SPEC §3): Zarr v3 vectors, Parquet key index, ``meta.json`` identity.
 
-Layout of a cache directory::
-
-    meta.json                 identity (what produced the vectors) + layout (rows, shards, plan hash)
-    store.zarr/vectors        float16 [N, F, D], chunks of ``chunk_rows`` rows inside shards of ``shard_rows``
-    store.zarr/mask           bool    [N, F], facet presence (False = that facet's text was absent)
-    index/shard-SSSSS.parquet key -> row for the rows of shard S (many keys may share one row), text hashes,
-                              tokens per facet, truncation flags
-    done/shard-SSSSS.json     finished marker, written last, after the vectors and the index of shard S
+The directory layout (vectors, mask, index parts, finished markers, the stored plan and the key lookup) is owned by
+:mod:`pipeline.cache_files`; this module writes and reads it.
 
 A cache shard is exactly one Zarr shard, so each shard has exactly one writer (the process that owns it) and
 concurrent writers can never touch the same storage object. A shard without its marker is unfinished: a rerun
-redoes it, and readers refuse an unfinished cache unless told otherwise.
+redoes it, and readers refuse an unfinished cache unless told otherwise. Once every shard is finished, the job
+stores the key lookup (:mod:`pipeline.key_lookup`) that readers memory-map.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,9 +28,11 @@ import zarr
 
 from pipeline import __version__
 from pipeline.atomic import atomic_write_bytes
+from pipeline.cache_files import KEY, META_JSON, ROW, CacheFiles
+from pipeline.key_lookup import KeyLookup
 from pipeline.shard_files import ShardFiles
 
-META_JSON = "meta.json"
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 NORM_TOLERANCE = 1e-2  # |‖v‖ - 1| allowed for a stored float16 vector (float16 rounding is ~1e-3)
 
@@ -226,8 +224,9 @@ class CacheWriter:
 
     def __init__(self, cache_dir: str | Path, meta: CacheMeta):
         self.dir = Path(cache_dir)
+        self.files = CacheFiles(self.dir)
         self.meta = meta
-        existing = self.dir / META_JSON
+        existing = self.files.meta
         if not existing.exists():
             raise CacheError(f"{self.dir} has no {META_JSON}; call CacheWriter.create first")
         old = CacheMeta.read(self.dir)
@@ -238,7 +237,7 @@ class CacheWriter:
                 f" vs this job's {dataclasses.asdict(meta.layout)} (other manifest, --limit or --split?)"
             )
         self.meta = old
-        group = zarr.open_group(self.dir / "store.zarr", mode="r+")
+        group = zarr.open_group(self.files.store, mode="r+")
         self.vectors = group["vectors"]
         self.mask = group["mask"]
 
@@ -246,10 +245,11 @@ class CacheWriter:
     def create(cls, cache_dir: str | Path, meta: CacheMeta) -> CacheWriter:
         """Create the cache (``meta.json`` + empty arrays) if absent, then open it for writing."""
         d = Path(cache_dir)
-        if not (d / META_JSON).exists():
+        files = CacheFiles(d)
+        if not files.meta.exists():
             d.mkdir(parents=True, exist_ok=True)
             lay, ident = meta.layout, meta.identity
-            group = zarr.open_group(d / "store.zarr", mode="w")
+            group = zarr.open_group(files.store, mode="w")
             n, f = max(lay.n_rows, 1), len(ident.facets)
             group.create_array(
                 "vectors", shape=(n, f, ident.dim), dtype="float16", chunks=(lay.chunk_rows, f, ident.dim),
@@ -259,13 +259,13 @@ class CacheWriter:
                 "mask", shape=(n, f), dtype="bool", chunks=(lay.chunk_rows, f), shards=(lay.shard_rows, f),
                 fill_value=False,
             )
-            (d / "index").mkdir(exist_ok=True)
-            (d / "done").mkdir(exist_ok=True)
-            atomic_write_bytes(d / META_JSON, meta.to_json().encode())
+            files.index_dir.mkdir(exist_ok=True)
+            files.done_dir.mkdir(exist_ok=True)
+            atomic_write_bytes(files.meta, meta.to_json().encode())
         return cls(d, meta)
 
     def _marker(self, shard: int) -> Path:
-        return self.dir / "done" / f"shard-{shard:05d}.json"
+        return self.files.marker(shard)
 
     def is_done(self, shard: int) -> bool:
         return self._marker(shard).exists()
@@ -297,54 +297,98 @@ class CacheWriter:
         if len(rows):
             self.vectors[rows.start : rows.stop] = stored
             self.mask[rows.start : rows.stop] = mask
-        part = self.dir / "index" / f"shard-{shard:05d}.parquet"
+        part = self.files.index_part(shard)
         tmp = part.with_name(f".{part.name}.tmp")
         pq.write_table(index, tmp)
         os.replace(tmp, part)
         marker = {"shard": shard, "rows": [rows.start, rows.stop], "keys": index.num_rows}
         atomic_write_bytes(self._marker(shard), json.dumps(marker).encode())
 
+    def read_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored ``float16 [B, F, D]`` vectors of finished rows (e.g. the owner rows a later shard copies)."""
+        return self.vectors.get_orthogonal_selection((np.asarray(rows, np.int64), slice(None), slice(None)))
+
+    def build_lookup(self, mask: np.ndarray | None = None) -> KeyLookup:
+        """Store the key lookup of the finished cache (``lookup/``, :mod:`pipeline.key_lookup`), unless a lookup
+        of this plan is already there.
+
+        Args:
+            mask: ``bool [N, F]`` facet presence of every row if the caller knows it (stage 1 derives it from the
+                plan); ``None`` reads ``store.zarr/mask`` shard by shard.
+        """
+        return build_key_lookup(self.files, self.meta, mask)
+
+
+def build_key_lookup(files: CacheFiles, meta: CacheMeta, mask: np.ndarray | None = None,
+                     persist: bool = True, shards: list[int] | None = None) -> KeyLookup:
+    """Open the stored lookup of a cache or build it from the index parts (``shards``: those to include, default
+    all), storing it under ``lookup/`` when ``persist`` (else it stays in memory)."""
+    lay = meta.layout
+    existing = KeyLookup.open(files.lookup_dir, lay.plan_hash) if persist else None
+    if existing is not None:
+        return existing
+    shards = list(range(lay.n_shards)) if shards is None else shards
+    if mask is None:
+        group = zarr.open_group(files.store, mode="r")
+        mask = np.zeros((lay.n_rows, len(meta.identity.facets)), bool)
+        for s in shards:
+            r = lay.shard_range(s)
+            mask[r.start : r.stop] = group["mask"][r.start : r.stop]
+    parts = (pq.read_table(files.index_part(s), columns=[KEY, ROW]) for s in shards if files.index_part(s).exists())
+    log.info("building the key lookup of %s", files.root)
+    return KeyLookup.build(parts, mask, lay.plan_hash, files.lookup_dir if persist else None)
+
 
 class CacheReader:
     """Read vectors by sample key, after checking the cache is finished and of the expected identity.
+
+    Nothing here grows with the number of keys: key -> row and the facet mask come from the memory-mapped lookup
+    (:mod:`pipeline.key_lookup`, built once when the cache is complete, or on first open of a cache that lacks
+    it), vectors from memory-mapped shard files (:class:`pipeline.shard_files.ShardFiles`). Opening takes
+    milliseconds at any size; a reader pickles as its arguments (DataLoader workers reopen the maps).
 
     Args:
         cache_dir: a cache directory.
         expect: identity fields the caller requires (e.g. ``{"dim": 640, "layer": 17}``); a mismatch raises
             :class:`CacheIdentityError` naming both values.
-        allow_incomplete: read a cache whose shards are not all finished (inspection only).
+        allow_incomplete: read a cache whose shards are not all finished (inspection only; the lookup of the
+            finished shards is then built in memory).
 
     Raises:
         CacheError: not a cache, or unfinished shards (listed) when ``allow_incomplete`` is False.
     """
 
     def __init__(self, cache_dir: str | Path, expect: dict[str, Any] | None = None, allow_incomplete: bool = False):
+        self._args = (cache_dir, expect, allow_incomplete)
         self.dir = Path(cache_dir)
+        self.files = CacheFiles(self.dir)
         self.meta = CacheMeta.read(self.dir)
         self.identity = self.meta.identity
         if expect:
             self.identity.check(expect)
         lay = self.meta.layout
-        self.missing_shards = [s for s in range(lay.n_shards) if not (self.dir / "done" / f"shard-{s:05d}.json").exists()]
+        done = {p.name for p in self.files.done_dir.glob("shard-*.json")} if self.files.done_dir.exists() else set()
+        self.missing_shards = [s for s in range(lay.n_shards) if self.files.marker(s).name not in done]
         if self.missing_shards and not allow_incomplete:
             raise CacheError(
                 f"cache {self.dir} is unfinished: {len(self.missing_shards)} of {lay.n_shards} shards missing "
                 f"(first {self.missing_shards[:5]}); rerun `flame embed` with the same arguments to finish it"
             )
-        group = zarr.open_group(self.dir / "store.zarr", mode="r")
+        group = zarr.open_group(self.files.store, mode="r")
         self.vectors = group["vectors"]
         self.mask_array = group["mask"]
-        self._direct = ShardFiles.open(self.dir / "store.zarr" / "vectors")
-        self._mask: np.ndarray | None = None  # the whole [N, F] mask, read once on first use (N * F bytes)
-        parts = [
-            self.dir / "index" / f"shard-{s:05d}.parquet" for s in range(lay.n_shards) if s not in self.missing_shards
-        ]
-        tables = [pq.read_table(p) for p in parts if p.exists()]
-        self.index = pa.concat_tables(tables, promote_options="default") if tables else pa.table(
-            {"key": pa.array([], pa.string()), "row": pa.array([], pa.int64())}
-        )
-        keys = self.index.column("key").to_pylist()
-        self._row = dict(zip(keys, self.index.column("row").to_numpy().tolist()))
+        self._direct = ShardFiles.open(self.files.vectors)
+        if self.missing_shards:
+            finished = [s for s in range(lay.n_shards) if s not in set(self.missing_shards)]
+            self._lookup = build_key_lookup(self.files, self.meta, persist=False, shards=finished)
+        else:
+            self._lookup = build_key_lookup(self.files, self.meta, persist=_writable(self.files.root))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"args": self._args}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(*state["args"])
 
     @property
     def dim(self) -> int:
@@ -354,19 +398,39 @@ class CacheReader:
     def facets(self) -> tuple[str, ...]:
         return self.identity.facets
 
-    @property
-    def keys(self) -> list[str]:
-        return list(self._row)
-
     def __len__(self) -> int:
-        return len(self._row)
+        """Number of keys."""
+        return len(self._lookup)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._row
+        return bool(self.rows([key])[0] >= 0)
 
-    def rows(self, keys: Sequence[str]) -> np.ndarray:
-        """Row of each key, ``int64 [B]``; ``-1`` for keys not in the cache."""
-        return np.fromiter((self._row.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+    def rows(self, keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Row of each key, ``int64 [B]``; ``-1`` for keys not in the cache (exact, see :mod:`pipeline.key_lookup`)."""
+        return self._lookup.rows(keys)
+
+    def iter_keys(self) -> Iterator[tuple[pa.Array, np.ndarray]]:
+        """Every ``(keys, rows)`` batch (up to 2^20 keys each), in index order."""
+        return iter(self._lookup.all_keys())
+
+    def iter_index(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The index parts of the finished shards, one table per shard (:func:`pipeline.cache_files.index_schema`)."""
+        missing = set(self.missing_shards)
+        for s in range(self.meta.layout.n_shards):
+            if s not in missing and self.files.index_part(s).exists():
+                yield pq.read_table(self.files.index_part(s), columns=columns)
+
+    @property
+    def index(self) -> pa.Table:
+        """The whole key index as one table; O(keys) memory: for small caches and tests (use :meth:`iter_index`)."""
+        tables = list(self.iter_index())
+        if not tables:
+            return pa.table({KEY: pa.array([], pa.string()), ROW: pa.array([], pa.int64())})
+        return pa.concat_tables(tables, promote_options="default")
+
+    def mask_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Facet presence ``bool [B, F]`` of ``rows``."""
+        return np.asarray(self._lookup.mask[np.asarray(rows, np.int64)], bool)
 
     def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vectors ``float16 [B, F, D]`` and presence mask ``bool [B, F]`` of the given rows, in the given order."""
@@ -374,20 +438,15 @@ class CacheReader:
         if len(rows) == 0:
             f, d = len(self.facets), self.dim
             return np.zeros((0, f, d), np.float16), np.zeros((0, f), bool)
-        if self._mask is None:
-            self._mask = self.mask_array[: self.meta.layout.n_rows]
         direct = self._direct.read(rows) if self._direct is not None else None
         if direct is not None:
-            return direct, self._mask[rows]
+            return direct, self.mask_rows(rows)
         order = np.argsort(rows, kind="stable")
         uniq, inverse = np.unique(rows[order], return_inverse=True)
         vec = self.vectors.get_orthogonal_selection((uniq, slice(None), slice(None)))
-        msk = self._mask[uniq]
         out_v = np.empty((len(rows),) + vec.shape[1:], dtype=vec.dtype)
-        out_m = np.empty((len(rows),) + msk.shape[1:], dtype=bool)
         out_v[order] = vec[inverse]
-        out_m[order] = msk[inverse]
-        return out_v, out_m
+        return out_v, self.mask_rows(rows)
 
     def get(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Vectors ``float16 [B, F, D]`` and mask ``bool [B, F]`` for ``keys``. Raises ``KeyError`` if any is absent."""
@@ -401,3 +460,7 @@ class CacheReader:
         """All rows in memory: ``float16 [N, F, D]`` and ``bool [N, F]`` (for small caches)."""
         n = self.meta.layout.n_rows
         return self.vectors[:n], self.mask_array[:n]
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)

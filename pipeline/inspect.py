@@ -1,19 +1,23 @@
 """Cache inspection: identity, completeness, per-row validity, facet statistics and nearest neighbours.
 
 Everything here reads a cache through :class:`pipeline.cache.CacheReader` and works shard by shard, so a
-large cache is checked without holding it in memory (the nearest-neighbour index holds one facet, ``[N, D]``).
+large cache is checked, searched and compared with a manifest without holding it in memory (one shard's vectors
+and one batch of manifest keys at a time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.cache import NORM_TOLERANCE, CacheReader
+from pipeline.cache_files import KEY, ROW
 
 
 @dataclass
@@ -48,7 +52,7 @@ class CacheReport:
 
 def inspect_cache(
     reader: CacheReader,
-    manifest_keys: list[str] | None = None,
+    manifest_keys: Iterable[Sequence[str] | pa.Array] | None = None,
     pairs: int = 2000,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -57,7 +61,8 @@ def inspect_cache(
 
     Args:
         reader: an open cache (``allow_incomplete=True`` readers are fine: unfinished shards are skipped).
-        manifest_keys: if given, keys of a manifest to report coverage against.
+        manifest_keys: if given, the (unique) keys of a manifest to report coverage against: one list/Arrow
+            array of strings, or an iterable of such batches.
         pairs: random row pairs per facet for the anisotropy estimate.
         seed: RNG seed of the pair draw.
         progress: called with the number of rows of each shard as it is checked.
@@ -102,13 +107,17 @@ def inspect_cache(
         anisotropy=anisotropy(reader, pairs=pairs, seed=seed),
     )
     if manifest_keys is not None:
-        man = set(manifest_keys)
-        cached = set(reader.keys)
+        n_manifest = n_in = 0
+        if isinstance(manifest_keys, (list, tuple, pa.Array, pa.ChunkedArray)):
+            manifest_keys = [manifest_keys]
+        for batch in manifest_keys:
+            n_manifest += len(batch)
+            n_in += int((reader.rows(batch) >= 0).sum())
         report.coverage = {
-            "manifest_keys": len(man),
-            "in_cache": len(man & cached),
-            "missing_from_cache": len(man - cached),
-            "not_in_manifest": len(cached - man),
+            "manifest_keys": n_manifest,
+            "in_cache": n_in,
+            "missing_from_cache": n_manifest - n_in,
+            "not_in_manifest": len(reader) - n_in,
         }
     return report
 
@@ -136,38 +145,55 @@ def anisotropy(reader: CacheReader, pairs: int = 2000, seed: int = 0) -> dict[st
     }
 
 
-def facet_vectors(reader: CacheReader, facet: str) -> tuple[np.ndarray, np.ndarray]:
-    """All rows' vectors of one facet, ``float32 [N, D]``, and the rows where it is present, ``int64 [M]``."""
-    if facet not in reader.facets:
-        raise ValueError(f"unknown facet {facet!r}; the cache has {list(reader.facets)}")
-    i = reader.facets.index(facet)
-    vec, mask = reader.load_all()
-    present = np.flatnonzero(mask[:, i])
-    return vec[present, i].astype(np.float32), present
-
-
 def nearest_neighbours(
     reader: CacheReader, query: np.ndarray, facet: str, k: int = 10
 ) -> list[tuple[list[str], float]]:
     """The k rows whose ``facet`` vector is closest (inner product = cosine) to ``query``.
 
+    Searched shard by shard with a flat faiss index (exact), keeping the best ``k`` so far, so memory holds one
+    shard's vectors whatever the cache size.
+
     Args:
         query: ``float32 [D]`` unit vector.
     Returns:
         ``[(keys of the row, cosine), ...]`` best first; a row shared by several keys lists all of them.
+
+    Raises:
+        ValueError: unknown facet.
     """
     import faiss
 
-    vecs, rows = facet_vectors(reader, facet)
-    index = faiss.IndexFlatIP(vecs.shape[1])
-    index.add(np.ascontiguousarray(vecs))
-    scores, ids = index.search(np.ascontiguousarray(query[None].astype(np.float32)), min(k, len(rows)))
+    if facet not in reader.facets:
+        raise ValueError(f"unknown facet {facet!r}; the cache has {list(reader.facets)}")
+    i = reader.facets.index(facet)
+    layout = reader.meta.layout
+    q = np.ascontiguousarray(np.asarray(query, np.float32)[None])
+    best_s, best_r = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    missing = set(reader.missing_shards)
+    for shard in range(layout.n_shards):
+        rows = layout.shard_range(shard)
+        if shard in missing or not len(rows):
+            continue
+        vec, mask = reader.read_rows(np.arange(rows.start, rows.stop))
+        present = np.flatnonzero(mask[:, i])
+        if not len(present):
+            continue
+        index = faiss.IndexFlatIP(vec.shape[-1])
+        index.add(np.ascontiguousarray(vec[present, i].astype(np.float32)))
+        scores, ids = index.search(q, min(k, len(present)))
+        ok = ids[0] >= 0
+        best_s = np.concatenate([best_s, scores[0][ok]])
+        best_r = np.concatenate([best_r, rows.start + present[ids[0][ok]]])
+        keep = np.lexsort((best_r, -best_s))[:k]  # by score, ties to the lower row
+        best_s, best_r = best_s[keep], best_r[keep]
     keys_of_row: dict[int, list[str]] = {}
-    wanted = {int(rows[i]) for i in ids[0] if i >= 0}
-    for key, row in zip(reader.index.column("key").to_pylist(), reader.index.column("row").to_pylist()):
-        if row in wanted:
-            keys_of_row.setdefault(row, []).append(key)
-    return [(keys_of_row.get(int(rows[i]), []), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+    wanted = {int(r) for r in best_r}
+    for shard in sorted({r // layout.shard_rows for r in wanted}):
+        part = pq.read_table(reader.files.index_part(shard), columns=[KEY, ROW])
+        for key, row in zip(part.column(KEY).to_pylist(), part.column(ROW).to_pylist()):
+            if row in wanted:
+                keys_of_row.setdefault(row, []).append(key)
+    return [(keys_of_row.get(int(r), []), float(s)) for s, r in zip(best_s, best_r)]
 
 
 def plot_facet_cosine(report: CacheReport, facets: tuple[str, ...], path: str | Path) -> Path:

@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     manifest_keys = None
     if args.manifest:
-        from manifests.schema import read_manifest
+        from manifests.schema import iter_batches
 
-        manifest_keys = read_manifest(args.manifest, columns=["key"]).column("key").to_pylist()
+        manifest_keys = (batch.column(0) for _, batch in iter_batches(args.manifest, ["key"]))
     with tqdm(total=reader.meta.layout.n_rows, unit="row", desc="checking rows", disable=args.json) as bar:
         report = inspect_cache(reader, manifest_keys=manifest_keys, progress=bar.update)
     out = report.to_dict()

@@ -15,8 +15,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +29,19 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from manifests.schema import read_manifest
-from pipeline.cache import CacheMeta, CacheReader, CacheWriter
-from stage1_embed_text.plan import CAPTION_COLUMNS, Plan, build_plan, text_sha1
+from manifests.schema import RowFetcher
+from pipeline.atomic import atomic_write_bytes
+from pipeline.cache import CacheError, CacheMeta, CacheWriter
+from pipeline.cache_files import (
+    KEY,
+    ROW,
+    CacheFiles,
+    index_schema,
+    sha1_column,
+    tokens_column,
+    truncated_column,
+)
+from stage1_embed_text.plan import CAPTION_COLUMNS, PlanInfo, StoredPlan, make_plan
 from stage1_embed_text.prompts import GROUPS
 
 log = logging.getLogger(__name__)
@@ -145,13 +158,20 @@ class _ShardArrays:
     truncated: np.ndarray
 
 
-def load_plan(config: EmbedConfig, prompt_set) -> Plan:
-    """Read the manifest captions (``split``, first ``limit`` rows) and build the job's :class:`Plan`."""
-    table = read_manifest(config.manifest, columns=list(CAPTION_COLUMNS.values()), split=config.split)
-    if config.limit is not None:
-        table = table.slice(0, config.limit)
-    cols = [table.column(c).to_pylist() for c in ("key", *CAPTION_COLUMNS.values())]
-    return build_plan(zip(*cols), prompt_set, shard_rows=config.shard_rows, chunk_rows=config.chunk_rows)
+def plan_job(config: EmbedConfig, prompt_set=None) -> PlanInfo:
+    """Plan the job of ``config`` and store the plan in ``config.out/plan`` (no LLM is loaded).
+
+    ``flame embed`` does this on rank 0 before embedding; running it first (e.g. on a CPU node) lets the GPU
+    ranks start embedding at once, since a plan made from the same inputs is reused (:func:`make_plan`).
+    """
+    if prompt_set is None:
+        from stage1_embed_text.prompts import get_prompt_set
+
+        prompt_set = get_prompt_set(config.prompt_set, bos_marker=config.bos_marker)
+    return make_plan(
+        config.manifest, prompt_set, config.out, shard_rows=config.shard_rows, chunk_rows=config.chunk_rows,
+        split=config.split, limit=config.limit, progress=config.progress,
+    )
 
 
 def build_encoder(config: EmbedConfig, device: torch.device):
@@ -191,9 +211,13 @@ def build_encoder(config: EmbedConfig, device: torch.device):
 def run_embed(config: EmbedConfig) -> EmbedSummary:
     """Run (or resume) the job of ``config`` on this process's shards; returns the whole job's summary.
 
+    Rank 0 plans (or reuses the stored plan) and creates the cache while the others wait for its file marker (no
+    collective timeout, however long planning takes); then every rank reads only its shards' part of the plan.
+
     Raises:
         pipeline.cache.CacheIdentityError: ``out`` holds a cache of another model, prompt set or plan.
-        pipeline.cache.CacheError: a vector that is not finite and unit-norm (the shard is not committed).
+        pipeline.cache.CacheError: a vector that is not finite and unit-norm (the shard is not committed), or
+            planning failed on rank 0.
         manifests.schema.ManifestError: unfinished or malformed manifest.
     """
     t0 = time.perf_counter()
@@ -204,53 +228,101 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     read_manifest_info(config.manifest)  # refuse a missing or unfinished manifest before loading the LLM
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
+    files = CacheFiles(config.out)
+    token = _run_token(state)
     encoder = build_encoder(config, state.device)
     prompt_set = encoder.prompt_set
-    plan = load_plan(config, prompt_set)
-    meta = CacheMeta(
-        identity=encoder.identity(),
-        layout=plan.layout,
-        extra={
-            "manifest": str(Path(config.manifest).resolve()),
-            "split": config.split,
-            "limit": config.limit,
-            "samples": plan.n_samples,
-            "keys": len(plan.keys),
-            "empty_samples": len(plan.empty_keys),
-            "batching": {"max_batch_tokens": config.max_batch_tokens, "batch_size": config.batch_size},
-        },
-    )
     if rank == 0:
-        CacheWriter.create(config.out, meta)
-        _remove_stale_temp_files(Path(config.out))
+        _plan_and_create(config, encoder, files, token)
+    else:
+        _wait_for_plan(files, token)
     state.wait_for_everyone()
+    if rank == 0:
+        files.plan_ready(token).unlink(missing_ok=True)
+    plan = StoredPlan(config.out)
+    meta = _cache_meta(config, encoder, plan.info)
     writer = CacheWriter(config.out, meta)
     _warn_on_changed_batching(writer.meta, meta)
     mine = list(range(rank, plan.layout.n_shards, world))
     todo = [s for s in mine if not writer.is_done(s)]
     log.info("rank %d/%d: %d of its %d shards to do, %d already done", rank, world, len(todo), len(mine),
              len(mine) - len(todo))
-    bar = tqdm(
-        total=sum(plan.owned(s).sum() for s in todo), unit="seq", desc="embed", dynamic_ncols=True,
-        disable=not (config.progress and rank == 0),
-    )
+    bar = tqdm(total=len(todo), unit="shard", desc="embed", dynamic_ncols=True,
+               disable=not (config.progress and rank == 0))
+    fetcher = RowFetcher(config.manifest, [CAPTION_COLUMNS[g] for g in plan.groups])
     work = {"sequences": 0, "tokens": 0, "samples": 0}
     t_work = time.perf_counter()
     for shard in todo:
-        arrays = _compute_shard(plan, shard, encoder, writer, bar, work, t_work)
-        keys, rows = plan.shard_keys(shard)
+        arrays = _compute_shard(plan, shard, encoder, writer, fetcher, bar, work, t_work)
+        keys, rows = plan.keys(shard)
         writer.write_shard(shard, arrays.vectors, arrays.mask, _index_table(plan, shard, keys, rows, arrays))
         work["samples"] += len(keys)
+        bar.update(1)
         log.debug("rank %d: shard %d committed (%d rows, %d keys)", rank, shard, len(arrays.mask), len(keys))
     bar.close()
     work["encode_s"] = time.perf_counter() - t_work
+    state.wait_for_everyone()
+    if rank == 0:
+        writer.build_lookup(_facet_mask(plan, prompt_set))
     state.wait_for_everyone()
     totals = _combine_ranks(state, {**work, "written": len(todo), "skipped": len(mine) - len(todo)})
     return _summarize(config, plan, prompt_set, totals, world, time.perf_counter() - t0)
 
 
+def _run_token(state) -> str:
+    """A random id of this run, the same on every rank (names rank 0's plan-ready marker)."""
+    token = [uuid.uuid4().hex]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(token, from_process=0)
+    return token[0]
+
+
+def _cache_meta(config: EmbedConfig, encoder, info: PlanInfo) -> CacheMeta:
+    return CacheMeta(
+        identity=encoder.identity(),
+        layout=info.layout,
+        extra={
+            "manifest": str(Path(config.manifest).resolve()),
+            "split": config.split,
+            "limit": config.limit,
+            "samples": info.n_samples,
+            "keys": info.n_keys,
+            "empty_samples": info.n_empty,
+            "batching": {"max_batch_tokens": config.max_batch_tokens, "batch_size": config.batch_size},
+        },
+    )
+
+
+def _plan_and_create(config: EmbedConfig, encoder, files: CacheFiles, token: str) -> None:
+    """Rank 0: plan, create (or check) the cache, then write the plan-ready marker (with the error, if any)."""
+    try:
+        info = plan_job(config, encoder.prompt_set)
+        CacheWriter.create(config.out, _cache_meta(config, encoder, info))
+        _remove_stale_temp_files(files)
+    except Exception as exc:
+        if files.plan_dir.exists():
+            atomic_write_bytes(files.plan_ready(token), json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+        raise
+    atomic_write_bytes(files.plan_ready(token), json.dumps({"plan_hash": info.plan_hash}).encode())
+
+
+def _wait_for_plan(files: CacheFiles, token: str) -> None:
+    """Other ranks: wait for rank 0's plan-ready marker of this run (logging every minute)."""
+    marker, t0, told = files.plan_ready(token), time.monotonic(), 0.0
+    while not marker.exists():
+        if time.monotonic() - told > 60:
+            log.info("waiting for rank 0 to plan the job (%.0f s so far)", time.monotonic() - t0)
+            told = time.monotonic()
+        time.sleep(_POLL_S)
+    ready = json.loads(marker.read_text(encoding="utf-8"))
+    if "error" in ready:
+        raise CacheError(f"rank 0 could not plan the job: {ready['error']}")
+
+
 def _compute_shard(
-    plan: Plan, shard: int, encoder, writer: CacheWriter, bar, work: dict, t_work: float
+    plan: StoredPlan, shard: int, encoder, writer: CacheWriter, fetcher: RowFetcher, bar, work: dict, t_work: float
 ) -> _ShardArrays:
     """Encode the texts shard ``shard`` owns and copy the others from their owner rows.
 
@@ -262,18 +334,14 @@ def _compute_shard(
         vectors=np.zeros((n, f, d), np.float16), mask=np.zeros((n, f), bool),
         tokens=np.zeros((n, len(groups)), np.int32), truncated=np.zeros((n, len(groups)), bool),
     )
-    owned = plan.owned(shard)
+    owner = plan.owner(shard)
+    owned = owner == np.arange(rows.start, rows.stop)[:, None]
     enc_rows = np.flatnonzero(owned.any(axis=1))
     if len(enc_rows):
-        samples = [
-            {g: (plan.texts[rows.start + j][i] if owned[j, i] else None) for i, g in enumerate(groups)}
-            for j in enc_rows
-        ]
-        done = {"seq": 0, "tok": 0}
+        texts = plan.texts(shard, enc_rows, fetcher)
+        samples = [{g: (t[g] if owned[j, i] else None) for i, g in enumerate(groups)} for j, t in zip(enc_rows, texts)]
 
         def progress(n_seq: int, n_tok: int) -> None:
-            bar.update(n_seq - done["seq"])
-            done["seq"], done["tok"] = n_seq, n_tok
             bar.set_postfix(samples=work["samples"], tok_s=f"{(work['tokens'] + n_tok) / (time.perf_counter() - t_work):.0f}")
 
         enc = encoder.encode(samples, progress=progress)
@@ -286,14 +354,15 @@ def _compute_shard(
             out.mask[dst, fs] = enc.mask[sel, fs]
             out.tokens[dst, i] = enc.tokens[sel, col]
             out.truncated[dst, i] = enc.truncated[sel, col]
-    _copy_from_owners(plan, shard, encoder.prompt_set, owned, out, writer)
+    _copy_from_owners(plan, shard, encoder.prompt_set, owner, owned, out, writer)
     return out
 
 
-def _copy_from_owners(plan: Plan, shard: int, prompt_set, owned: np.ndarray, out: _ShardArrays, writer) -> None:
+def _copy_from_owners(
+    plan: StoredPlan, shard: int, prompt_set, owners: np.ndarray, owned: np.ndarray, out: _ShardArrays, writer
+) -> None:
     """Fill the shard's texts owned by other rows: same-shard owners from ``out``, earlier shards from disk."""
     rows = plan.layout.shard_range(shard)
-    owners = plan.owner[rows.start : rows.stop]
     copied = (owners >= 0) & ~owned
     if not copied.any():
         return
@@ -312,7 +381,7 @@ def _copy_from_owners(plan: Plan, shard: int, prompt_set, owned: np.ndarray, out
             out.mask[j, fs] = True
 
 
-def _read_owner_rows(plan: Plan, writer: CacheWriter, owner_rows: np.ndarray) -> dict:
+def _read_owner_rows(plan: StoredPlan, writer: CacheWriter, owner_rows: np.ndarray) -> dict:
     """Stored vectors, token counts and truncation flags of rows in earlier shards (waits for their markers)."""
     shards = sorted({int(r) // plan.layout.shard_rows for r in owner_rows})
     for s in shards:
@@ -320,39 +389,57 @@ def _read_owner_rows(plan: Plan, writer: CacheWriter, owner_rows: np.ndarray) ->
             log.info("waiting for shard %d (another rank) whose texts this shard reuses", s)
             while not writer.is_done(s):
                 time.sleep(_POLL_S)
-    vectors = writer.vectors.get_orthogonal_selection((owner_rows, slice(None), slice(None)))
+    vectors = writer.read_vectors(owner_rows)
     tokens = np.zeros((len(owner_rows), len(plan.groups)), np.int32)
     truncated = np.zeros((len(owner_rows), len(plan.groups)), bool)
     pos = {int(r): k for k, r in enumerate(owner_rows)}
+    columns = [ROW] + [c for g in plan.groups for c in (tokens_column(g), truncated_column(g))]
     for s in shards:
-        part = pq.read_table(writer.dir / "index" / f"shard-{s:05d}.parquet").to_pydict()
-        for k, r in enumerate(part["row"]):
+        part = pq.read_table(writer.files.index_part(s), columns=columns).to_pydict()
+        for k, r in enumerate(part[ROW]):
             if r in pos:
                 for i, g in enumerate(plan.groups):
-                    tokens[pos[r], i] = part[f"{g}_tokens"][k]
-                    truncated[pos[r], i] = part[f"{g}_truncated"][k]
+                    tokens[pos[r], i] = part[tokens_column(g)][k]
+                    truncated[pos[r], i] = part[truncated_column(g)][k]
     return {"pos": pos, "vectors": vectors, "tokens": tokens, "truncated": truncated}
 
 
-def _index_table(plan: Plan, shard: int, keys: list[str], rows: np.ndarray, arrays: _ShardArrays) -> pa.Table:
-    """The shard's index part: ``key``, ``row``, then per group ``{g}_sha1`` (cleaned text, null if absent),
-    ``{g}_tokens`` (packed sequence length, 0 if absent) and ``{g}_truncated``; keys in manifest order."""
+def _index_table(plan: StoredPlan, shard: int, keys: pa.Array, rows: np.ndarray, arrays: _ShardArrays) -> pa.Table:
+    """The shard's index part (:func:`pipeline.cache_files.index_schema`): ``key``, ``row``, then per group the
+    cleaned text's SHA-1 (null if absent), packed sequence length (0 if absent) and truncation flag; keys ordered
+    by row, then manifest order."""
     local = rows - plan.layout.shard_range(shard).start
-    cols: dict[str, pa.Array] = {"key": pa.array(keys, pa.string()), "row": pa.array(rows, pa.int64())}
+    hexes = plan.sha1_hex(shard, local)
+    cols: dict[str, pa.Array] = {KEY: keys, ROW: pa.array(rows, pa.int64())}
     for i, g in enumerate(plan.groups):
-        cols[f"{g}_sha1"] = pa.array([text_sha1(plan.texts[r][i]) for r in rows.tolist()], pa.string())
-        cols[f"{g}_tokens"] = pa.array(arrays.tokens[local, i], pa.int32())
-        cols[f"{g}_truncated"] = pa.array(arrays.truncated[local, i], pa.bool_())
-    return pa.table(cols)
+        cols[sha1_column(g)] = pa.array(hexes[g], pa.string())
+        cols[tokens_column(g)] = pa.array(arrays.tokens[local, i], pa.int32())
+        cols[truncated_column(g)] = pa.array(arrays.truncated[local, i], pa.bool_())
+    return pa.table(cols, schema=index_schema(plan.groups))
 
 
-def _remove_stale_temp_files(cache_dir: Path) -> None:
-    """Delete temporary files a killed writer left in ``index/`` and ``done/`` (hidden names, never read)."""
-    stale = [p for d in ("index", "done") for p in (cache_dir / d).glob(".*") if p.is_file()]
+def _facet_mask(plan: StoredPlan, prompt_set) -> np.ndarray:
+    """``bool [N, F]`` facet presence of every row, from the plan (a group's facets are present iff its text is)."""
+    mask = np.zeros((plan.layout.n_rows, len(prompt_set.facets)), bool)
+    for s in range(plan.layout.n_shards):
+        r = plan.layout.shard_range(s)
+        owner = plan.owner(s)
+        for i, g in enumerate(plan.groups):
+            mask[r.start : r.stop, prompt_set.facet_slice(g)] = (owner[:, i] >= 0)[:, None]
+    return mask
+
+
+def _remove_stale_temp_files(files: CacheFiles) -> None:
+    """Delete temporaries a killed writer left: hidden files in ``index/``, ``done/``, ``plan/`` and hidden
+    planning/lookup directories in the cache root (never read)."""
+    stale = [p for d in files.temp_dirs() if d.exists() for p in d.glob(".*") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
-    if stale:
-        log.info("removed %d temporary files of an interrupted run", len(stale))
+    dirs = [p for p in files.root.glob(".*") if p.is_dir() and p.name.startswith((".plan-", ".lookup-"))]
+    for p in dirs:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale or dirs:
+        log.info("removed %d temporary files of an interrupted run", len(stale) + len(dirs))
 
 
 def _warn_on_changed_batching(old: CacheMeta, new: CacheMeta) -> None:
@@ -375,27 +462,32 @@ def _combine_ranks(state, counts: dict[str, float]) -> dict[str, float]:
 
 
 def _summarize(
-    config: EmbedConfig, plan: Plan, prompt_set, totals: dict[str, int], world: int, wall: float
+    config: EmbedConfig, plan: StoredPlan, prompt_set, totals: dict[str, int], world: int, wall: float
 ) -> EmbedSummary:
-    absent = plan.absent_counts()
-    index = CacheReader(config.out).index
-    rows = index.column("row").to_numpy()
-    _, first = np.unique(rows, return_index=True)
-    trunc = {g: int(index.column(f"{g}_truncated").to_numpy(zero_copy_only=False)[first].sum()) for g in plan.groups}
-    any_trunc = np.zeros(len(first), bool)
-    for g in plan.groups:
-        any_trunc |= index.column(f"{g}_truncated").to_numpy(zero_copy_only=False)[first]
+    info = plan.info
+    files = CacheFiles(config.out)
+    trunc = dict.fromkeys(plan.groups, 0)
+    any_trunc = 0
+    for s in range(plan.layout.n_shards):  # one index part at a time; a row's keys all lie in its shard's part
+        if not files.index_part(s).exists():
+            continue
+        part = pq.read_table(files.index_part(s), columns=[ROW] + [truncated_column(g) for g in plan.groups])
+        _, first = np.unique(part.column(ROW).to_numpy(), return_index=True)
+        flags = np.stack([part.column(truncated_column(g)).to_numpy(zero_copy_only=False)[first] for g in plan.groups])
+        for g, f in zip(plan.groups, flags):
+            trunc[g] += int(f.sum())
+        any_trunc += int(flags.any(axis=0).sum())
     return EmbedSummary(
         cache=str(config.out),
-        samples=plan.n_samples,
-        empty_samples=len(plan.empty_keys),
-        keys=len(plan.keys),
-        rows=plan.n_rows,
-        dedup_ratio=round(len(plan.keys) / max(plan.n_rows, 1), 4),
-        unique_texts=plan.n_unique_texts,
-        absent_texts=absent,
-        absent_facets=sum(n * len(prompt_set.group(g).facet_names) for g, n in absent.items()),
-        truncated_rows=int(any_trunc.sum()),
+        samples=info.n_samples,
+        empty_samples=info.n_empty,
+        keys=info.n_keys,
+        rows=info.n_rows,
+        dedup_ratio=round(info.n_keys / max(info.n_rows, 1), 4),
+        unique_texts=info.n_unique_texts,
+        absent_texts=info.absent,
+        absent_facets=sum(n * len(prompt_set.group(g).facet_names) for g, n in info.absent.items()),
+        truncated_rows=any_trunc,
         truncated_texts=trunc,
         shards=plan.layout.n_shards,
         shards_written=totals["written"],

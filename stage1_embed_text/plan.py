@@ -1,36 +1,66 @@
-"""The embedding plan of a stage-1 job (SPEC §2.6): which rows exist, which keys point at them, who computes what.
+"""The embedding plan of a stage-1 job (SPEC §2.6, §11): which rows exist, which keys point at them, who computes what.
 
-From the manifest rows (in manifest order) the plan builds each sample's caption set, the three cleaned texts
-``(raw, short, long)`` (SPEC §2.1; ``None`` where absent), and
+From the manifest rows (in manifest order, after ``split`` and ``limit``) the planner cleans each sample's three
+captions ``(raw, short, long)`` (SPEC §2.1; absent = ``None``/empty/whitespace) and
 
-* drops samples whose three captions are all absent (counted, listed in :attr:`Plan.empty_keys`);
+* drops samples whose three captions are all absent (counted, a few examples kept);
 * dedupes identical caption sets: one cache **row** per distinct set, rows in first-occurrence order, many
   keys -> one row;
 * dedupes identical **texts** across rows: the packed sequence of group ``g`` with text ``t`` is computed
-  once, by the first row that has it (its *owner*, :attr:`Plan.owner`); other rows copy the owner's stored
-  float16 vectors, token count and truncation flag. Because a row only copies from rows before it, a shard
-  only depends on itself and earlier shards, and every stored byte is a function of the plan alone (the same
-  whatever process computes a shard, and whether the job was resumed).
+  once, by the first row that has it (its *owner*); other rows copy the owner's stored float16 vectors, token
+  count and truncation flag. A row only copies from rows before it, so a shard depends only on itself and
+  earlier shards, and every stored byte is a function of the plan alone (whatever process computes a shard,
+  and whether the job was resumed).
 
-The :attr:`Plan.plan_hash` digests the prompt set hash, every key with its row and every row's text hashes;
-a resumed job must arrive at the same hash (and layout) as the cache on disk.
+Deduplication works on fixed-size digests, never on strings held in dicts: a text is its SHA-1 (20 bytes) and
+a caption set is a 16-byte digest of its three text digests; rows and owners come from sorting those digests
+(equal 128-bit prefixes are taken as equal texts: a false match among 10^9 texts has probability ~10^-21).
+Memory at ``n`` kept samples: ~16 bytes per sample while rows are assigned, ~45 bytes per sample (key strings
+in Arrow, rows, a sort order) while keys are written, one group's 20-byte digests per row while owners are
+found; texts themselves are never held beyond one batch.
+
+The plan is computed once (:func:`make_plan`) and stored in the cache directory (:class:`pipeline.cache_files.
+CacheFiles`): ``plan.json`` (counts, layout, hash, the inputs it was made from), ``rows.parquet`` (per row: the
+manifest position of its first sample, each group's text SHA-1 and owner row) and ``keys.parquet`` (key, row,
+ordered by row); Parquet row group ``s`` of both files is cache shard ``s``, so a process reads only its shards'
+rows (:class:`StoredPlan`) and fetches their texts from the manifest by position.
+
+The plan hash digests the prompt set hash, the groups, every row's text digests and every kept key with its row
+(in manifest order); a resumed job must arrive at the same hash (and layout) as the cache on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
-from pipeline.cache import CacheLayout
+from manifests.schema import RowFetcher, iter_batches, read_manifest_info
+from pipeline.atomic import atomic_write_bytes
+from pipeline.cache import CacheError, CacheLayout
+from pipeline.cache_files import KEY, ROW, CacheFiles
 from stage1_embed_text.prompts import GROUPS, PromptSet, clean_caption
 
 log = logging.getLogger(__name__)
 
+PLAN_FORMAT = 2
 CAPTION_COLUMNS = {"raw": "raw_caption", "short": "short_caption", "long": "long_caption"}  # group -> manifest column
+DIGEST_BYTES = 20  # SHA-1 of a cleaned text
+SAMPLE = "sample"  # plan column: manifest position of a row's first sample
+_ABSENT = bytes(DIGEST_BYTES)
+_BATCH_ROWS = 65_536
 
 
 def text_sha1(text: str | None) -> str | None:
@@ -38,128 +68,461 @@ def text_sha1(text: str | None) -> str | None:
     return None if text is None else hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def digest_column(group: str) -> str:
+    """Plan column of a group's text SHA-1 (``fixed_size_binary(20)``, null if absent)."""
+    return f"{group}_digest"
+
+
+def owner_column(group: str) -> str:
+    """Plan column of the row that embeds a group's text (``int64``, ``-1`` if absent)."""
+    return f"{group}_owner"
+
+
 @dataclass
-class Plan:
-    """The deduplicated work of a job.
+class PlanInfo:
+    """What ``plan/plan.json`` holds.
 
     Attributes:
         groups: group names in the prompt set's storage order (e.g. ``("raw", "short", "long")``).
-        keys: kept sample keys, manifest order, ``n_keys`` of them.
-        key_rows: ``int64 [n_keys]``, cache row of each kept key.
-        texts: ``n_rows`` tuples of cleaned texts, one per group (``None`` = absent).
-        owner: ``int64 [n_rows, G]``, the row that computes group ``g``'s text of row ``r`` (``<= r``;
-            ``-1`` where absent).
-        empty_keys: keys of samples with no caption at all (no row, not in the cache index).
         n_samples: manifest rows considered (after ``split`` and ``limit``).
+        n_keys: kept sample keys (at least one caption); n_rows: distinct caption sets = cache rows.
+        n_empty: samples without any caption (no row, not in the cache index); empty_examples: up to 3 keys.
+        n_unique_texts: packed sequences the job embeds (one per distinct group text).
+        absent: ``{group: rows whose text of that group is absent}``.
         layout: rows per shard / chunk and the plan hash.
+        inputs: what the plan was made from (manifest, its parts' sizes and times, split, limit, prompt set);
+            a job whose inputs are equal reuses the stored plan instead of planning again.
     """
 
     groups: tuple[str, ...]
-    keys: list[str]
-    key_rows: np.ndarray
-    texts: list[tuple[str | None, ...]]
-    owner: np.ndarray
-    empty_keys: list[str]
     n_samples: int
+    n_keys: int
+    n_rows: int
+    n_empty: int
+    empty_examples: list[str]
+    n_unique_texts: int
+    absent: dict[str, int]
     layout: CacheLayout
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.texts)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    format: int = PLAN_FORMAT
 
     @property
     def plan_hash(self) -> str:
         return self.layout.plan_hash
 
-    @property
-    def n_unique_texts(self) -> int:
-        """Packed sequences the job embeds: one per distinct (group, text)."""
-        return int((self.owner == np.arange(self.n_rows)[:, None]).sum())
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["groups"] = list(self.groups)
+        return json.dumps(d, indent=2, ensure_ascii=False)
 
-    def absent_counts(self) -> dict[str, int]:
-        """Rows whose text of each group is absent, e.g. ``{"raw": 0, "short": 2, "long": 5}``."""
-        return {g: int((self.owner[:, i] < 0).sum()) for i, g in enumerate(self.groups)}
-
-    def shard_keys(self, shard: int) -> tuple[list[str], np.ndarray]:
-        """Keys (manifest order) whose rows lie in cache shard ``shard``, and those rows (``int64``)."""
-        rows = self.layout.shard_range(shard)
-        sel = np.flatnonzero((self.key_rows >= rows.start) & (self.key_rows < rows.stop))
-        return [self.keys[i] for i in sel], self.key_rows[sel]
-
-    def owned(self, shard: int) -> np.ndarray:
-        """``bool [n, G]``: which texts of shard ``shard``'s ``n`` rows those rows embed themselves."""
-        rows = self.layout.shard_range(shard)
-        return self.owner[rows.start : rows.stop] == np.arange(rows.start, rows.stop)[:, None]
+    @classmethod
+    def from_json(cls, text: str) -> PlanInfo:
+        d = json.loads(text)
+        d["groups"] = tuple(d["groups"])
+        d["layout"] = CacheLayout(**d["layout"])
+        return cls(**d)
 
 
-def build_plan(
-    samples: Iterable[tuple[str, str | None, str | None, str | None]],
+def plan_inputs(manifest_dir: str | Path, prompt_set: PromptSet, split: str | None, limit: int | None,
+                shard_rows: int, chunk_rows: int) -> dict[str, Any]:
+    """The inputs a plan depends on, comparable between runs: the manifest (path, ``manifest.json`` digest, each
+    part's size and modification time), split, limit, prompt set hash and row layout."""
+    info = read_manifest_info(manifest_dir)
+    root = Path(manifest_dir).resolve()
+    parts = []
+    for part in info.parts:
+        st = (root / part).stat()
+        parts.append([part, st.st_size, st.st_mtime_ns])
+    return {
+        "manifest": str(root),
+        "manifest_json_sha1": hashlib.sha1((root / "manifest.json").read_bytes()).hexdigest(),
+        "parts": parts, "split": split, "limit": limit, "prompt_set_hash": prompt_set.content_hash,
+        "groups": list(prompt_set.group_names), "shard_rows": shard_rows, "chunk_rows": chunk_rows,
+        "format": PLAN_FORMAT,
+    }
+
+
+def make_plan(
+    manifest_dir: str | Path,
     prompt_set: PromptSet,
+    cache_dir: str | Path,
     shard_rows: int = 4096,
     chunk_rows: int = 64,
-) -> Plan:
-    """Dedupe samples into cache rows and owned texts.
+    split: str | None = None,
+    limit: int | None = None,
+    progress: bool = False,
+) -> PlanInfo:
+    """Plan a job over a manifest and store the plan in ``cache_dir/plan`` (or reuse the stored one).
+
+    If ``cache_dir`` already holds a plan made from equal inputs (:func:`plan_inputs`), it is returned as is.
+    Otherwise the plan is computed into a hidden sibling directory and renamed into place, unless a plan with
+    the same hash is already there (then it is kept, byte for byte). A stored plan with another hash is replaced
+    only while the cache has no ``meta.json`` (nothing was embedded against it yet); otherwise
+    :class:`pipeline.cache.CacheIdentityError` is raised by the caller's layout check, not here.
 
     Args:
-        samples: ``(key, raw_caption, short_caption, long_caption)`` in manifest order; captions as stored in
-            the manifest (cleaned here; ``None``/empty/whitespace = absent).
-        prompt_set: the prompt set; only its groups are used (a group the set lacks is ignored), and its
-            content hash enters the plan hash.
+        manifest_dir: the manifest (SPEC §4).
+        prompt_set: the prompt set; only its groups are used, and its content hash enters the plan hash.
+        cache_dir: the cache directory (created if absent).
         shard_rows: rows per cache shard (the unit of work, resumption and multi-process split).
         chunk_rows: rows per Zarr chunk inside a shard; must divide ``shard_rows``.
+        split: only rows of this split; limit: only the first ``limit`` of those.
+        progress: show tqdm bars.
 
     Returns:
-        :class:`Plan`.
+        The :class:`PlanInfo` of the plan now stored in ``cache_dir/plan``.
 
     Raises:
         ValueError: ``shard_rows``/``chunk_rows`` not positive or ``chunk_rows`` not dividing ``shard_rows``.
+        manifests.schema.ManifestError: unfinished or malformed manifest.
     """
     if shard_rows <= 0 or chunk_rows <= 0 or shard_rows % chunk_rows:
         raise ValueError(f"need shard_rows > 0 and chunk_rows > 0 dividing it, got {shard_rows}, {chunk_rows}")
-    groups = prompt_set.group_names
-    row_of: dict[tuple[str | None, ...], int] = {}
-    text_owner: list[dict[str, int]] = [{} for _ in groups]
-    keys: list[str] = []
-    key_rows: list[int] = []
-    texts: list[tuple[str | None, ...]] = []
-    owner: list[list[int]] = []
-    empty: list[str] = []
-    n = 0
-    for sample in samples:
-        n += 1
-        key = sample[0]
-        cleaned = tuple(clean_caption(sample[1 + GROUPS.index(g)]) for g in groups)
-        if all(t is None for t in cleaned):
-            empty.append(key)
-            continue
-        row = row_of.get(cleaned)
-        if row is None:
-            row = row_of[cleaned] = len(texts)
-            texts.append(cleaned)
-            owner.append([-1 if t is None else text_owner[i].setdefault(t, row) for i, t in enumerate(cleaned)])
-        keys.append(key)
-        key_rows.append(row)
-    key_rows_arr = np.asarray(key_rows, dtype=np.int64)
-    owner_arr = np.asarray(owner, dtype=np.int64).reshape(len(texts), len(groups))
-    digest = _plan_hash(prompt_set.content_hash, groups, keys, key_rows, texts)
-    layout = CacheLayout(n_rows=len(texts), shard_rows=shard_rows, chunk_rows=chunk_rows, plan_hash=digest)
-    if empty:
-        log.info("%d of %d samples have no caption at all (no row), e.g. %s", len(empty), n, empty[:3])
-    plan = Plan(groups, keys, key_rows_arr, texts, owner_arr, empty, n, layout)
-    log.info(
-        "plan: %d samples -> %d keys -> %d rows (%d shards of %d); %d unique texts to embed",
-        n, len(keys), len(texts), layout.n_shards, shard_rows, plan.n_unique_texts,
-    )
-    return plan
+    files = CacheFiles(cache_dir)
+    inputs = plan_inputs(manifest_dir, prompt_set, split, limit, shard_rows, chunk_rows)
+    stored = _read_info(files)
+    if stored is not None and stored.inputs == inputs:
+        log.info("reusing the stored plan of %s (same manifest and arguments)", files.plan_dir)
+        return stored
+    files.root.mkdir(parents=True, exist_ok=True)
+    tmp = files.root / f".plan-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        info = _Planner(manifest_dir, prompt_set, tmp, shard_rows, chunk_rows, split, limit, progress).run()
+        info.inputs = inputs
+        (tmp / files.plan_json.name).write_text(info.to_json(), encoding="utf-8")
+        if stored is not None and stored.plan_hash == info.plan_hash:
+            atomic_write_bytes(files.plan_json, info.to_json().encode())  # same plan, newer inputs
+            return info
+        if stored is not None and files.meta.exists():
+            return info  # the caller's layout check names the difference; the stored plan stays
+        shutil.rmtree(files.plan_dir, ignore_errors=True)
+        os.rename(tmp, files.plan_dir)
+        return info
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _plan_hash(
-    prompt_hash: str, groups: tuple[str, ...], keys: list[str], key_rows: list[int], texts: list[tuple]
-) -> str:
-    h = hashlib.sha256()
-    h.update(f"{prompt_hash}\n{','.join(groups)}\n".encode())
-    for t in texts:
-        h.update(("|".join(text_sha1(x) or "-" for x in t) + "\n").encode())
-    for k, r in zip(keys, key_rows):
-        h.update(f"{len(k)}:{k}\t{r}\n".encode())
-    return "sha256:" + h.hexdigest()
+def _read_info(files: CacheFiles) -> PlanInfo | None:
+    if not (files.plan_json.exists() and files.plan_rows.exists() and files.plan_keys.exists()):
+        return None
+    try:
+        info = PlanInfo.from_json(files.plan_json.read_text(encoding="utf-8"))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return info if info.format == PLAN_FORMAT else None
+
+
+class _Planner:
+    """One planning pass: manifest -> digests -> rows -> owners -> ``rows.parquet``/``keys.parquet`` in ``out``."""
+
+    def __init__(self, manifest_dir, prompt_set: PromptSet, out: Path, shard_rows: int, chunk_rows: int,
+                 split: str | None, limit: int | None, progress: bool):
+        self.manifest_dir, self.out = manifest_dir, out
+        self.groups = prompt_set.group_names
+        self.prompt_hash = prompt_set.content_hash
+        self.shard_rows, self.chunk_rows = shard_rows, chunk_rows
+        self.split, self.limit, self.progress = split, limit, progress
+
+    def run(self) -> PlanInfo:
+        keys, positions, set_hi, set_lo, n_samples, empty = self._digest_pass()
+        key_row, row_first = _first_occurrence_rows(set_hi, set_lo)
+        del set_hi, set_lo
+        n_rows = len(row_first)
+        layout = CacheLayout(n_rows=n_rows, shard_rows=self.shard_rows, chunk_rows=self.chunk_rows, plan_hash="")
+        digest = hashlib.sha256(f"plan v{PLAN_FORMAT}\n{self.prompt_hash}\n{','.join(self.groups)}\n".encode())
+        absent, unique = {}, 0
+        for g in self.groups:
+            dig, present = self._row_digests(g, row_first)
+            owner = _owners(dig, present)
+            digest.update(g.encode() + present.tobytes() + dig[present].tobytes())
+            absent[g] = int((~present).sum())
+            unique += int((owner == np.arange(n_rows)).sum())
+            self._write_group(g, dig, present, owner)
+            del dig, present, owner
+        self._write_rows(positions[row_first] if n_rows else np.zeros(0, np.int64), layout)
+        del positions
+        self._write_keys(keys, key_row, layout, digest)
+        layout.plan_hash = "sha256:" + digest.hexdigest()
+        n_keys = len(key_row)
+        log.info("plan: %d samples -> %d keys -> %d rows (%d shards of %d); %d unique texts to embed",
+                 n_samples, n_keys, n_rows, layout.n_shards, self.shard_rows, unique)
+        if empty[0]:
+            log.info("%d of %d samples have no caption at all (no row), e.g. %s", empty[0], n_samples, empty[1])
+        return PlanInfo(self.groups, n_samples, n_keys, n_rows, empty[0], empty[1], unique, absent, layout)
+
+    # -- pass 1: clean, digest, keep keys (Arrow) and per-sample set digests ---------------------------------
+    def _digest_pass(self):
+        cols = [KEY, "split", *(CAPTION_COLUMNS[g] for g in self.groups)]
+        writer = pq.ParquetWriter(self.out / ".digests.parquet", _digest_schema(self.groups))
+        keys, positions, his, los = [], [], [], []
+        n_samples, n_empty, examples = 0, 0, []
+        total = read_manifest_info(self.manifest_dir).counts
+        total = total.get(self.split, 0) if self.split else total.get("total", sum(total.values()))
+        if self.limit is not None:
+            total = min(total, self.limit)
+        bar = tqdm(total=total, unit="sample", desc="plan", dynamic_ncols=True, disable=not self.progress)
+        for start, batch in iter_batches(self.manifest_dir, cols, _BATCH_ROWS):
+            pos = np.arange(start, start + batch.num_rows, dtype=np.int64)
+            if self.split is not None:
+                sel = pc.fill_null(pc.equal(batch.column("split"), self.split), False).to_numpy(zero_copy_only=False)
+                batch, pos = batch.filter(pa.array(sel)), pos[sel]
+            if self.limit is not None and n_samples + batch.num_rows > self.limit:
+                keep = self.limit - n_samples
+                batch, pos = batch.slice(0, keep), pos[:keep]
+            n_samples += batch.num_rows
+            texts = [batch.column(CAPTION_COLUMNS[g]).to_pylist() for g in self.groups]
+            n = batch.num_rows
+            dig = [[None] * n for _ in self.groups]
+            sets = bytearray(16 * n)
+            kept = np.zeros(n, bool)
+            for j in range(n):
+                h = hashlib.blake2b(digest_size=16)
+                any_text = False
+                for i in range(len(self.groups)):
+                    t = clean_caption(texts[i][j])
+                    if t is None:
+                        h.update(b"\x00" + _ABSENT)
+                    else:
+                        d = hashlib.sha1(t.encode("utf-8")).digest()
+                        dig[i][j] = d
+                        h.update(b"\x01" + d)
+                        any_text = True
+                kept[j] = any_text
+                sets[16 * j : 16 * j + 16] = h.digest()
+            bad = np.flatnonzero(~kept)
+            n_empty += len(bad)
+            examples += [batch.column(KEY)[int(b)].as_py() for b in bad[: max(0, 3 - len(examples))]]
+            two = np.frombuffer(bytes(sets), dtype=">u8").reshape(n, 2)[kept]
+            his.append(two[:, 0].astype(np.uint64))
+            los.append(two[:, 1].astype(np.uint64))
+            keys.append(batch.column(KEY).filter(pa.array(kept)).cast(pa.string()))
+            positions.append(pos[kept])
+            kept_idx = np.flatnonzero(kept)
+            writer.write_table(pa.table(
+                {digest_column(g): pa.array([dig[i][j] for j in kept_idx], pa.binary(DIGEST_BYTES))
+                 for i, g in enumerate(self.groups)},
+                schema=_digest_schema(self.groups),
+            ))
+            bar.update(n)
+            if self.limit is not None and n_samples >= self.limit:
+                break
+        bar.close()
+        writer.close()
+        keys_arr = pa.chunked_array(keys, pa.string()) if keys else pa.chunked_array([], pa.string())
+        cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+        return keys_arr, cat(positions, np.int64), cat(his, np.uint64), cat(los, np.uint64), n_samples, (n_empty, examples)
+
+    # -- owners per group ------------------------------------------------------------------------------------
+    def _row_digests(self, g: str, row_first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``uint8 [N, 20]`` digests of group ``g``'s text of every row (zeros if absent) and ``bool [N]`` presence."""
+        n = len(row_first)
+        dig = np.zeros((n, DIGEST_BYTES), np.uint8)
+        present = np.zeros(n, bool)
+        start = 0
+        for batch in pq.ParquetFile(self.out / ".digests.parquet").iter_batches(
+            batch_size=_BATCH_ROWS, columns=[digest_column(g)]
+        ):
+            lo, hi = np.searchsorted(row_first, [start, start + batch.num_rows])
+            if hi > lo:
+                col = batch.column(0).take(pa.array(row_first[lo:hi] - start))
+                ok = ~pc.is_null(col).to_numpy(zero_copy_only=False)
+                present[lo:hi] = ok
+                if ok.any():
+                    buf = col.filter(pa.array(ok))
+                    values = np.frombuffer(buf.buffers()[1], np.uint8)
+                    first = buf.offset * DIGEST_BYTES
+                    dig[np.arange(lo, hi)[ok]] = values[first : first + len(buf) * DIGEST_BYTES].reshape(-1, DIGEST_BYTES)
+            start += batch.num_rows
+        return dig, present
+
+    def _write_group(self, g: str, dig: np.ndarray, present: np.ndarray, owner: np.ndarray) -> None:
+        digests = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(DIGEST_BYTES), len(dig), [_validity(present), pa.py_buffer(dig.tobytes())]
+        )
+        table = pa.table({digest_column(g): digests, owner_column(g): pa.array(owner, pa.int64())})
+        pq.write_table(table, self.out / f".{g}.parquet", row_group_size=max(self.shard_rows, 1))
+
+    def _write_rows(self, first_positions: np.ndarray, layout: CacheLayout) -> None:
+        schema = _rows_schema(self.groups)
+        groups = {g: pq.ParquetFile(self.out / f".{g}.parquet") for g in self.groups}
+        with pq.ParquetWriter(self.out / "rows.parquet", schema) as writer:
+            for s in range(layout.n_shards):
+                r = layout.shard_range(s)
+                cols = {ROW: pa.array(np.arange(r.start, r.stop, dtype=np.int64)),
+                        SAMPLE: pa.array(first_positions[r.start : r.stop], pa.int64())}
+                for g, f in groups.items():
+                    part = f.read_row_group(s) if s < f.num_row_groups else None
+                    cols[digest_column(g)] = part.column(0) if part is not None else pa.array([], pa.binary(DIGEST_BYTES))
+                    cols[owner_column(g)] = part.column(1) if part is not None else pa.array([], pa.int64())
+                writer.write_table(pa.table(cols, schema=schema), row_group_size=max(len(r), 1))
+        for g in self.groups:
+            (self.out / f".{g}.parquet").unlink()
+        (self.out / ".digests.parquet").unlink()
+
+    def _write_keys(self, keys: pa.ChunkedArray, key_row: np.ndarray, layout: CacheLayout, digest) -> None:
+        lengths, data, rows = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        start = 0
+        for chunk in keys.chunks:  # manifest order: the keys and their rows enter the plan hash
+            lengths.update(pc.binary_length(chunk).to_numpy().astype("<i8").tobytes())
+            if len(chunk):
+                offs = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+                data.update(memoryview(chunk.buffers()[2])[offs[0] : offs[-1]])
+            rows.update(key_row[start : start + len(chunk)].astype("<i8").tobytes())
+            start += len(chunk)
+        digest.update(lengths.digest() + data.digest() + rows.digest())
+        order = np.argsort(key_row, kind="stable")
+        sorted_rows = key_row[order]
+        flat = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
+        schema = pa.schema([pa.field(KEY, pa.string()), pa.field(ROW, pa.int64())])
+        with pq.ParquetWriter(self.out / "keys.parquet", schema) as writer:
+            for s in range(layout.n_shards):
+                r = layout.shard_range(s)
+                a, b = np.searchsorted(sorted_rows, [r.start, r.stop])
+                table = pa.table({KEY: flat.take(pa.array(order[a:b])), ROW: pa.array(sorted_rows[a:b])}, schema=schema)
+                writer.write_table(table, row_group_size=max(b - a, 1))
+
+
+def _validity(present: np.ndarray) -> pa.Buffer | None:
+    if present.all():
+        return None
+    return pa.py_buffer(np.packbits(present, bitorder="little").tobytes())
+
+
+def _digest_schema(groups: tuple[str, ...]) -> pa.Schema:
+    return pa.schema([pa.field(digest_column(g), pa.binary(DIGEST_BYTES)) for g in groups])
+
+
+def _rows_schema(groups: tuple[str, ...]) -> pa.Schema:
+    fields = [pa.field(ROW, pa.int64()), pa.field(SAMPLE, pa.int64())]
+    for g in groups:
+        fields += [pa.field(digest_column(g), pa.binary(DIGEST_BYTES)), pa.field(owner_column(g), pa.int64())]
+    return pa.schema(fields)
+
+
+def _first_occurrence_rows(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``n`` samples from their 128-bit caption-set digests ``(hi, lo)`` (``uint64 [n]`` each).
+
+    Returns ``int64 [n]`` the row of each sample (rows numbered by first occurrence) and ``int64 [N]`` the sample
+    index of each row's first occurrence (ascending)."""
+    n = len(hi)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort((lo, hi))  # stable: equal digests stay in sample order
+    hs, ls = hi[order], lo[order]
+    starts = np.r_[True, (hs[1:] != hs[:-1]) | (ls[1:] != ls[:-1])]
+    run = np.cumsum(starts) - 1
+    first = order[starts]
+    row_of_run = np.empty(len(first), np.int64)
+    row_of_run[np.argsort(first, kind="stable")] = np.arange(len(first))
+    key_row = np.empty(n, np.int64)
+    key_row[order] = row_of_run[run]
+    return key_row, np.sort(first).astype(np.int64)
+
+
+def _owners(dig: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``int64 [N]``: for each row the first row with the same text digest (``dig uint8 [N, 20]``), -1 if absent."""
+    n = len(dig)
+    owner = np.full(n, -1, np.int64)
+    idx = np.flatnonzero(present)
+    if len(idx) == 0:
+        return owner
+    two = dig[idx, :16].copy().view(">u8").reshape(-1, 2)
+    hi, lo = two[:, 0].astype(np.uint64), two[:, 1].astype(np.uint64)
+    order = np.lexsort((lo, hi))
+    hs, ls = hi[order], lo[order]
+    starts = np.r_[True, (hs[1:] != hs[:-1]) | (ls[1:] != ls[:-1])]
+    run = np.cumsum(starts) - 1
+    first_of_run = idx[order[starts]]
+    owner[idx[order]] = first_of_run[run]
+    return owner
+
+
+class StoredPlan:
+    """Read a stored plan shard by shard (each process reads only the shards it computes).
+
+    Args:
+        cache_dir: a cache directory holding ``plan/``.
+
+    Raises:
+        pipeline.cache.CacheError: no plan, or one of another format.
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        self.files = CacheFiles(cache_dir)
+        info = _read_info(self.files)
+        if info is None:
+            raise CacheError(f"{cache_dir} holds no stage-1 plan of format {PLAN_FORMAT} (plan/plan.json)")
+        self.info = info
+        self._rows = pq.ParquetFile(self.files.plan_rows)
+        self._keys = pq.ParquetFile(self.files.plan_keys)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return self.info.groups
+
+    @property
+    def layout(self) -> CacheLayout:
+        return self.info.layout
+
+    def rows(self, shard: int) -> pa.Table:
+        """Shard ``shard``'s rows: ``row``, ``sample``, ``{g}_digest``, ``{g}_owner`` (see module docstring)."""
+        if self.info.n_rows == 0:
+            return _rows_schema(self.groups).empty_table()
+        return self._rows.read_row_group(shard)
+
+    def owner(self, shard: int) -> np.ndarray:
+        """``int64 [n, G]``: owner row of each group's text of the shard's ``n`` rows (``-1`` if absent)."""
+        t = self.rows(shard)
+        return np.stack([t.column(owner_column(g)).to_numpy() for g in self.groups], axis=1).reshape(-1, len(self.groups))
+
+    def keys(self, shard: int) -> tuple[pa.Array, np.ndarray]:
+        """Keys whose rows lie in shard ``shard`` (ordered by row, then manifest order) and those rows (``int64``)."""
+        if self.info.n_rows == 0:
+            return pa.array([], pa.string()), np.zeros(0, np.int64)
+        t = self._keys.read_row_group(shard)
+        return t.column(KEY).combine_chunks(), t.column(ROW).to_numpy()
+
+    def texts(self, shard: int, local_rows: np.ndarray, fetcher: RowFetcher) -> list[dict[str, str | None]]:
+        """The cleaned texts of rows ``local_rows`` (indices into the shard) as ``{group: text or None}``.
+
+        Texts are read from the manifest at each row's first sample and checked against the plan's digests.
+
+        Raises:
+            pipeline.cache.CacheError: a text differs from its digest (the manifest changed after planning).
+        """
+        t = self.rows(shard)
+        samples = t.column(SAMPLE).to_numpy()[local_rows]
+        captions = fetcher.take(samples)
+        out = []
+        cols = {g: captions.column(CAPTION_COLUMNS[g]).to_pylist() for g in self.groups}
+        digests = {g: t.column(digest_column(g)).to_pylist() for g in self.groups}
+        for k, j in enumerate(local_rows.tolist()):
+            row = {}
+            for g in self.groups:
+                text = clean_caption(cols[g][k])
+                want = digests[g][j]
+                got = None if text is None else hashlib.sha1(text.encode("utf-8")).digest()
+                if got != want:
+                    raise CacheError(
+                        f"manifest row {int(samples[k])} no longer matches the stored plan ({g} caption changed); "
+                        "the manifest was modified after planning: embed into a new cache directory"
+                    )
+                row[g] = text
+            out.append(row)
+        return out
+
+    def sha1_hex(self, shard: int, local_rows: np.ndarray) -> dict[str, list[str | None]]:
+        """Per group, the hex SHA-1 of the texts of rows ``local_rows`` of the shard (``None`` if absent)."""
+        t = self.rows(shard)
+        out = {}
+        for g in self.groups:
+            values = t.column(digest_column(g)).to_pylist()
+            out[g] = [None if values[j] is None else values[j].hex() for j in local_rows.tolist()]
+        return out
+
+
+__all__ = [
+    "CAPTION_COLUMNS", "GROUPS", "PlanInfo", "StoredPlan", "make_plan", "plan_inputs", "text_sha1",
+]

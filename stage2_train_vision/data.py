@@ -285,7 +285,7 @@ class StreamPairs(IterableDataset):
             for shard in self._my_shards(epoch):
                 for part in pq.ParquetFile(shard.path).iter_batches(batch_size=1024, columns=IMAGE_COLUMNS):
                     part = part.filter(pc.equal(part["split"], self.cfg.split))
-                    rows = self.reader.rows(part.column("key").to_pylist())
+                    rows = self.reader.rows(part.column("key"))
                     for row, r in zip(part.to_pylist(), rows.tolist()):
                         if r < 0:
                             continue
@@ -339,7 +339,7 @@ def stream_shards(cfg: DataConfig, reader: CacheReader) -> tuple[list[StreamShar
     for part in info.parts:
         path = Path(cfg.manifest) / part
         table = pq.read_table(path, columns=["key", "split"])
-        keys = table.filter(pc.equal(table["split"], cfg.split)).column("key").to_pylist()
+        keys = table.filter(pc.equal(table["split"], cfg.split)).column("key")
         n_ok = int((reader.rows(keys) >= 0).sum())
         n_split += len(keys)
         skipped["missing_vector"] += len(keys) - n_ok

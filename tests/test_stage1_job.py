@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from stage1_tiny import tiny_causal_lm, tiny_tokenizer
 
-from manifests.schema import ManifestWriter
+from manifests.schema import ManifestWriter, RowFetcher
 from pipeline.cache import CacheIdentityError, CacheReader
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.job import EmbedConfig, run_embed
 from stage1_embed_text.llm import load_llm
-from stage1_embed_text.plan import build_plan
+from stage1_embed_text.plan import StoredPlan, make_plan
 from stage1_embed_text.prompts import FLAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,23 +98,54 @@ def _files(cache: Path) -> dict[str, bytes]:
     return out
 
 
-def test_plan_dedupes_rows_and_texts():
-    plan = build_plan(SAMPLES, FLAME, shard_rows=2, chunk_rows=1)
-    assert plan.keys == ["k0", "k1", "k4", "k5", "k6", "k7", "k8"]
-    assert plan.key_rows.tolist() == [0, 0, 1, 2, 3, 1, 4]
-    assert plan.empty_keys == ["k2", "k3"] and plan.n_samples == 9
-    assert plan.texts[3] == ("say 'hi'.", None, None)
-    assert plan.owner.tolist() == [[0, 0, 0], [1, -1, 1], [0, 0, 2], [3, -1, -1], [4, 4, 4]]
-    assert plan.n_unique_texts == 10
-    assert plan.absent_counts() == {"raw": 0, "short": 2, "long": 1}
-    keys, rows = plan.shard_keys(1)
-    assert plan.layout.n_shards == 3 and keys == ["k5", "k6"] and rows.tolist() == [2, 3]
-    assert plan.owned(1).tolist() == [[False, False, True], [True, False, False]]
-    again = build_plan(SAMPLES, FLAME, shard_rows=2, chunk_rows=1)
-    assert again.plan_hash == plan.plan_hash
-    assert build_plan(SAMPLES[:-1], FLAME, shard_rows=2, chunk_rows=1).plan_hash != plan.plan_hash
+def _plan(tmp_path, samples, name="cache", **kw):
+    manifest = _write_manifest(tmp_path / f"manifest-{name}", samples)
+    info = make_plan(manifest, FLAME, tmp_path / name, **({"shard_rows": 2, "chunk_rows": 1} | kw))
+    return manifest, info, StoredPlan(tmp_path / name)
+
+
+def test_plan_dedupes_rows_and_texts(tmp_path):
+    manifest, info, plan = _plan(tmp_path, SAMPLES)
+    keys = [k for s in range(3) for k in plan.keys(s)[0].to_pylist()]
+    rows = [r for s in range(3) for r in plan.keys(s)[1].tolist()]
+    assert keys == ["k0", "k1", "k4", "k7", "k5", "k6", "k8"] and rows == [0, 0, 1, 1, 2, 3, 4]
+    assert (info.n_samples, info.n_keys, info.n_rows, info.n_empty) == (9, 7, 5, 2)
+    assert info.empty_examples == ["k2", "k3"]
+    fetcher = RowFetcher(manifest, ["raw_caption", "short_caption", "long_caption"])
+    assert plan.texts(1, np.array([1]), fetcher) == [{"raw": "say 'hi'.", "short": None, "long": None}]
+    assert plan.texts(0, np.array([0]), fetcher)[0]["long"] == "A red apple lies on a wooden table in the sun."
+    owner = np.concatenate([plan.owner(s) for s in range(3)])
+    assert owner.tolist() == [[0, 0, 0], [1, -1, 1], [0, 0, 2], [3, -1, -1], [4, 4, 4]]
+    assert plan.rows(1).column("sample").to_pylist() == [5, 6]  # manifest positions of k5 and k6
+    assert info.n_unique_texts == 10 and info.absent == {"raw": 0, "short": 2, "long": 1}
+    assert info.layout.n_shards == 3 and plan.keys(1)[0].to_pylist() == ["k5", "k6"]
+
+    again = make_plan(manifest, FLAME, tmp_path / "again", shard_rows=2, chunk_rows=1)
+    assert again.plan_hash == info.plan_hash
+    for name in ("rows.parquet", "keys.parquet"):
+        assert (tmp_path / "again/plan" / name).read_bytes() == (tmp_path / "cache/plan" / name).read_bytes()
+    before = (tmp_path / "cache/plan/plan.json").stat().st_mtime_ns
+    assert make_plan(manifest, FLAME, tmp_path / "cache", shard_rows=2, chunk_rows=1) == info  # reused as is
+    assert (tmp_path / "cache/plan/plan.json").stat().st_mtime_ns == before
+    _, fewer, _ = _plan(tmp_path, SAMPLES[:-1], name="fewer")
+    assert fewer.plan_hash != info.plan_hash
+    _, swapped, _ = _plan(tmp_path, [SAMPLES[1], SAMPLES[0], *SAMPLES[2:]], name="swapped")
+    assert swapped.plan_hash != info.plan_hash  # same rows, other keys -> rows
     with pytest.raises(ValueError, match="chunk_rows > 0 dividing it"):
-        build_plan(SAMPLES, FLAME, shard_rows=4, chunk_rows=3)
+        make_plan(manifest, FLAME, tmp_path / "bad", shard_rows=4, chunk_rows=3)
+
+
+def test_plan_with_split_and_limit_counts_manifest_positions(tmp_path):
+    w = ManifestWriter(tmp_path / "m", {"name": "test", "args": {}}, rows_per_part=3)
+    for i in range(10):
+        w.add({"key": f"k{i}", "raw_caption": f"text {i % 4}", "split": "test" if i % 3 == 0 else "train"})
+    w.close()
+    info = make_plan(tmp_path / "m", FLAME, tmp_path / "c", shard_rows=2, chunk_rows=1, split="train", limit=5)
+    plan = StoredPlan(tmp_path / "c")
+    # train rows: k1 k2 k4 k5 k7 (limit 5); texts 1 2 0 1 3 -> rows 0 1 2 0 3
+    assert (info.n_samples, info.n_keys, info.n_rows) == (5, 5, 4)
+    assert [plan.keys(s)[0].to_pylist() for s in range(2)] == [["k1", "k5", "k2"], ["k4", "k7"]]
+    assert [plan.rows(s).column("sample").to_pylist() for s in range(2)] == [[1, 2], [4, 7]]
 
 
 def test_job_writes_deduplicated_cache_equal_to_encoder(env, tmp_path):
@@ -226,7 +257,7 @@ def test_resume_after_sigkill_gives_identical_cache(env, reference, tmp_path):
 
 def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
     manifest, ref = reference
-    shard1 = build_plan(_big_samples(), FLAME, shard_rows=2, chunk_rows=1).owner[2:4]
+    shard1 = _plan(tmp_path, _big_samples(), name="plan-only")[2].owner(1)
     assert shard1[0].tolist() == [1, 1, 2]  # rank 1's shard 1 copies texts of rank 0's shard 0
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -1,0 +1,247 @@
+"""Key -> row lookup of a cache with no Python object per key (SPEC §11), memory-mapped from ``lookup/``.
+
+A cache maps millions of sample keys to rows. Holding them in a ``dict`` costs ~100 bytes per key in every process
+and DataLoader worker (6 GB at 15M keys) and minutes to build on every open. Instead the lookup is built once,
+when the cache is complete, into plain files that every process memory-maps::
+
+    lookup/lookup.json   format, hash function, counts, the plan hash it belongs to, a probe key and its hash
+    lookup/hashes.npy    uint64 [K]  64-bit key hashes, sorted ascending
+    lookup/order.npy     int64  [K]  position in ``keys.arrow`` of each sorted hash
+    lookup/rows.npy      int64  [K]  cache row of each key, in ``keys.arrow`` order
+    lookup/keys.arrow    Arrow IPC file, one string column ``key`` (batches of up to 2^20 keys)
+    lookup/mask.npy      bool   [N, F] facet presence of each row (the same values as ``store.zarr/mask``)
+
+A query hashes its keys (``pandas.util.hash_array``: SipHash-2-4 of the UTF-8 bytes with pandas' fixed key),
+binary-searches the sorted hashes and then **compares the stored key strings** with the queried ones, so a hash
+collision can never return another key's row: lookups are exact. Opening maps the files (milliseconds at any
+size); a read of 3,072 keys touches a few pages per key. Resident memory grows only with the pages touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+HASH_FUNCTION = "pandas.util.hash_array(categorize=False): siphash-2-4, utf-8, key 0123456789123456"
+KEYS_PER_BATCH = 1 << 20
+LOOKUP_JSON = "lookup.json"
+
+
+def key_hashes(keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes of sample keys, ``uint64 [B]`` (stable across processes, machines and runs)."""
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        values = keys.to_numpy(zero_copy_only=False)
+    else:
+        values = np.empty(len(keys), dtype=object)
+        values[:] = list(keys)
+    if len(values) == 0:
+        return np.zeros(0, np.uint64)
+    return pd.util.hash_array(values, categorize=False)
+
+
+class KeyLookup:
+    """Exact key -> row lookup and per-row facet mask over (usually memory-mapped) arrays.
+
+    Attributes:
+        info: the ``lookup.json`` content (``keys``, ``rows``, ``facets``, ``plan_hash``...).
+        mask: ``bool [N, F]`` facet presence by row.
+    """
+
+    def __init__(self, hashes: np.ndarray, order: np.ndarray, key_rows: np.ndarray, keys: pa.ChunkedArray,
+                 mask: np.ndarray, info: dict[str, Any]):
+        self.hashes, self.order, self.key_rows, self.keys = hashes, order, key_rows, keys
+        self.mask, self.info = mask, info
+        lengths = [len(c) for c in keys.chunks]
+        self._chunk_starts = np.cumsum([0] + lengths)[:-1].astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @classmethod
+    def open(cls, lookup_dir: Path, plan_hash: str) -> KeyLookup | None:
+        """Memory-map a lookup; ``None`` if it is absent, of another format or plan, or its probe hash differs
+        (a hash function that changed between versions), so the caller rebuilds it."""
+        path = Path(lookup_dir) / LOOKUP_JSON
+        if not path.exists():
+            return None
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if info.get("format") != FORMAT or info.get("plan_hash") != plan_hash or info.get("hash") != HASH_FUNCTION:
+            return None
+        probe = info.get("probe")
+        if probe and int(key_hashes([probe["key"]])[0]) != int(probe["hash"]):
+            log.warning("key hashes of this environment differ from those of %s; rebuilding the lookup", lookup_dir)
+            return None
+        load = lambda name: np.load(Path(lookup_dir) / name, mmap_mode="r")  # noqa: E731
+        keys = pa.ipc.open_file(pa.memory_map(str(Path(lookup_dir) / "keys.arrow"))).read_all().column("key")
+        return cls(load("hashes.npy"), load("order.npy"), load("rows.npy"), keys, load("mask.npy"), info)
+
+    @classmethod
+    def build(
+        cls, parts: Iterable[pa.Table], mask: np.ndarray, plan_hash: str, out_dir: Path | None = None
+    ) -> KeyLookup:
+        """Build the lookup from index parts (tables with ``key`` and ``row``), in memory or into ``out_dir``.
+
+        Args:
+            parts: the index parts in shard order; keys must be unique across them.
+            mask: ``bool [N, F]`` facet presence of every row.
+            plan_hash: the cache's plan hash (a lookup of another plan is never used).
+            out_dir: where to store it (written to a hidden sibling, then renamed into place; if another process
+                got there first, its copy is used); ``None`` keeps it in memory only.
+
+        Memory: ~40 bytes per key (hashes, rows, their sort) plus up to 2^20 keys' strings at a time.
+
+        Raises:
+            ValueError: a key occurs twice (in two index parts).
+        """
+        tmp = None
+        if out_dir is not None:
+            tmp = out_dir.with_name(f".{out_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir(parents=True)
+        hashes, rows, batches, pending, n = [], [], [], [], 0
+        writer = None
+        try:
+            schema = pa.schema([pa.field("key", pa.string())])
+            if tmp is not None:
+                writer = pa.ipc.new_file(str(tmp / "keys.arrow"), schema)
+
+            def flush() -> None:
+                if not pending:
+                    return
+                batch = pa.record_batch([pa.concat_arrays(pending)], schema=schema)
+                pending.clear()
+                if writer is not None:
+                    writer.write_batch(batch)
+                else:
+                    batches.append(batch)
+
+            for part in parts:
+                key_col = part.column("key").combine_chunks().cast(pa.string())
+                hashes.append(key_hashes(key_col))
+                rows.append(part.column("row").to_numpy().astype(np.int64))
+                pending.append(key_col)
+                n += len(key_col)
+                if sum(len(a) for a in pending) >= KEYS_PER_BATCH:
+                    flush()
+            flush()
+            if writer is not None:
+                writer.close()
+            all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+            del hashes
+            order = np.argsort(all_hashes, kind="stable")
+            sorted_hashes = all_hashes[order]
+            del all_hashes
+            key_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+            info = {"format": FORMAT, "hash": HASH_FUNCTION, "keys": int(n), "rows": int(mask.shape[0]),
+                    "facets": int(mask.shape[1]) if mask.ndim == 2 else 0, "plan_hash": plan_hash}
+            if tmp is None:
+                keys = pa.chunked_array(batches and [b.column(0) for b in batches] or [pa.array([], pa.string())])
+                lookup = cls(sorted_hashes, order.astype(np.int64), key_rows, keys, np.asarray(mask, bool), info)
+                lookup._check_unique()
+                return lookup
+            first = None
+            if n:
+                reader = pa.ipc.open_file(pa.memory_map(str(tmp / "keys.arrow")))
+                first = reader.get_batch(0).column(0)[0].as_py()
+                info["probe"] = {"key": first, "hash": str(int(key_hashes([first])[0]))}
+            np.save(tmp / "hashes.npy", sorted_hashes)
+            np.save(tmp / "order.npy", order.astype(np.int64))
+            np.save(tmp / "rows.npy", key_rows)
+            np.save(tmp / "mask.npy", np.asarray(mask, bool))
+            (tmp / LOOKUP_JSON).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+            del sorted_hashes, order, key_rows
+            try:
+                os.rename(tmp, out_dir)
+                tmp = None
+            except OSError:  # another process stored it first (or a stale one is in the way)
+                if (out_dir / LOOKUP_JSON).exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp = None
+                else:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                    os.rename(tmp, out_dir)
+                    tmp = None
+            lookup = cls.open(out_dir, plan_hash)
+            if lookup is None:
+                raise ValueError(f"the key lookup just written to {out_dir} does not open")
+            lookup._check_unique()
+            return lookup
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _check_unique(self) -> None:
+        """Raise ``ValueError`` if a key occurs twice (equal hashes whose key strings are equal)."""
+        same = np.flatnonzero(self.hashes[1:] == self.hashes[:-1])
+        if len(same) == 0:
+            return
+        a, b = self._keys_at(self.order[same]), self._keys_at(self.order[same + 1])
+        dup = np.flatnonzero(pc.equal(a, b).to_numpy(zero_copy_only=False))
+        if len(dup):
+            raise ValueError(f"{len(dup)} keys occur twice in the cache index, e.g. {a[int(dup[0])].as_py()!r}")
+
+    def _keys_at(self, positions: np.ndarray) -> pa.Array:
+        """The stored keys at ``positions`` (``int64 [B]``, ``keys.arrow`` order), in that order."""
+        positions = np.asarray(positions, np.int64)
+        if len(positions) == 0:
+            return pa.array([], pa.string())
+        chunk = np.searchsorted(self._chunk_starts, positions, side="right") - 1
+        if len(self._chunk_starts) == 1:
+            return self.keys.chunk(0).take(pa.array(positions))
+        parts, where = [], []
+        for c in np.unique(chunk):
+            sel = np.flatnonzero(chunk == c)
+            parts.append(self.keys.chunk(int(c)).take(pa.array(positions[sel] - self._chunk_starts[c])))
+            where.append(sel)
+        gathered = pa.concat_arrays(parts)
+        inverse = np.empty(len(positions), np.int64)
+        inverse[np.concatenate(where)] = np.arange(len(positions))
+        return gathered.take(pa.array(inverse))
+
+    def rows(self, keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Cache row of each key, ``int64 [B]``; ``-1`` for keys not in the cache."""
+        query = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(list(keys), pa.string())
+        if isinstance(query, pa.ChunkedArray):
+            query = query.combine_chunks()
+        query = query.cast(pa.string())
+        out = np.full(len(query), -1, np.int64)
+        n = len(self.hashes)
+        if n == 0 or len(query) == 0:
+            return out
+        h = key_hashes(query)
+        at = np.minimum(np.searchsorted(self.hashes, h), n - 1)
+        cand = np.flatnonzero(self.hashes[at] == h)
+        if len(cand) == 0:
+            return out
+        pos = np.asarray(self.order[at[cand]])
+        same = pc.equal(self._keys_at(pos), query.take(pa.array(cand))).to_numpy(zero_copy_only=False)
+        out[cand[same]] = np.asarray(self.key_rows[pos[same]])
+        for j in cand[~same]:  # another key with the same 64-bit hash: look at its equal-hash neighbours
+            k = int(at[j]) + 1
+            while k < n and self.hashes[k] == h[j]:
+                p = int(self.order[k])
+                if self._keys_at(np.array([p]))[0].as_py() == query[int(j)].as_py():
+                    out[j] = int(self.key_rows[p])
+                    break
+                k += 1
+        return out
+
+    def all_keys(self) -> Iterable[tuple[pa.Array, np.ndarray]]:
+        """``(keys, rows int64)`` batch by batch, in index order (up to 2^20 keys a batch)."""
+        start = 0
+        for chunk in self.keys.chunks:
+            yield chunk, np.asarray(self.key_rows[start : start + len(chunk)])
+            start += len(chunk)
