@@ -11,6 +11,7 @@ This module is the one owner of the cache's file layout; every other module asks
     plan/rows.parquet             one row per cache row: first manifest sample, per group text SHA-1 and owner row;
                                   Parquet row group S = cache shard S
     plan/keys.parquet             (key, row) of every kept sample, ordered by row; row group S = cache shard S
+    writer.lock                   the running job's lock (host, pid), removed when it ends
     lookup/                       the compact key -> row lookup and facet mask readers memory-map
                                   (:mod:`pipeline.key_lookup`), built once when the cache is complete
 
@@ -117,6 +118,11 @@ class CacheFiles:
     def plan_ready(self, token: str) -> Path:
         """Hidden marker by which the planning process tells the others that the plan of run ``token`` is there."""
         return self.plan_dir / f".ready-{token}.json"
+
+    @property
+    def lock(self) -> Path:
+        """The writing job's lock (:class:`pipeline.cache.CacheLock`), present only while a job runs."""
+        return self.root / "writer.lock"
 
     @property
     def lookup_dir(self) -> Path:

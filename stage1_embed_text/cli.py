@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--position-mode", choices=("restart", "continuous"), default="restart")
     p.add_argument("--shard-rows", type=int, default=DEFAULTS["shard_rows"], help="cache rows per shard")
     p.add_argument("--chunk-rows", type=int, default=DEFAULTS["chunk_rows"], help="rows per Zarr chunk")
+    p.add_argument("--plan-only", action="store_true",
+                   help="only plan the job (dedupe, rows, owners) into OUT/plan and exit; no LLM is loaded. "
+                   "A later `flame embed` with the same arguments reuses that plan (e.g. plan once on a CPU "
+                   "node, then embed on many GPU nodes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -66,9 +70,17 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the job; print its summary on rank 0. Returns 0, or 2 when ``--backend vllm`` cannot run here."""
-    from stage1_embed_text.job import run_embed
+    from stage1_embed_text.job import plan_job, run_embed
     from stage1_embed_text.vllm_backend import VllmUnavailableError
 
+    if args.plan_only:
+        info = plan_job(config_from_args(args))
+        print(
+            f"flame embed --plan-only: {info.n_samples} samples -> {info.n_keys} keys -> {info.n_rows} rows "
+            f"({info.layout.n_shards} shards), {info.n_unique_texts} unique texts to embed; "
+            f"{info.n_empty} samples without captions -> {args.out}/plan"
+        )
+        return 0
     try:
         summary = run_embed(config_from_args(args))
     except VllmUnavailableError as e:

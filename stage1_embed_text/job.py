@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import shutil
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from manifests.schema import RowFetcher
 from pipeline.atomic import atomic_write_bytes
-from pipeline.cache import CacheError, CacheMeta, CacheWriter
+from pipeline.cache import CacheError, CacheLock, CacheMeta, CacheWriter
 from pipeline.cache_files import (
     KEY,
     ROW,
@@ -227,13 +228,30 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
 
     read_manifest_info(config.manifest)  # refuse a missing or unfinished manifest before loading the LLM
     state = PartialState(cpu=not torch.cuda.is_available())
-    rank, world = state.process_index, state.num_processes
     files = CacheFiles(config.out)
     token = _run_token(state)
     encoder = build_encoder(config, state.device)
+    lock = CacheLock(files) if state.process_index == 0 else None
+    try:
+        return _run(config, state, files, token, encoder, lock, t0)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        done = len(list(files.done_dir.glob("shard-*.json"))) if files.done_dir.exists() else 0
+        raise CacheError(
+            f"no space left on the device writing {exc.filename or config.out}: the {done} finished shards are "
+            "kept; free space and rerun the same command to finish the cache"
+        ) from exc
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config: EmbedConfig, state, files: CacheFiles, token: str, encoder, lock, t0: float) -> EmbedSummary:
+    rank, world = state.process_index, state.num_processes
     prompt_set = encoder.prompt_set
     if rank == 0:
-        _plan_and_create(config, encoder, files, token)
+        _plan_and_create(config, encoder, files, token, lock, world)
     else:
         _wait_for_plan(files, token)
     state.wait_for_everyone()
@@ -295,14 +313,16 @@ def _cache_meta(config: EmbedConfig, encoder, info: PlanInfo) -> CacheMeta:
     )
 
 
-def _plan_and_create(config: EmbedConfig, encoder, files: CacheFiles, token: str) -> None:
-    """Rank 0: plan, create (or check) the cache, then write the plan-ready marker (with the error, if any)."""
+def _plan_and_create(config: EmbedConfig, encoder, files: CacheFiles, token: str, lock: CacheLock, world: int) -> None:
+    """Rank 0: take the cache's lock, plan, create (or check) the cache, remove a killed run's temporaries, then
+    write the plan-ready marker (with the error, if any, so that the other ranks stop too)."""
     try:
+        lock.acquire()
         info = plan_job(config, encoder.prompt_set)
         CacheWriter.create(config.out, _cache_meta(config, encoder, info))
         _remove_stale_temp_files(files)
     except Exception as exc:
-        if files.plan_dir.exists():
+        if world > 1:
             atomic_write_bytes(files.plan_ready(token), json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
         raise
     atomic_write_bytes(files.plan_ready(token), json.dumps({"plan_hash": info.plan_hash}).encode())

@@ -260,6 +260,12 @@ def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
     shard1 = _plan(tmp_path, _big_samples(), name="plan-only")[2].owner(1)
     assert shard1[0].tolist() == [1, 1, 2]  # rank 1's shard 1 copies texts of rank 0's shard 0
     out = tmp_path / "two"
+    # plan once (no LLM), as on a CPU node before a multi-node job; both ranks then reuse that plan as it is
+    plan = subprocess.run([sys.executable, "-m", "stage1_embed_text", *_cli(env, manifest, out), "--plan-only"],
+                          env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0 and "24 samples -> 24 keys -> 18 rows (9 shards)" in plan.stdout, plan.stderr[-2000:]
+    assert not (out / "meta.json").exists()
+    planned = (out / "plan" / "plan.json").stat().st_mtime_ns
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "stage1_embed_text", *_cli(env, manifest, out)]
@@ -267,4 +273,55 @@ def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["world_size"], summary["shards_written"], summary["rows"]) == (2, 9, 18)
+    assert (out / "plan" / "plan.json").stat().st_mtime_ns == planned
     assert _files(out) == _files(ref)
+
+
+def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, tmp_path, capsys):
+    import socket
+
+    from pipeline.cli import main
+
+    manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = cache / "writer.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "t0"}))
+    args = ["embed", *_cli(env, manifest, cache)]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flame")]
+    assert err == [f"flame embed: cache {cache} is being written by process {os.getpid()} on "
+                   f"{socket.gethostname()} since t0; wait for that job, or delete {lock} if it is dead"]
+    assert sorted(p.name for p in cache.iterdir()) == ["writer.lock"]  # nothing planned, nothing deleted
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "t0"}))
+    assert main(args) == 0
+    assert not lock.exists() and len(CacheReader(cache)) == 7
+
+
+def test_disk_full_is_one_line_and_a_rerun_finishes_the_same_cache(env, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from pipeline.cache import CacheWriter
+    from pipeline.cli import main
+
+    manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
+    ref, cache = tmp_path / "ref", tmp_path / "cache"
+    assert main(["embed", *_cli(env, manifest, ref)]) == 0
+    write = CacheWriter.write_shard
+
+    def full_after_one(self, shard, *a, **kw):
+        if shard > 0:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.files.index_part(shard)))
+        return write(self, shard, *a, **kw)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", full_after_one)
+    capsys.readouterr()
+    assert main(["embed", *_cli(env, manifest, cache)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flame")]
+    assert err == [f"flame embed: no space left on the device writing {cache / 'index/shard-00001.parquet'}: the 1 "
+                   "finished shards are kept; free space and rerun the same command to finish the cache"]
+    monkeypatch.setattr(CacheWriter, "write_shard", write)
+    assert main(["embed", *_cli(env, manifest, cache)]) == 0
+    assert _files(cache) == _files(ref)
