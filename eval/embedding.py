@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from eval.text_cache import TextVectorCache
+from manifests.images import UndecodableImageError
+from manifests.schema import ManifestError
 from pipeline.cache import IDENTITY_KEYS, CacheIdentityError
 
 log = logging.getLogger(__name__)
@@ -29,47 +31,115 @@ TEXT_MODES = ("single", "multi")
 _NORM_TOL = 1e-2
 
 
+#: What opening a benchmark image may raise; each is a counted, logged skip (:func:`image_skip_reason`).
+IMAGE_ERRORS = (UndecodableImageError, ManifestError, OSError)
+#: Skipped images logged one by one; later ones are only counted.
+LOGGED_SKIPS = 10
+
+
+def image_skip_reason(exc: BaseException) -> str:
+    """The reason an image that failed to open is counted under.
+
+    ``undecodable_image`` (not an image, truncated, HTML saved as .jpg), ``image_too_large`` (over Pillow's
+    decompression-bomb limit), ``no_image`` (missing file or tar member, no reference) or ``unreadable_image``
+    (any other read error: permissions, a broken tar).
+    """
+    if isinstance(exc, UndecodableImageError):
+        return exc.reason
+    if isinstance(exc, (FileNotFoundError, ManifestError)):
+        return "no_image"
+    return "unreadable_image"
+
+
 class _ImageDataset(Dataset):
+    """Item ``i``: ``(i, float [3, H, W] tensor, None)``, or ``(i, None, (reason, message))`` if image ``i``
+    fails to open (decoding runs in DataLoader workers, so failures travel back as data, not exceptions)."""
+
     def __init__(self, images: Sequence[Any], transform: Callable):
         self.images, self.transform = images, transform
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(self.images[i].open())
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[str, str] | None]:
+        try:
+            image = self.images[i].open()
+        except IMAGE_ERRORS as exc:
+            return i, None, (image_skip_reason(exc), str(exc))
+        return i, self.transform(image), None
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, tuple[str, str] | None]]):
+    """``(indices of the decoded images, float [b, 3, H, W] or None, [(index, (reason, message))])``."""
+    decoded = [(i, x) for i, x, _ in items if x is not None]
+    failed = [(i, f) for i, _, f in items if f is not None]
+    return [i for i, _ in decoded], (torch.stack([x for _, x in decoded]) if decoded else None), failed
+
+
+class ImageEmbeddings(NamedTuple):
+    """What :func:`embed_images` returns.
+
+    Attributes:
+        embeddings: ``float32 [N, D]``, one row per input image in input order; rows of failed images are NaN.
+        features: ``float32 [N, W]`` pre-projector features (NaN rows likewise), or ``None``.
+        failed: ``{input index: (reason, message)}`` of the images that did not open (reasons of
+            :func:`image_skip_reason`).
+    """
+
+    embeddings: np.ndarray
+    features: np.ndarray | None
+    failed: dict[int, tuple[str, str]]
 
 
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, images: Sequence[Any], transform: Callable, batch_size: int = 64,
                  device: str | torch.device = "cpu", features: bool = False, workers: int = 0,
-                 desc: str = "images") -> tuple[np.ndarray, np.ndarray | None]:
-    """Embed images with the exported encoder.
+                 desc: str = "images") -> ImageEmbeddings:
+    """Embed images with the exported encoder; an image that does not open is skipped, logged and reported.
 
     Args:
         model: ``model(x) -> [B, D]`` (L2-normalized) and, if ``features``, ``model.features(x) -> [B, W]``.
-        images: objects with ``.open() -> PIL.Image`` (e.g. :class:`eval.benchmarks.base.ImageRef`).
+        images: objects with ``.open() -> PIL.Image`` (e.g. :class:`eval.benchmarks.base.ImageRef`) that raise
+            one of :data:`IMAGE_ERRORS` for a bad image.
         transform: PIL image -> ``float [3, H, W]`` tensor (``eval_transform(config["image"])``).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (fewer when some of a batch fail).
         device: where the model runs.
         features: also return the pre-projector features.
         workers: DataLoader worker processes decoding images.
-        desc: progress-bar label.
+        desc: progress-bar and log label.
 
     Returns:
-        ``float32 [N, D]`` embeddings and ``float32 [N, W]`` features (or ``None``).
+        :class:`ImageEmbeddings`; the first :data:`LOGGED_SKIPS` failures are logged as warnings.
     """
     model.eval().to(device)
-    loader = DataLoader(_ImageDataset(images, transform), batch_size=batch_size, num_workers=workers)
-    embs, feats = [], []
-    for x in tqdm(loader, desc=f"embed {desc}", unit="batch", leave=False):
+    loader = DataLoader(_ImageDataset(images, transform), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate)
+    kept: list[int] = []
+    embs: list[np.ndarray] = []
+    feats: list[np.ndarray] = []
+    failed: dict[int, tuple[str, str]] = {}
+    for ids, x, bad in tqdm(loader, desc=f"embed {desc}", unit="batch", leave=False):
+        for i, (reason, message) in bad:
+            if len(failed) < LOGGED_SKIPS:
+                log.warning("%s: skipping image %d (%s): %s", desc, i, reason, message)
+            failed[i] = (reason, message)
+        if x is None:
+            continue
         x = x.to(device)
+        kept.extend(ids)
         embs.append(model(x).float().cpu().numpy())
         if features:
             feats.append(model.features(x).float().cpu().numpy())
-    d = embs[0].shape[1] if embs else 0
-    emb = np.concatenate(embs) if embs else np.zeros((0, d), np.float32)
-    return emb, (np.concatenate(feats) if features and feats else None)
+    if len(failed) > LOGGED_SKIPS:
+        log.warning("%s: %d more images skipped, not logged one by one", desc, len(failed) - LOGGED_SKIPS)
+
+    def by_input_index(parts: list[np.ndarray]) -> np.ndarray:
+        out = np.full((len(images), parts[0].shape[1] if parts else 0), np.nan, np.float32)
+        if parts:
+            out[kept] = np.concatenate(parts)
+        return out
+
+    return ImageEmbeddings(by_input_index(embs), by_input_index(feats) if features else None, failed)
 
 
 def check_identity(expected: dict[str, Any], loaded: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 ``results.json``::
 
-    {"benchmark", "split", "data", "counts", "text_mode" (the override or null),
+    {"benchmark", "split", "data", "counts", "skipped", "text_mode" (the override or null),
      "model": {"dir", "config"}, "cache_identity", "package_version", "created",
      "tasks": {NAME: {"type", "text_mode", "kind"?, "lang"?, "counts", "metrics", "chance"}},
      "summary": {"multilingual_average": {"languages", "metrics", "chance"}}}   (when there are languages)
@@ -11,6 +11,10 @@ Metric keys follow CLIP_benchmark (``image_retrieval_recall@k`` = text->image, `
 image->text, ``acc1``, ``acc5``, ``mean_per_class_recall``); Winoground ``text_score``/``image_score``/
 ``group_score``; SugarCrepe ``acc``. Values are fractions; ``results.md`` prints percentages with the chance
 level beside every number.
+
+``counts`` are the sizes of the benchmark as loaded; ``skipped`` counts the images left out of every task
+because they did not open, by reason (``{"undecodable_image": 2, "image_too_large": 1}``, ``{}`` when none;
+reasons of :func:`eval.embedding.image_skip_reason`). Each task's own ``counts`` are what it was scored on.
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ def multilingual_average(results: list[TaskResult]) -> dict[str, Any] | None:
 
 
 def build_results(benchmark: str, split: str, data: str, counts: dict[str, int], text_mode: str | None,
-                  model_dir: str, config: dict[str, Any], results: list[TaskResult]) -> dict[str, Any]:
-    """The ``results.json`` document."""
+                  model_dir: str, config: dict[str, Any], results: list[TaskResult],
+                  skipped: dict[str, int] | None = None) -> dict[str, Any]:
+    """The ``results.json`` document; ``skipped`` = images left out by reason (module docstring)."""
     doc: dict[str, Any] = {
-        "benchmark": benchmark, "split": split, "data": data, "counts": counts, "text_mode": text_mode,
+        "benchmark": benchmark, "split": split, "data": data, "counts": counts, "skipped": dict(skipped or {}),
+        "text_mode": text_mode,
         "model": {"dir": model_dir, "config": config}, "cache_identity": config.get("cache_identity"),
         "package_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -83,7 +89,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines = [f"# {doc['benchmark']} ({doc['split']} split)", "",
              f"Model `{doc['model']['dir']}`; text side {ident.get('llm', '?')} layer {ident.get('layer', '?')} "
              f"({ident.get('readout', '?')}), D={ident.get('dim', '?')}, prompt set {ident.get('prompt_set', '?')}.",
-             f"Counts: {doc['counts']}. All numbers in %, chance level in parentheses.", ""]
+             f"Counts: {doc['counts']}. All numbers in %, chance level in parentheses."]
+    skipped = doc.get("skipped") or {}
+    if skipped:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+        lines.append(f"Skipped images (did not open; left out of every task): {sum(skipped.values())} ({reasons}).")
+    lines.append("")
 
     def section(title: str, names: list[str], header: list[str], row) -> None:
         if names:

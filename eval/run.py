@@ -7,12 +7,13 @@ already-loaded parts (tests pass small fakes to it).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eval.benchmarks import Benchmark, load_benchmark
+from eval.benchmarks import Benchmark, BenchmarkError, load_benchmark
 from eval.benchmarks.base import ClassificationTask, LinearProbeTask, RetrievalTask
 from eval.embedding import TextEncoder, embed_images, load_text_encoder
 from eval.plots import plot_classification, plot_language_bars, plot_retrieval_examples
@@ -46,8 +47,12 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any], 
 def evaluate_benchmark(bench: Benchmark, model: torch.nn.Module, transform: Any, text_encoder: TextEncoder,
                        out_dir: str | Path, text_mode: str | None = None, batch_size: int = 64,
                        device: str | None = None, backend: str = "auto", workers: int = 0,
-                       plots: bool = True) -> list[TaskResult]:
+                       plots: bool = True) -> tuple[list[TaskResult], dict[str, int]]:
     """Embed the benchmark's image pool once, evaluate every task, draw the plots into ``out_dir``.
+
+    An image that does not open (undecodable, over Pillow's pixel limit, missing) is skipped: logged, counted
+    by reason, and left out of every task with what belongs to it (:meth:`Benchmark.without_images`), so
+    the metrics are those of the remaining images with their ground truth intact.
 
     Args:
         bench: from :func:`eval.benchmarks.load_benchmark`.
@@ -61,11 +66,25 @@ def evaluate_benchmark(bench: Benchmark, model: torch.nn.Module, transform: Any,
         backend: retrieval ranking backend (:func:`eval.ranking.topk`).
         workers: image-decoding worker processes.
         plots: draw PNGs.
+
+    Returns:
+        the task results and the skipped images by reason (``{"undecodable_image": 1}``; empty if none).
+
+    Raises:
+        BenchmarkError: no image opens, or no task has images left.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     need_features = any(isinstance(t, LinearProbeTask) for t in bench.tasks)
-    emb, feats = embed_images(model, bench.images, transform, batch_size, device, features=need_features,
-                              workers=workers, desc=f"{bench.name} images")
+    emb, feats, failed = embed_images(model, bench.images, transform, batch_size, device, features=need_features,
+                                      workers=workers, desc=f"{bench.name} images")
+    skipped = dict(sorted(Counter(reason for reason, _ in failed.values()).items()))
+    if failed:
+        if len(failed) == len(bench.images):
+            first = failed[min(failed)][1]
+            raise BenchmarkError(f"{bench.name}: none of the {len(failed)} images opens ({skipped}); first: {first}")
+        log.warning("%s: %d of %d images skipped (%s); metrics use the remaining images", bench.name,
+                    len(failed), len(bench.images), ", ".join(f"{k} {v}" for k, v in skipped.items()))
+        bench = bench.without_images(failed)
     results = []
     for task in bench.tasks:
         r = evaluate_task(task, emb, feats, text_encoder, text_mode, backend)
@@ -74,7 +93,7 @@ def evaluate_benchmark(bench: Benchmark, model: torch.nn.Module, transform: Any,
         results.append(r)
     if plots:
         draw_plots(bench, results, Path(out_dir))
-    return results
+    return results, skipped
 
 
 def draw_plots(bench: Benchmark, results: list[TaskResult], out_dir: Path) -> list[Path]:
@@ -134,7 +153,8 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
 
     Raises:
         pipeline.cache.CacheIdentityError: the text embedder is not the one the model was trained against.
-        eval.benchmarks.BenchmarkError: unreadable benchmark data (or a size mismatch with ``strict``).
+        eval.benchmarks.BenchmarkError: unreadable benchmark data, no image that opens (or a size mismatch
+            with ``strict``). Single images that do not open are skipped and counted in ``skipped``.
         FileNotFoundError, ModelConfigError: ``model_dir`` is not an exported model.
     """
     bench = load_benchmark(benchmark, data, split, strict=strict, image_root=image_root, languages=languages,
@@ -142,9 +162,10 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
     model, config, transform = load_model(model_dir)
     identity = config["cache_identity"]
     text_encoder = load_text_encoder(identity, text_cache or default_root(), text_batch_size)
-    results = evaluate_benchmark(bench, model, transform, text_encoder, out_dir, text_mode, batch_size, device,
-                                 backend, workers, plots)
-    doc = build_results(bench.name, bench.split, str(data), bench.counts, text_mode, str(model_dir), config, results)
+    results, skipped = evaluate_benchmark(bench, model, transform, text_encoder, out_dir, text_mode, batch_size,
+                                          device, backend, workers, plots)
+    doc = build_results(bench.name, bench.split, str(data), bench.counts, text_mode, str(model_dir), config, results,
+                        skipped)
     js, md = write_results(doc, out_dir)
     log.info("wrote %s and %s", js, md)
     return doc

@@ -14,6 +14,29 @@ A row references its image in one of three ways (SPEC §4, ``manifests.schema``)
 =============================  =======================================================================
 
 Relative paths are relative to the manifest directory.
+
+What decoding normalises (every image ends as 8-bit RGB, upright):
+
+* **EXIF orientation** is applied (:func:`PIL.ImageOps.exif_transpose`): a phone JPEG stored 40x20 with
+  orientation 6 decodes as the 20x40 image the camera saw.
+* **More than 8 bits per sample** is scaled by the value range of the PIL mode, never by the image's own
+  minimum and maximum, so a stored value always maps to the same 8-bit value:
+
+  ====================  ================================================================================
+  ``I;16`` (L/B/N)      unsigned 16-bit: ``v8 = round(v / 257)``, so 0..65535 maps onto 0..255 exactly
+                        (16-bit grayscale PNG and TIFF)
+  ``I`` (int32)         16-bit data when every value lies in 0..65535 (what many TIFF writers and older
+                        Pillow releases store there), scaled as ``I;16``; otherwise 32-bit data,
+                        ``v8 = round(v * 255 / (2**31 - 1))`` with negative values clipped to 0
+  ``F`` (float32)       intensities in [0, 1] (the float-image convention): ``v8 = round(v * 255)`` after
+                        clipping to [0, 1]; NaN becomes 0
+  ====================  ================================================================================
+
+  16-bit RGB, RGBA and gray+alpha PNGs arrive from Pillow already reduced to 8 bits (it keeps each
+  sample's high byte, ``v // 256``, at most 1 below ``round(v / 257)``) and need nothing more.
+* **Transparency** (an alpha channel, palette transparency) is composited on white.
+* **Decompression bombs**: an image over Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS`` x 2, about
+  179 megapixels by default) is refused before its pixels are read, with :class:`ImageTooLargeError`.
 """
 
 from __future__ import annotations
@@ -28,48 +51,84 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from manifests.schema import ManifestError
 
 log = logging.getLogger(__name__)
 
 WHITE = (255, 255, 255)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_INT32_MAX = 2**31 - 1
 
 
 class UndecodableImageError(ValueError):
-    """Bytes that PIL cannot fully decode: not an image, an unknown format, or truncated data."""
+    """Bytes that PIL cannot fully decode: not an image, an unknown format, or truncated data.
+
+    Attributes:
+        reason: the skip reason callers count it under (``"undecodable_image"``; subclasses differ).
+    """
+
+    reason = "undecodable_image"
+
+
+class ImageTooLargeError(UndecodableImageError):
+    """An image with more pixels than Pillow's decompression-bomb limit; its pixels are never decoded."""
+
+    reason = "image_too_large"
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decode encoded image bytes completely and return an RGB image.
+    """Decode encoded image bytes completely and return an upright 8-bit RGB image.
 
     The bytes are checked twice: ``Image.verify()`` (format structure, PNG checksums) and a full ``load()``
-    on a fresh handle (catches truncated data, which ``verify`` lets through for JPEG). Images with an alpha
-    channel or palette transparency are composited on white.
+    on a fresh handle (catches truncated data, which ``verify`` lets through for JPEG). Then EXIF orientation
+    is applied, samples wider than 8 bits are scaled to 8 bits and transparency is composited on white (see
+    the module docstring for the exact rules).
 
     Args:
-        data: the encoded file (JPEG, PNG, WebP, ...).
+        data: the encoded file (JPEG, PNG, WebP, TIFF, ...).
         name: how error messages name the image (a path, a tar member, a key).
 
     Returns:
-        a loaded PIL image in mode ``"RGB"`` (uint8, 3 channels), size as encoded.
+        a loaded PIL image in mode ``"RGB"`` (uint8, 3 channels); its size is the encoded one, width and
+        height swapped when the EXIF orientation says so.
 
     Raises:
-        UndecodableImageError: PIL cannot identify or fully decode the bytes.
+        ImageTooLargeError: more pixels than Pillow's decompression-bomb limit (message: ``exceeds limit of
+            ... pixels``).
+        UndecodableImageError: PIL cannot identify or fully decode the bytes, or convert their mode to RGB.
     """
     try:
         with Image.open(io.BytesIO(data)) as probe:
             probe.verify()
         image = Image.open(io.BytesIO(data))
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(_to_8bit(image))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image {name} is too large to decode: {exc}") from exc
     except Exception as exc:  # PIL signals bad input with many types (OSError, SyntaxError, struct.error, ...)
         raise UndecodableImageError(f"cannot decode image {name}: {exc}") from exc
-    return _to_rgb(image)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """``image`` itself if its samples are 8-bit, else a mode ``L`` image scaled by the module docstring's rules."""
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.rint(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8))
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            scaled = np.clip(values, 0, _INT32_MAX) * (255 / _INT32_MAX)
+            return Image.fromarray(np.rint(scaled).astype(np.uint8))
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8))  # round(v / 257): 257 is odd, no ties
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    has_alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
     if not has_alpha:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
@@ -93,16 +152,28 @@ class _TarMemberReader:
         self._pid = os.getpid()
 
     def read(self, tar_path: Path, member: str) -> bytes:
-        """Bytes of ``member`` in ``tar_path``. Raises FileNotFoundError if the tar or the member is absent."""
+        """Bytes of ``member`` in ``tar_path``.
+
+        Raises:
+            FileNotFoundError: the tar or the member is absent.
+            OSError: ``tar_path`` is not a tar file.
+            UndecodableImageError: the tar ends inside the member (its image data is cut short).
+        """
         with self._lock:
             if os.getpid() != self._pid:
                 self._open = OrderedDict()
                 self._pid = os.getpid()
-            handle, index = self._handle(str(tar_path))
+            try:
+                handle, index = self._handle(str(tar_path))
+            except tarfile.ReadError as exc:
+                raise OSError(f"cannot read tar {tar_path}: {exc}") from exc
             info = index.get(member)
             if info is None:
                 raise FileNotFoundError(f"member {member!r} not found in tar {tar_path}")
-            return handle.extractfile(info).read()
+            try:
+                return handle.extractfile(info).read()
+            except tarfile.ReadError as exc:
+                raise UndecodableImageError(f"cannot read image {member!r} in tar {tar_path}: {exc}") from exc
 
     def _handle(self, path: str) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
         if path in self._open:
@@ -132,6 +203,8 @@ def read_image_bytes(row: Mapping[str, Any], manifest_dir: str | Path) -> bytes:
     Raises:
         ManifestError: the row has neither ``image_bytes`` nor ``image_path``.
         FileNotFoundError: the referenced file or tar member does not exist.
+        OSError: the file or tar cannot be read (permissions, not a tar file).
+        UndecodableImageError: the tar ends inside the member.
     """
     if row.get("image_bytes") is not None:
         return row["image_bytes"]
@@ -146,7 +219,7 @@ def read_image_bytes(row: Mapping[str, Any], manifest_dir: str | Path) -> bytes:
 
 
 def load_image(row: Mapping[str, Any], manifest_dir: str | Path) -> Image.Image:
-    """Open a manifest row's image as a PIL RGB image (uint8, 3 channels, alpha composited on white).
+    """Open a manifest row's image with :func:`decode_image`: upright, 8-bit RGB, alpha composited on white.
 
     Args:
         row: a manifest row (``key``, ``image_path``, ``image_member``, ``image_bytes``), e.g. from
@@ -156,6 +229,8 @@ def load_image(row: Mapping[str, Any], manifest_dir: str | Path) -> Image.Image:
     Raises:
         ManifestError: the row has no image reference.
         FileNotFoundError: the referenced file or tar member does not exist.
+        OSError: the file or tar cannot be read.
+        ImageTooLargeError: the image is over Pillow's decompression-bomb limit.
         UndecodableImageError: the bytes do not decode (names the key and the reference).
     """
     data = read_image_bytes(row, manifest_dir)

@@ -194,3 +194,47 @@ def test_emoji_manifest_tasks(tmp_path):
     assert [t.name for t in b.tasks if t.name.startswith("multilingual")] == ["multilingual_fr"]
     b = load_benchmark("emoji", tmp_path / "m", languages=["all"])
     assert [t.name for t in b.tasks if t.name.startswith("multilingual")] == ["multilingual_de", "multilingual_fr"]
+
+
+def test_without_images_keeps_every_task_aligned(caplog):
+    from eval.benchmarks.base import (
+        Benchmark,
+        ClassificationTask,
+        ImageRef,
+        LinearProbeTask,
+        RetrievalTask,
+        SugarCrepeTask,
+        WinogroundTask,
+    )
+
+    # pool 0..5; retrieval gallery = pool 5, 1, 2, 3 at positions 0..3; "x" has no positive (a distractor)
+    ret = RetrievalTask("ret", np.array([5, 1, 2, 3]), ["t0", "x", "t2", "t3", "shared"],
+                        np.array([[0, 0], [1, 2], [1, 4], [2, 3], [3, 4]]))
+    cls = ClassificationTask("cls", np.array([0, 1, 2, 3]), np.array([1, 0, 1, 0]), ["a", "b"], ["{}"])
+    wino = WinogroundTask("wino", np.array([[0, 1], [2, 4], [3, 5]]), [("a", "b"), ("c", "d"), ("e", "f")])
+    sugar = SugarCrepeTask("sugar", np.array([1, 4, 0]), ["p0", "p1", "p2"], ["n0", "n1", "n2"])
+    probe = LinearProbeTask("probe", np.array([4, 5, 2, 3]), np.array([0, 1, 0, 1]), np.array([0, 1]),
+                            np.array([1, 0]), ["a", "b"])
+    one_class_left = LinearProbeTask("one_class_left", np.array([4, 5]), np.array([0, 1]), np.array([0]),
+                                     np.array([0]), ["a", "b"])
+    only_1 = ClassificationTask("only_1", np.array([1]), np.array([0]), ["a"], ["{}"])
+    bench = Benchmark("b", "test", [ImageRef(name=str(i)) for i in range(6)],
+                      [ret, cls, wino, sugar, probe, only_1, one_class_left], counts={"images": 6})
+    with caplog.at_level(logging.WARNING):
+        kept = bench.without_images({1, 4})
+    tasks = {t.name: t for t in kept.tasks}
+    assert list(tasks) == ["ret", "cls", "wino", "sugar", "probe"] and kept.counts == {"images": 6}
+    assert "b: task only_1 has too few images left after skipping 2; it is not evaluated" in caplog.text
+    assert "b: task one_class_left has too few" in caplog.text  # one training class cannot be probed
+    r = tasks["ret"]  # pool 1 (position 1) goes with t2; "shared" keeps its pair with pool 3; "x" stays
+    assert r.image_ids.tolist() == [5, 2, 3] and r.texts == ["t0", "x", "t3", "shared"]
+    assert r.pairs.tolist() == [[0, 0], [1, 2], [2, 3]]
+    assert tasks["cls"].image_ids.tolist() == [0, 2, 3] and tasks["cls"].labels.tolist() == [1, 1, 0]
+    assert tasks["wino"].image_ids.tolist() == [[3, 5]] and tasks["wino"].captions == [("e", "f")]
+    sugar = tasks["sugar"]
+    assert (sugar.image_ids.tolist(), sugar.positives, sugar.negatives) == ([0], ["p2"], ["n2"])
+    assert tasks["probe"].train_ids.tolist() == [5, 2, 3] and tasks["probe"].train_labels.tolist() == [1, 0, 1]
+    assert tasks["probe"].test_ids.tolist() == [0] and tasks["probe"].test_labels.tolist() == [1]
+    assert bench.without_images(set()) is bench
+    with pytest.raises(BenchmarkError, match="b: no task has images left after skipping 6 of 6 images"):
+        bench.without_images(range(6))

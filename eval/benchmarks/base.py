@@ -10,13 +10,17 @@ from "captions per image", either keeping every caption as its own text (the pub
 25,010 test captions stay 25,010 texts) or merging identical caption strings into one text whose positives
 are all images carrying it (``dedupe=True``; the emoji set, where both vendors' images of one emoji have the
 same captions, so either image is a correct answer).
+
+An image that does not open at eval time is left out of every task by :meth:`Benchmark.without_images`
+(each task type knows what goes with it: a retrieval image's pairs, a classification sample, a Winoground
+example), so the remaining images keep their ground truth.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +54,12 @@ class ImageRef:
     name: str = ""
 
     def open(self) -> Image.Image:
-        """Decode to a PIL RGB image (:func:`manifests.images.load_image`)."""
+        """Decode to a PIL RGB image (:func:`manifests.images.load_image`).
+
+        Raises:
+            UndecodableImageError, FileNotFoundError, OSError: as :func:`manifests.images.load_image`; eval
+                counts and skips such an image (:func:`eval.embedding.embed_images`).
+        """
         if self.data is not None:
             return decode_image(self.data, name=self.name or "<bytes>")
         row = {"key": self.name or self.path, "image_path": self.path, "image_member": self.member}
@@ -79,6 +88,25 @@ class RetrievalTask:
     kind: str = "retrieval"
     lang: str = "en"
 
+    def without_images(self, dropped: np.ndarray) -> RetrievalTask | None:
+        """The task without the pool images flagged in ``dropped`` (``bool [N_pool]``), or None if no pair is left.
+
+        A dropped image takes its pairs along; a text left without any positive goes too (the task as if
+        those images had never been in the benchmark), while a text that had no positive to begin with stays
+        as a distractor. Positions in ``image_ids`` and text indices are renumbered, pairs kept aligned.
+        """
+        keep_img = ~dropped[self.image_ids]
+        pairs = self.pairs[keep_img[self.pairs[:, 0]]]
+        if not len(pairs):
+            return None
+        keep_txt = np.ones(len(self.texts), bool)
+        keep_txt[self.pairs[:, 1]] = False
+        keep_txt[pairs[:, 1]] = True
+        img_pos, txt_pos = np.cumsum(keep_img) - 1, np.cumsum(keep_txt) - 1
+        return replace(self, image_ids=self.image_ids[keep_img],
+                       texts=[t for t, keep in zip(self.texts, keep_txt) if keep],
+                       pairs=np.stack([img_pos[pairs[:, 0]], txt_pos[pairs[:, 1]]], axis=1).astype(np.int64))
+
 
 @dataclass
 class ClassificationTask:
@@ -94,6 +122,12 @@ class ClassificationTask:
     templates: list[str]
     text_mode: str | None = None
 
+    def without_images(self, dropped: np.ndarray) -> ClassificationTask | None:
+        """The task without the samples whose pool image is flagged in ``dropped`` (``bool [N_pool]``), or None
+        if none is left. Classes stay as they are (a class may end up without images)."""
+        keep = ~dropped[self.image_ids]
+        return replace(self, image_ids=self.image_ids[keep], labels=self.labels[keep]) if keep.any() else None
+
 
 @dataclass
 class WinogroundTask:
@@ -103,6 +137,14 @@ class WinogroundTask:
     image_ids: np.ndarray
     captions: list[tuple[str, str]]
     text_mode: str | None = None
+
+    def without_images(self, dropped: np.ndarray) -> WinogroundTask | None:
+        """The task without the examples that have an image flagged in ``dropped`` (``bool [N_pool]``), or
+        None if none is left."""
+        keep = ~dropped[self.image_ids].any(axis=1)
+        if not keep.any():
+            return None
+        return replace(self, image_ids=self.image_ids[keep], captions=[c for c, k in zip(self.captions, keep) if k])
 
 
 @dataclass
@@ -115,6 +157,15 @@ class SugarCrepeTask:
     negatives: list[str]
     text_mode: str | None = None
 
+    def without_images(self, dropped: np.ndarray) -> SugarCrepeTask | None:
+        """The task without the examples whose image is flagged in ``dropped`` (``bool [N_pool]``), or None if
+        none is left."""
+        keep = ~dropped[self.image_ids]
+        if not keep.any():
+            return None
+        return replace(self, image_ids=self.image_ids[keep], positives=[p for p, k in zip(self.positives, keep) if k],
+                       negatives=[n for n, k in zip(self.negatives, keep) if k])
+
 
 @dataclass
 class LinearProbeTask:
@@ -126,6 +177,15 @@ class LinearProbeTask:
     test_ids: np.ndarray
     test_labels: np.ndarray
     classnames: list[str]
+
+    def without_images(self, dropped: np.ndarray) -> LinearProbeTask | None:
+        """The probe without the train and test samples whose image is flagged in ``dropped`` (``bool
+        [N_pool]``), or None if no test sample or fewer than two training classes are left."""
+        train, test = ~dropped[self.train_ids], ~dropped[self.test_ids]
+        if not test.any() or len(np.unique(self.train_labels[train])) < 2:
+            return None
+        return replace(self, train_ids=self.train_ids[train], train_labels=self.train_labels[train],
+                       test_ids=self.test_ids[test], test_labels=self.test_labels[test])
 
 
 Task = RetrievalTask | ClassificationTask | WinogroundTask | SugarCrepeTask | LinearProbeTask
@@ -150,6 +210,31 @@ class Benchmark:
     tasks: list[Task]
     source: str = ""
     counts: dict[str, int] = field(default_factory=dict)
+
+    def without_images(self, ids: Collection[int]) -> Benchmark:
+        """The benchmark with pool images ``ids`` left out of every task (the pool itself, and so every index
+        into it, stays as it is). A task with too little left (see each task's ``without_images``) is removed
+        with a warning; ``counts`` stay the loaded sizes.
+
+        Raises:
+            BenchmarkError: no task has anything left.
+        """
+        if not len(ids):
+            return self
+        dropped = np.zeros(len(self.images), bool)
+        dropped[np.fromiter(ids, np.int64)] = True
+        tasks = []
+        for task in self.tasks:
+            kept = task.without_images(dropped)
+            if kept is None:
+                log.warning("%s: task %s has too few images left after skipping %d; it is not evaluated",
+                            self.name, task.name, len(ids))
+            else:
+                tasks.append(kept)
+        if not tasks:
+            raise BenchmarkError(f"{self.name}: no task has images left after skipping {len(ids)} of "
+                                 f"{len(self.images)} images")
+        return replace(self, tasks=tasks)
 
 
 def pairs_from_captions(captions: Sequence[Sequence[str]], dedupe: bool = False) -> tuple[list[str], np.ndarray]:

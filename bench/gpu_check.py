@@ -1,0 +1,610 @@
+"""GPU readiness check (issue 16): the GPU path of both stages measured in one command, no downloads.
+
+::
+
+    python bench/gpu_check.py --json gpu_check.json          # full shapes, sized for <= 8 min on one H200
+    python bench/gpu_check.py --tiny --json /tmp/tiny.json   # the same code at tiny shapes (CPU, < 3 min)
+
+Everything is built in the process from random weights: nothing is read from a hub or a cache, so the only
+project dependency beyond torch / transformers / timm / accelerate / pyarrow / numpy is ``zarr`` (imported by
+the cache code the encoder and trainer share; see ``bench/README.md`` for the wheels to bring along).
+
+Sections, in this order (the JSON is rewritten after each one, so a run cut short keeps what it measured):
+
+1. **Machine**: CPU model and the matmul-relevant flags (``/proc/cpuinfo``), GPU name/capability/memory, library
+   versions, and the **matmul peak**: best FLOP/s of ``torch.matmul`` on two ``peak_size``-square bf16 matrices
+   on the run's device (``2 * size**3`` FLOPs per product).
+2. **Stage-1 parity** (always a tiny Mistral-shaped decoder, 4 blocks, read out at layer 3): the same weights run
+   by :class:`~stage1_embed_text.encoder.FacetEncoder` on the run's device (eager and SDPA attention) and on the
+   CPU (SDPA), in fp32 and in bf16; the smallest cosine per facet vector must be >= 0.999.
+3. **Stage-1 throughput**: a decoder with Mistral-Nemo-12B's shape (40 blocks, hidden 5120, 32 heads of 128, 8 KV
+   heads, FFN 14336, vocabulary 131072) with random bf16 weights created directly on the device and cut at the
+   FLAME readout layer 39 by :func:`~stage1_embed_text.llm.prepare_llm`; a byte-level BPE tokenizer built
+   offline (``tests/stage1_tiny.py``); :class:`FacetEncoder` (packing, facet masks, length buckets, readout) over
+   synthetic FLAME-length caption sets (raw 10-40, short 30-80, long 150-300 caption tokens), once with SDPA and
+   once with eager attention. Reported: captions/s (texts: a sample's raw, short and long caption are 3),
+   useful tokens/s and MFU::
+
+       MFU = useful FLOPs / seconds / matmul peak
+       useful FLOPs = sum over packed texts of  2 * P_blocks * n  +  layers * 4 * heads * head_dim * pairs
+
+   (``bench/stage1_throughput.py``'s :func:`useful_flops`: ``P_blocks`` = parameters of the blocks that run,
+   ``n`` = tokens of the packed text, ``pairs`` = (query, key) pairs the facet mask allows).
+4. **Stage 2**: the recipe ``configs/flame-cc3m-vitb16.toml`` (ViT-B/16 at 224 px, per-token projector with
+   H = 5120 into D = 5120, P = 6 positives, sigmoid loss, AdamW with selective decay and its cosine schedule,
+   grad clip 1.0, bf16 through Accelerate) at its per-GPU batch (3072 / 8 = 384), built with the project's
+   :class:`FlameVisionModel`, :func:`build_optimizer`, :func:`build_scheduler` and :func:`contrastive_loss`, fed
+   synthetic images ``float32 [B, 3, 224, 224]`` and unit cache vectors ``float32 [B, P, D]`` from host memory
+   through the same step as ``stage2_train_vision/train.py``; then plain ``timm`` (the same ViT, timm's defaults)
+   + the same :class:`Projector` with a one-positive sigmoid loss, ``torch.optim.AdamW`` and ``torch.autocast``,
+   on the same batch in the same run. Reported: images/s for both, ours / plain, and MFU::
+
+       MFU = images/s * 3 * F / matmul peak      (backward = 2 x forward)
+       F   = 2 * N * (3 * p * p * w)                                     patch embedding
+           + sum over blocks of 2 * T * (weights of its Linear layers)  +  depth * 4 * T**2 * w   (QK^T and AV)
+           + 2 * N * (weights of the projector's Linear layers)
+
+   (``N`` patches, ``T = N + prefix tokens``, ``w`` width, ``p`` patch side; norms, GELU, softmax and the loss
+   are left out). Also the **sigmoid loss on the device vs on the CPU** for the same batch (the device model's
+   embeddings, fp32): relative difference <= 1e-5.
+
+``--tiny`` runs all of it with tiny shapes (decoder hidden 128; ViT width 64 at 32 px, batch 16) and a few
+samples/steps, on the CPU unless ``--device`` says otherwise. On CUDA, timings are bracketed by
+``torch.cuda.synchronize``; on the CPU the synchronisation is a no-op, so ``--tiny`` runs the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs from a plain checkout (a GPU machine has the project's files but no editable install); the offline
+# tokenizer comes from the stage-1 test helpers.
+for _p in (ROOT, ROOT / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from stage1_throughput import packed_texts, useful_flops  # noqa: E402  (bench/ is on sys.path as a script)
+
+log = logging.getLogger("bench.gpu_check")
+
+# Mistral-Nemo-Base-2407's decoder (its config.json), read out at hidden_states[39] (FLAME's recipe).
+NEMO = dict(
+    vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=1024000, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None,
+)
+TINY_DECODER = dict(
+    vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None,
+)
+RECIPE = ROOT / "configs" / "flame-cc3m-vitb16.toml"
+RECIPE_PROCESSES = 8  # the recipe's global batch 3072 is 8 GPUs x 384
+PARITY_MIN_COSINE = 0.999
+LOSS_RTOL = 1e-5
+# Caption lengths in tokens, per group (FLAME: alt-text raw captions, short and long MLLM recaptions).
+CAPTION_TOKENS = {"raw": (10, 40), "short": (30, 80), "long": (150, 300)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Everything ``--tiny`` scales down.
+
+    Attributes:
+        decoder: ``MistralConfig`` fields of the stage-1 throughput decoder.
+        layer: readout ``hidden_states`` index (blocks that run).
+        samples / warmup_samples: caption sets timed / run once before timing, per attention kind.
+        max_batch_tokens: the encoder's padded tokens per forward batch.
+        peak_size / peak_inner: matmul side and products per timed repetition.
+        vit: ``ModelConfig`` overrides of the recipe's model (empty = ViT-B/16 at 224 px as in the recipe).
+        batch: images per step; ``None`` = the recipe's per-GPU batch.
+        steps / warmup_steps: timed / untimed training steps per model.
+    """
+
+    decoder: dict
+    layer: int
+    samples: int
+    warmup_samples: int
+    max_batch_tokens: int
+    peak_size: int
+    peak_inner: int
+    vit: dict
+    batch: int | None
+    steps: int
+    warmup_steps: int
+
+
+FULL = Sizes(NEMO, 39, samples=256, warmup_samples=8, max_batch_tokens=16384, peak_size=8192, peak_inner=10,
+             vit={}, batch=None, steps=20, warmup_steps=3)
+TINY = Sizes(TINY_DECODER, 3, samples=6, warmup_samples=2, max_batch_tokens=1024, peak_size=512, peak_inner=2,
+             vit=dict(img_size=32, patch_size=8, depth=2, width=64, num_heads=2, proj_hidden=128),
+             batch=16, steps=3, warmup_steps=1)
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_info() -> dict:
+    """CPU model, the flags that decide bf16 matmul speed, logical cores and torch threads."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+    return {"model": model, "flags": [f for f in wanted if f in flags], "logical_cores": _cores(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_info(device: torch.device) -> dict:
+    """Device, CPU and library versions of this run."""
+    import timm
+    import transformers
+
+    info = {"device": str(device), "cpu": cpu_info(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
+                       "multiprocessors": p.multi_processor_count, "cuda": torch.version.cuda}
+    return info
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, inner: int, reps: int = 5) -> float:
+    """Best FLOP/s of ``torch.matmul`` of two ``size x size`` matrices of ``dtype`` on ``device``.
+
+    Each repetition times ``inner`` back-to-back products between two synchronisations (so launch latency does
+    not count); 2 warm-up products first.
+    """
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    c = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.matmul(a, b, out=c)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(inner):
+            torch.matmul(a, b, out=c)
+        sync(device)
+        best = min(best, (time.perf_counter() - t) / inner)
+    return 2.0 * size**3 / best
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+def caption_sets(tokenizer, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` deterministic caption sets whose captions have :data:`CAPTION_TOKENS` tokens in ``tokenizer``.
+
+    Words are drawn from a fixed descriptive vocabulary until the caption's token count (summed per word:
+    the byte-level pre-tokenizer never merges across words) reaches a length drawn uniformly per group.
+    """
+    words = ("a photo of the red green blue small large wooden metal old young person dog cat street city "
+             "building window table chair sky cloud tree grass river mountain road car bicycle light shadow "
+             "background foreground left right center standing sitting holding wearing looking near behind "
+             "bright dark soft detailed texture pattern colourful scene image shows with and in on at").split()
+    cost = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words}
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = {}
+        for group, (lo, hi) in CAPTION_TOKENS.items():
+            target, text, used = rng.randint(lo, hi), [], 0
+            while used < target:
+                w = rng.choice(words)
+                text.append(w)
+                used += cost[w]
+                if rng.random() < 0.08:
+                    text[-1] += rng.choice((",", "."))
+                    used += 1
+            s[group] = " ".join(text).capitalize()
+        out.append(s)
+    return out
+
+
+def random_decoder(shape: dict, layer: int, device: torch.device, dtype: torch.dtype, attn: str, seed: int = 0):
+    """A ``MistralModel`` of ``shape`` with random weights created on ``device`` in ``dtype``, wrapped by
+    :func:`prepare_llm` (cut to ``layer`` blocks, final norm kept aside) with the offline test tokenizer."""
+    from stage1_tiny import tiny_tokenizer
+    from transformers import AutoModel, MistralConfig
+
+    from stage1_embed_text.llm import prepare_llm
+
+    tok = tiny_tokenizer()
+    cfg = MistralConfig(**shape, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModel.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    p = next(model.parameters())
+    if p.device.type != device.type or p.dtype != dtype:  # a transformers version that ignored the context
+        model = model.to(device=device, dtype=dtype)
+    name = f"random-mistral-h{shape['hidden_size']}-l{shape['num_hidden_layers']}"
+    return prepare_llm(model, tok, name=name, fingerprint=f"random:{name}:{seed}", layer=layer)
+
+
+def set_attention(llm, impl: str) -> None:
+    """Switch the decoder between ``"eager"`` and ``"sdpa"`` attention in place."""
+    if hasattr(llm.model, "set_attn_implementation"):
+        llm.model.set_attn_implementation(impl)
+    else:
+        llm.model.config._attn_implementation = impl
+
+
+def unit_rows(vectors: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The present facet vectors ``float32 [R, D]`` of an encoder output (``[n, F, D]``, mask ``[n, F]``)."""
+    return vectors[mask]
+
+
+def stage1_parity(device: torch.device, seed: int = 0) -> dict:
+    """Tiny decoder, same weights: the device (eager, SDPA) vs the CPU (SDPA), in fp32 and bf16.
+
+    Returns ``{"pairs": [{dtype, attn, min_cosine}], "min_cosine", "ok"}``; cosines are between unit facet
+    vectors of the same caption sets (4 sets = 44 vectors).
+    """
+    from stage1_embed_text.encoder import FacetEncoder
+
+    pairs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        ref_llm = random_decoder(TINY_DECODER, TINY.layer, torch.device("cpu"), dtype, "sdpa", seed)
+        samples = caption_sets(ref_llm.tokenizer, 4, seed=1)
+        ref = FacetEncoder(ref_llm, max_tokens=1024).encode(samples)
+        dev_llm = random_decoder(TINY_DECODER, TINY.layer, device, dtype, "sdpa", seed + 1)
+        dev_llm.model.load_state_dict(ref_llm.model.state_dict())
+        for attn in ("eager", "sdpa"):
+            set_attention(dev_llm, attn)
+            out = FacetEncoder(dev_llm, max_tokens=1024).encode(samples)
+            assert (out.mask == ref.mask).all()
+            cos = (unit_rows(out.vectors, out.mask) * unit_rows(ref.vectors, ref.mask)).sum(-1)
+            pairs.append({"dtype": str(dtype).removeprefix("torch."), "attn": attn, "vectors": int(cos.size),
+                          "min_cosine": round(float(cos.min()), 6)})
+    worst = min(p["min_cosine"] for p in pairs)
+    return {"device": str(device), "reference": "cpu sdpa, same dtype", "pairs": pairs, "min_cosine": worst,
+            "ok": worst >= PARITY_MIN_COSINE}
+
+
+def stage1_throughput(sizes: Sizes, device: torch.device, peak: float) -> dict:
+    """Nemo-shaped (or tiny) decoder in bf16 through :class:`FacetEncoder`, SDPA and eager attention."""
+    from stage1_embed_text.encoder import FacetEncoder
+
+    t0 = time.perf_counter()
+    llm = random_decoder(sizes.decoder, sizes.layer, device, torch.bfloat16, "sdpa")
+    sync(device)
+    build_s = time.perf_counter() - t0
+    samples = caption_sets(llm.tokenizer, sizes.samples)
+    warm = caption_sets(llm.tokenizer, sizes.warmup_samples, seed=99)
+    enc = FacetEncoder(llm, max_tokens=1024, max_batch_tokens=sizes.max_batch_tokens)
+    seqs = packed_texts(llm, samples, enc.max_tokens)
+    tokens = sum(len(s) for s in seqs)
+    flops = useful_flops(llm, seqs)
+    log.info("stage 1: %s built on %s in %.1f s; %d samples = %d texts, %d tokens, %.3g TFLOP",
+             llm.name, device, build_s, len(samples), len(seqs), tokens, flops / 1e12)
+    runs, vectors = [], {}
+    for attn in ("sdpa", "eager"):
+        set_attention(llm, attn)
+        enc.encode(warm)
+        sync(device)
+        t = time.perf_counter()
+        out = enc.encode(samples)
+        sync(device)
+        sec = time.perf_counter() - t
+        if int(out.tokens.sum()) != tokens:
+            raise RuntimeError(f"encoder packed {int(out.tokens.sum())} tokens, the FLOP count assumed {tokens}")
+        vectors[attn] = unit_rows(out.vectors, out.mask)
+        runs.append({"attn": attn, "seconds": round(sec, 3), "captions_per_s": round(len(seqs) / sec, 2),
+                     "samples_per_s": round(len(samples) / sec, 2), "tokens_per_s": round(tokens / sec, 1),
+                     "mfu": round(flops / sec / peak, 4)})
+        log.info("stage 1 %s: %.2f s, %.0f tokens/s, MFU %.1f%%", attn, sec, tokens / sec, 100 * runs[-1]["mfu"])
+    cfg = llm.model.config
+    result = {
+        "decoder": {"hidden": cfg.hidden_size, "ffn": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+                    "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "blocks": llm.num_layers,
+                    "readout_layer": llm.layer, "block_params": sum(p.numel() for p in llm.model.layers.parameters()),
+                    "dtype": "bfloat16"},
+        "build_s": round(build_s, 1), "max_batch_tokens": sizes.max_batch_tokens, "samples": len(samples),
+        "texts": len(seqs), "useful_tokens": tokens, "tokens_per_sample": round(tokens / len(samples), 1),
+        "useful_tflop": round(flops / 1e12, 3), "runs": runs,
+        "sdpa_speedup_vs_eager": round(runs[1]["seconds"] / runs[0]["seconds"], 3),
+        "min_cosine_sdpa_vs_eager": round(float((vectors["sdpa"] * vectors["eager"]).sum(-1).min()), 5),
+    }
+    del llm, enc
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+
+
+def forward_flops_per_image(backbone, projector) -> float:
+    """``F`` of the module docstring: forward FLOPs of one image through a timm ViT and the projector."""
+    n = backbone.patch_embed.num_patches
+    t = n + backbone.num_prefix_tokens
+    width = backbone.num_features
+    blocks = list(backbone.blocks)
+    linear = sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
+    proj = sum(m.weight.numel() for m in projector.modules() if isinstance(m, torch.nn.Linear))
+    return (2.0 * n * backbone.patch_embed.proj.weight.numel() + 2.0 * t * linear
+            + len(blocks) * 4.0 * t * t * width + 2.0 * n * proj)
+
+
+def recipe_config(sizes: Sizes, out_dim: int):
+    """The recipe's config, its model config with ``out_dim`` (and ``sizes.vit``'s overrides), and the batch."""
+    from stage2_train_vision.config import load_config
+
+    cfg = load_config(RECIPE)
+    model_cfg = dataclasses.replace(cfg.model, out_dim=out_dim, **sizes.vit)
+    batch = sizes.batch or cfg.train.batch_size // RECIPE_PROCESSES
+    return cfg, model_cfg, batch
+
+
+def synthetic_batch(batch: int, positives: int, dim: int, img: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A loader-shaped host batch: ``images float32 [B, 3, img, img]`` (normalised scale), ``texts float32
+    [B, P, D]`` unit vectors rounded through float16 (as stored in the cache), ``text_valid bool [B, P]`` (every
+    4th image has only P - 2 facets), ``image_valid bool [B]`` (all True)."""
+    g = torch.Generator().manual_seed(seed)
+    texts = F.normalize(torch.randn(batch, positives, dim, generator=g), dim=-1).half().float()
+    valid = torch.ones(batch, positives, dtype=torch.bool)
+    valid[::4, -2:] = False
+    return {"images": torch.randn(batch, 3, img, img, generator=g), "texts": texts, "text_valid": valid,
+            "image_valid": torch.ones(batch, dtype=torch.bool)}
+
+
+def timed_steps(step: Callable[[dict], None], batch: dict, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step(batch)`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step(batch)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def ours_step(cfg, model_cfg, device: torch.device, total_steps: int):
+    """``(step, model, accelerator)``: the recipe's model/optimizer/scheduler under Accelerate, and one micro-step
+    exactly as ``stage2_train_vision/train.py``'s loop runs it (with one process and no accumulation)."""
+    from accelerate import Accelerator
+
+    from stage2_train_vision.loss import contrastive_loss
+    from stage2_train_vision.model import FlameVisionModel
+    from stage2_train_vision.optim import build_optimizer, build_scheduler
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
+    model = FlameVisionModel(model_cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    model.train()
+
+    def step(b: dict) -> None:
+        images = b["images"].to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                emb = model(images)
+            loss = contrastive_loss(cfg.loss.kind, emb, b["texts"].to(emb.device), b["text_valid"].to(emb.device),
+                                    core.temperature(), core.logit_bias, b["image_valid"].to(emb.device))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    return step, model, accelerator
+
+
+def plain_step(cfg, model_cfg, device: torch.device):
+    """``(step, modules)``: plain timm ViT (timm defaults: final norm kept) + the same :class:`Projector`, mean of
+    the patch tokens, a one-positive sigmoid loss (each image's first text), plain AdamW, ``torch.autocast``."""
+    import timm
+
+    from stage2_train_vision.model import Projector, projector_hidden
+
+    over = {k: v for k, v in dict(patch_size=model_cfg.patch_size, depth=model_cfg.depth, embed_dim=model_cfg.width,
+                                  num_heads=model_cfg.num_heads).items() if v is not None}
+    vit = timm.create_model(model_cfg.name, pretrained=False, num_classes=0, global_pool="",
+                            img_size=model_cfg.img_size, **over).to(device)
+    proj = Projector(vit.num_features, projector_hidden(model_cfg, model_cfg.out_dim), model_cfg.out_dim).to(device)
+    scale_bias = torch.nn.Parameter(torch.tensor([math.log(10.0), -10.0], device=device))
+    params = [*vit.parameters(), *proj.parameters(), scale_bias]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    vit.train()
+    proj.train()
+
+    def step(b: dict) -> None:
+        images = b["images"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            emb = F.normalize(proj(vit.forward_features(images)[:, vit.num_prefix_tokens :]).mean(1).float(), dim=-1)
+        text = b["texts"][:, 0].to(device)
+        logits = scale_bias[0].exp() * emb @ text.T + scale_bias[1]
+        labels = 2 * torch.eye(len(emb), device=device) - 1
+        loss = -F.logsigmoid(labels * logits).sum() / len(emb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, (vit, proj)
+
+
+def loss_parity(cfg, model, accelerator, batch: dict) -> dict:
+    """The recipe's loss for the same batch on the device and on the CPU (fp32 embeddings from the device model)."""
+    from stage2_train_vision.loss import contrastive_loss
+
+    core = accelerator.unwrap_model(model)
+    with torch.no_grad(), accelerator.autocast():
+        emb = model(batch["images"].to(accelerator.device)).float()
+    t, b = core.temperature().detach(), core.logit_bias.detach()
+    values = {}
+    for label, where in (("device", accelerator.device), ("cpu", torch.device("cpu"))):
+        values[label] = float(contrastive_loss(
+            cfg.loss.kind, emb.to(where), batch["texts"].to(where), batch["text_valid"].to(where), t.to(where),
+            b.to(where), batch["image_valid"].to(where)))
+    rel = abs(values["device"] - values["cpu"]) / max(abs(values["cpu"]), 1e-12)
+    return {"loss": cfg.loss.kind, "device": values["device"], "cpu": values["cpu"], "relative_difference": rel,
+            "rtol": LOSS_RTOL, "ok": rel <= LOSS_RTOL, "fp32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def stage2(sizes: Sizes, device: torch.device, peak: float, out_dim: int) -> dict:
+    """Recipe step vs plain timm + projector: images/s, MFU and the ratio; loss parity on the same batch."""
+    cfg, model_cfg, batch = recipe_config(sizes, out_dim)
+    data = synthetic_batch(batch, cfg.data.positives, out_dim, model_cfg.img_size)
+    step, model, accelerator = ours_step(cfg, model_cfg, device, sizes.warmup_steps + sizes.steps)
+    core = accelerator.unwrap_model(model)
+    fwd = forward_flops_per_image(core.backbone, core.projector)
+    shape = {"name": model_cfg.name, "img_size": model_cfg.img_size, "patch": core.backbone.patch_embed.patch_size[0],
+             "blocks": len(core.backbone.blocks), "width": core.width, "overrides": sizes.vit,
+             "proj_hidden": model_cfg.proj_hidden, "out_dim": out_dim,
+             "params": sum(q.numel() for q in core.parameters())}
+    parity = loss_parity(cfg, model, accelerator, data)
+    rows = {}
+    sec = timed_steps(step, data, sizes.warmup_steps, sizes.steps, device)
+    rows["ours"] = sec
+    log.info("stage 2 ours: %.1f images/s", sizes.steps * batch / sec)
+    del step, model, core
+    gc.collect()
+    plain, _ = plain_step(cfg, model_cfg, device)
+    rows["plain timm + projector"] = timed_steps(plain, data, sizes.warmup_steps, sizes.steps, device)
+    del plain
+    out = {}
+    for name, s in rows.items():
+        rate = sizes.steps * batch / s
+        out[name] = {"seconds": round(s, 3), "images_per_s": round(rate, 1), "mfu": round(rate * 3 * fwd / peak, 4)}
+    return {
+        "model": shape,
+        "batch": batch, "positives": cfg.data.positives, "steps": sizes.steps, "warmup_steps": sizes.warmup_steps,
+        "mixed_precision": "bf16", "optimizer": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
+                                                 "weight_decay": cfg.optim.weight_decay, "grad_clip": cfg.optim.grad_clip},
+        "forward_gflop_per_image": round(fwd / 1e9, 3), "runs": out,
+        "ours_vs_plain": round(rows["plain timm + projector"] / rows["ours"], 3),  # same steps x batch
+        "loss_parity": parity,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def markdown(result: dict) -> str:
+    """The printed summary: machine line, stage-1 and stage-2 tables, parity lines."""
+    m = result["machine"]
+    dev = m.get("gpu", {}).get("name", "CPU")
+    lines = [f"\ngpu_check{' --tiny' if result['tiny'] else ''}: {dev} ({m['device']}); CPU {m['cpu']['model']} "
+             f"[{' '.join(m['cpu']['flags']) or 'no avx2/avx512/amx'}], {m['cpu']['logical_cores']} cores; "
+             f"torch {m['torch']}, transformers {m['transformers']}, timm {m['timm']}",
+             f"matmul peak bf16 ({result['peak_size']}^2): {result['matmul_peak_tflops']} TFLOP/s; "
+             f"total {result.get('elapsed_s', '?')} s", ""]
+    if "stage1_parity" in result:
+        p = result["stage1_parity"]
+        lines.append(f"stage-1 parity (tiny decoder, {p['device']} vs cpu): min cosine {p['min_cosine']} "
+                     f"({'ok' if p['ok'] else 'FAILED'}, need >= {PARITY_MIN_COSINE}); "
+                     + ", ".join(f"{q['dtype']}/{q['attn']} {q['min_cosine']}" for q in p["pairs"]))
+    if "stage1" in result:
+        s = result["stage1"]
+        d = s["decoder"]
+        lines += ["", f"stage 1: decoder hidden {d['hidden']}, FFN {d['ffn']}, {d['heads']}/{d['kv_heads']} heads, "
+                  f"{d['readout_layer']} of {d['blocks']} blocks, bf16; {s['samples']} caption sets = {s['texts']} "
+                  f"texts, {s['useful_tokens']} tokens ({s['tokens_per_sample']}/set); sdpa vs eager min cosine "
+                  f"{s['min_cosine_sdpa_vs_eager']}", "",
+                  "| attention | s | captions/s | tokens/s | MFU |", "|---|---|---|---|---|"]
+        lines += [f"| {r['attn']} | {r['seconds']} | {r['captions_per_s']} | {r['tokens_per_s']} | "
+                  f"{100 * r['mfu']:.1f}% |" for r in s["runs"]]
+    if "stage2" in result:
+        s = result["stage2"]
+        lp = s["loss_parity"]
+        lines += ["", f"stage 2: {s['model']['name']} at {s['model']['img_size']} px, projector {s['model']['proj_hidden']}"
+                  f" -> {s['model']['out_dim']}, batch {s['batch']}, P={s['positives']}, bf16, {s['steps']} steps; "
+                  f"{s['forward_gflop_per_image']} GFLOP/image forward", "",
+                  "| step | s | images/s | MFU | vs plain |", "|---|---|---|---|---|"]
+        plain = s["runs"]["plain timm + projector"]["seconds"]
+        lines += [f"| {k} | {r['seconds']} | {r['images_per_s']} | {100 * r['mfu']:.1f}% | "
+                  f"{plain / r['seconds']:.2f} |" for k, r in s["runs"].items()]
+        lines.append(f"\nsigmoid loss device vs cpu: {lp['device']:.7g} vs {lp['cpu']:.7g}, relative difference "
+                     f"{lp['relative_difference']:.2e} ({'ok' if lp['ok'] else 'FAILED'}, rtol {LOSS_RTOL})")
+    if result.get("targets"):
+        lines.append("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["targets"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, a few samples/steps (CPU smoke test)")
+    p.add_argument("--device", default=None, help="default: cpu with --tiny, else cuda if available")
+    p.add_argument("--json", required=True, help="write the results here (rewritten after every section)")
+    p.add_argument("--skip", nargs="*", default=[], choices=("stage1", "stage2"), help="sections to leave out")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t_start = time.perf_counter()
+    sizes = TINY if args.tiny else FULL
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    out_path = Path(args.json)
+    result: dict = {"tiny": args.tiny, "machine": machine_info(device), "sizes": dataclasses.asdict(sizes)}
+
+    def save(section: str) -> None:
+        result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        result.setdefault("section_s", {})[section] = result["elapsed_s"]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2))
+
+    log.info("%s", result["machine"])
+    peak = matmul_peak(device, torch.bfloat16, sizes.peak_size, sizes.peak_inner)
+    result.update(peak_size=sizes.peak_size, matmul_peak_tflops=round(peak / 1e12, 3))
+    save("peak")
+    result["stage1_parity"] = stage1_parity(device)
+    save("stage1_parity")
+    if "stage1" not in args.skip:
+        result["stage1"] = stage1_throughput(sizes, device, peak)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save("stage1")
+    if "stage2" not in args.skip:
+        result["stage2"] = stage2(sizes, device, peak, sizes.decoder["hidden_size"])
+        save("stage2")
+    targets = {}  # the issue's targets are for the full shapes; --tiny numbers say nothing about them
+    if "stage1" in result and not args.tiny:
+        targets["stage-1 MFU >= 50 %"] = max(r["mfu"] for r in result["stage1"]["runs"]) >= 0.5
+    if "stage2" in result and not args.tiny:
+        targets["stage-2 ours >= 0.6 x plain timm"] = result["stage2"]["ours_vs_plain"] >= 0.6
+    result["targets"] = targets
+    save("done")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
