@@ -7,8 +7,10 @@ uninterrupted run would, with any number of DataLoader workers.
 Two sources share the batch format of :func:`collate`:
 
 - :class:`MemoryPairs`: every image decoded once and held in RAM as ``uint8``; an epoch is a permutation.
-- :class:`StreamPairs`: manifest Parquet parts are the shards; each epoch shuffles the parts, process ``r``
-  reads parts ``r::world`` in turn through a seeded shuffle buffer and decodes only what it trains on.
+- :class:`StreamPairs`: manifest Parquet parts are read in turn; each epoch shuffles the parts, cuts the
+  resulting sequence of usable rows into ``world`` equal row ranges (so every process runs the same number of
+  steps, whatever the part sizes), and process ``r`` reads its range through a seeded shuffle buffer and
+  decodes only what it trains on.
 
 Keys absent from the cache are dropped (and counted) before training; an image that fails to decode is
 dropped (memory) or its slot is marked invalid (stream). A key is only ever paired with its own cache row.
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -33,7 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 from manifests.images import UndecodableImageError, load_image
 from manifests.schema import ManifestError, read_manifest, read_manifest_info
 from pipeline.cache import CacheReader
-from stage2_train_vision.config import DataConfig
+from stage2_train_vision.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -245,59 +248,94 @@ class StreamPairs(IterableDataset):
     """Streamed batches (``batch_size=None`` in the DataLoader): manifest parts read in turn, rows shuffled in
     a seeded buffer, images decoded only for the batches this process and worker produce.
 
-    Epoch ``e``: parts shuffled by ``(seed, e)``; process ``rank`` reads parts ``rank::world``; rows that pass
-    the split and cache filters go through a buffer of ``buffer`` rows seeded by ``(seed, e, rank)``; batch ``b``
-    is rows ``[b * B, (b + 1) * B)`` of that stream and is built by worker ``(b - start) % workers``. Every
-    process yields :meth:`steps` batches (its parts are cycled if it runs short). Samples of a batch are seeded
-    by ``(seed, epoch, rank, position)``.
+    Epoch ``e``: the parts are shuffled by ``(seed, e)``; their usable rows (split and cache filters passed), in
+    that order, form one sequence of ``n`` rows, and process ``rank`` takes rows ``[rank * q, (rank + 1) * q)``
+    of it, ``q = n // world`` (a part may be shared by two processes; the last ``n % world`` rows sit the epoch
+    out). Those rows go through a buffer of ``buffer`` rows seeded by ``(seed, e, rank)``; batch ``b`` is rows
+    ``[b * B, (b + 1) * B)`` of that stream and is built by worker ``(b - start) % workers``. Every process
+    yields :meth:`steps` batches in every epoch. Samples of a batch are seeded by
+    ``(seed, epoch, rank, position)``.
+
+    Raises:
+        DataError: (when iterating) a part has fewer usable rows than counted when the run started (the manifest
+            or cache changed under a running job).
     """
 
     def __init__(
         self, cfg: DataConfig, shards: list[StreamShard], reader: CacheReader, transform: Callable,
         batch_size: int, rank: int, world: int, seed: int, size: int, multiple: int = 1,
     ):
-        if len(shards) < world:
-            raise DataError(f"{len(shards)} manifest parts cannot feed {world} processes; use data.mode='memory'")
         self.cfg, self.shards, self.reader, self.transform = cfg, shards, reader, transform
         self.batch_size, self.rank, self.world, self.seed, self.size = batch_size, rank, world, seed, size
         self.multiple = multiple
+        self.n = sum(s.n_valid for s in shards)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start = epoch, start_batch
 
-    def _my_shards(self, epoch: int) -> list[StreamShard]:
-        order = np.random.default_rng(sample_seed(self.seed, epoch)).permutation(len(self.shards))
-        return [self.shards[i] for i in order[self.rank :: self.world]]
+    def rows_per_process(self) -> int:
+        """``q = n // world``: usable rows each process reads per epoch."""
+        return self.n // self.world
 
     def steps(self, epoch: int) -> int:
-        """Batches per process in ``epoch``: the smallest process's valid rows // B, rounded down to a multiple of
-        ``multiple`` (the accumulation steps); the same on every process."""
+        """Batches per process in ``epoch``: ``q // B`` rounded down to a multiple of ``multiple`` (the
+        accumulation steps); the same on every process and in every epoch."""
+        return self.rows_per_process() // self.batch_size // self.multiple * self.multiple
+
+    def ranges(self, epoch: int, rank: int | None = None) -> list[tuple[StreamShard, int, int]]:
+        """The row ranges process ``rank`` (default: this one) reads in ``epoch``: ``(part, first, stop)`` with
+        ``first``/``stop`` counted in that part's usable rows; their lengths sum to :meth:`rows_per_process`."""
+        rank = self.rank if rank is None else rank
+        q = self.rows_per_process()
+        lo, hi = rank * q, (rank + 1) * q
         order = np.random.default_rng(sample_seed(self.seed, epoch)).permutation(len(self.shards))
-        per_rank = [sum(self.shards[i].n_valid for i in order[r :: self.world]) for r in range(self.world)]
-        return min(per_rank) // self.batch_size // self.multiple * self.multiple
+        out, offset = [], 0
+        for i in order.tolist():
+            shard = self.shards[i]
+            first, stop = max(lo, offset) - offset, min(hi, offset + shard.n_valid) - offset
+            if first < stop:
+                out.append((shard, first, stop))
+            offset += shard.n_valid
+        return out
+
+    def _part_rows(self, shard: StreamShard, first: int, stop: int) -> Iterator[dict[str, Any]]:
+        """Usable rows ``[first, stop)`` of one part in file order, each with ``row`` = its cache row."""
+        seen = 0  # usable rows of this part passed so far
+        for part in pq.ParquetFile(shard.path).iter_batches(batch_size=1024, columns=IMAGE_COLUMNS):
+            if seen >= stop:
+                return
+            part = part.filter(pc.equal(part["split"], self.cfg.split))
+            rows = self.reader.rows(part.column("key"))
+            ok = rows >= 0
+            n_ok = int(ok.sum())
+            a, b = max(first - seen, 0), min(stop - seen, n_ok)
+            seen += n_ok
+            if a >= b:
+                continue
+            part, rows = part.filter(pa.array(ok)).slice(a, b - a), rows[ok][a:b]
+            for row, r in zip(part.to_pylist(), rows.tolist()):
+                row["row"] = r
+                yield row
+        if seen < stop:
+            raise DataError(
+                f"manifest part {shard.path} has {seen} usable rows now but {shard.n_valid} when the run started; "
+                "was the manifest or the cache changed under a running job?"
+            )
 
     def _rows(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """This process's shuffled rows (cycling its parts), each with ``row`` = its cache row."""
+        """This process's rows of ``epoch`` through the shuffle buffer (:meth:`rows_per_process` of them)."""
         rng = np.random.default_rng(sample_seed(self.seed, epoch, self.rank))
         buffer: list[dict[str, Any]] = []
-        while True:
-            for shard in self._my_shards(epoch):
-                for part in pq.ParquetFile(shard.path).iter_batches(batch_size=1024, columns=IMAGE_COLUMNS):
-                    part = part.filter(pc.equal(part["split"], self.cfg.split))
-                    rows = self.reader.rows(part.column("key"))
-                    for row, r in zip(part.to_pylist(), rows.tolist()):
-                        if r < 0:
-                            continue
-                        row["row"] = r
-                        buffer.append(row)
-                        if len(buffer) >= self.cfg.shuffle_buffer:
-                            j = int(rng.integers(len(buffer)))
-                            buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                            yield buffer.pop()
-            rng.shuffle(buffer)
-            yield from buffer
-            buffer = []
+        for shard, first, stop in self.ranges(epoch):
+            for row in self._part_rows(shard, first, stop):
+                buffer.append(row)
+                if len(buffer) >= self.cfg.shuffle_buffer:
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -386,14 +424,16 @@ def build_training_data(
     """Choose memory or stream (``cfg.mode``), build the dataset and a DataLoader of ``batch_size``-image batches.
 
     Raises:
-        DataError: empty split, no keys in common, or fewer samples than one global batch.
+        DataError: empty split, no keys in common, or fewer samples than one global batch (stream: fewer than
+            ``world x batch_size x grad_accum`` usable rows; the message names the rows per process).
+        ConfigError: ``cfg.mode`` is not memory, stream or auto.
     """
     mode = cfg.mode
     if mode == "auto":
         n_keys = read_manifest_info(cfg.manifest).counts.get(cfg.split, 0)
         mode = "memory" if n_keys <= cfg.memory_max_samples else "stream"
     if mode not in ("memory", "stream"):
-        raise ValueError(f"data.mode must be memory, stream or auto, not {cfg.mode!r}")
+        raise ConfigError(f"data.mode must be memory, stream or auto, not {cfg.mode!r}")
     workers = dict(num_workers=cfg.num_workers, persistent_workers=False)
     glob = batch_size * world
     if mode == "memory":
@@ -407,8 +447,11 @@ def build_training_data(
         return TrainingData(loader, lambda epoch: steps, n, skipped, mode)
     shards, skipped = stream_shards(cfg, reader)
     stream = StreamPairs(cfg, shards, reader, transform, batch_size, rank, world, seed, size, grad_accum)
-    n = sum(s.n_valid for s in shards)
+    n = stream.n
     if stream.steps(0) == 0:
-        raise DataError(f"{n} usable rows are fewer than one global batch ({glob} x {grad_accum} accumulation)")
+        raise DataError(
+            f"{n} usable rows are fewer than one global batch ({glob} x {grad_accum} accumulation): "
+            f"{stream.rows_per_process()} rows per process for {world} processes"
+        )
     loader = DataLoader(stream, batch_size=None, **workers)
     return TrainingData(loader, stream.steps, n, skipped, mode)

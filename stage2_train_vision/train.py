@@ -5,8 +5,13 @@ or, in one process, ``flame train --config FILE ...``. The text side is the cach
 transformers or an LLM.
 
 Outputs under ``train.output_dir``: ``checkpoints/step-NNNNNNN/`` (Accelerate ``save_state``: model, optimizer,
-scheduler, RNG, and :class:`TrainState` = epoch, position in the epoch, step, loss history), ``model/`` (the
-export, :mod:`stage2_train_vision.export`), ``loss.png``, ``train_config.json`` and tracker logs.
+scheduler, RNG, and :class:`TrainState` = epoch, position in the epoch, step, loss history; plus
+``cache_identity.json``, the essential identity of the cache it was trained against, which ``--resume``
+checks), ``model/`` (the export, :mod:`stage2_train_vision.export`), ``loss.png``, ``train_config.json`` and
+tracker logs.
+
+Processes: on a machine without CUDA the Accelerator is created with ``cpu=True``, so ``accelerate launch
+--multi_gpu --num_processes N`` trains on N CPU processes over gloo (``DistributedType.MULTI_CPU``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -29,7 +35,9 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
-from pipeline.cache import CacheIdentityError, CacheReader
+from pipeline.atomic import atomic_write_bytes
+from pipeline.cache import CacheIdentity, CacheIdentityError, CacheReader
+from pipeline.cli import is_user_error
 from stage2_train_vision.cli import add_arguments, run
 from stage2_train_vision.config import Config, ConfigError, ModelConfig
 from stage2_train_vision.data import build_training_data
@@ -43,6 +51,7 @@ from stage2_train_vision.transforms import train_transform
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+CACHE_IDENTITY = "cache_identity.json"
 
 
 @dataclass
@@ -110,9 +119,34 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     return found[-1]
 
 
-def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+def check_checkpoint_cache(ckpt: Path, identity: CacheIdentity) -> None:
+    """Refuse to resume ``ckpt`` against a cache other than the one it was trained against.
+
+    Compares the essential identity stored in ``ckpt/cache_identity.json`` with ``identity``; a checkpoint
+    without that file (written before it was recorded) is resumed with a warning.
+
+    Raises:
+        CacheIdentityError: the identities differ (``llm: cache has 'b', expected 'a'``), or the file is unreadable.
+    """
+    path = ckpt / CACHE_IDENTITY
+    if not path.exists():
+        log.warning("checkpoint %s records no cache identity; resuming without checking the cache", ckpt)
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CacheIdentityError(f"checkpoint {ckpt}: cannot read {CACHE_IDENTITY}: {exc}") from None
+    try:
+        identity.check(saved)
+    except CacheIdentityError as exc:
+        raise CacheIdentityError(f"--resume: checkpoint {ckpt} was trained against another cache: {exc}") from None
+
+
+def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int, identity: CacheIdentity) -> None:
     path = output_dir / CHECKPOINTS / f"step-{step:07d}"
     accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        atomic_write_bytes(path / CACHE_IDENTITY, json.dumps(identity.essential(), indent=2).encode("utf-8"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and keep > 0:
         for old in sorted((output_dir / CHECKPOINTS).glob("step-*"))[:-keep]:
@@ -123,8 +157,9 @@ def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> N
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train per ``cfg``; resume from a checkpoint (path or ``"latest"``) if given.
 
-    Accelerate's process-wide state is reset afterwards (the distributed setup is kept), so ``train`` can be
-    called again in the same process with another precision or accumulation (tests, ``flame demo``).
+    Accelerate's process-wide state is reset afterwards while the distributed setup (the process group) is kept,
+    so ``train`` can be called again in the same process with another precision or accumulation (tests,
+    ``flame demo``); :func:`main` destroys the process group when the script ends.
 
     Returns:
         The run summary (also written into the export's ``config.json["train"]``); ``"stopped": True`` when
@@ -151,14 +186,19 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
         torch.set_num_threads(tc.threads)
     output_dir = Path(tc.output_dir)
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=tc.grad_accum,
         log_with=tc.log_with or None,
         project_dir=str(output_dir),
     )
+    check_world(accelerator)
     set_seed(tc.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     reader = CacheReader(cfg.data.cache, expect=cfg.data.expect or None)
+    ckpt = find_checkpoint(output_dir, resume) if resume else None
+    if ckpt is not None:
+        check_checkpoint_cache(ckpt, reader.identity)
     model_cfg = resolve_model_config(cfg.model, reader.dim)
     batch = per_process_batch(tc.batch_size, world, tc.grad_accum)
     data = build_training_data(
@@ -173,8 +213,7 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     state = TrainState()
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler, state)
-    if resume:
-        ckpt = find_checkpoint(output_dir, resume)
+    if ckpt is not None:
         accelerator.load_state(str(ckpt))
         log.info("resumed from %s at epoch %d, batch %d, step %d", ckpt, state.epoch, state.batch, state.step)
     if accelerator.is_main_process:
@@ -183,8 +222,9 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     if tc.log_with:
         accelerator.init_trackers("flame-stage2", config=_flat(cfg.to_dict()))
     log.info(
-        "%s samples (%s), %d processes x %d images x %d accumulation = batch %d, %d steps, D=%d",
-        data.n_samples, data.mode, world, batch, tc.grad_accum, tc.batch_size, total_steps, model_cfg.out_dim,
+        "%s samples (%s), %d processes (%s) x %d images x %d accumulation = batch %d, %d steps, D=%d",
+        data.n_samples, data.mode, world, accelerator.distributed_type.value, batch, tc.grad_accum, tc.batch_size,
+        total_steps, model_cfg.out_dim,
     )
 
     core = accelerator.unwrap_model(model)
@@ -197,6 +237,11 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     while state.step < total_steps:
         epoch = state.epoch
         n_batches = data.steps_per_epoch(epoch)
+        if state.batch >= n_batches:  # a resumed position past this config's epoch would never advance
+            raise ConfigError(
+                f"the checkpoint is at batch {state.batch} of epoch {epoch} but this config gives {n_batches} "
+                "batches per epoch; resume with the checkpoint's batch size, processes and data"
+            )
         data.set_epoch(epoch, state.batch)
         for b in data.loader:
             images = b["images"].to(accelerator.device, non_blocking=True)
@@ -234,19 +279,23 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
             if tc.log_with and state.step % tc.log_every == 0:
                 accelerator.log({"loss": value, "lr": lr, "logit_scale": t, "images_per_s": rate}, step=state.step)
             if tc.save_every and state.step % tc.save_every == 0:
-                _save(accelerator, output_dir, state.step, tc.keep_checkpoints)
+                _save(accelerator, output_dir, state.step, tc.keep_checkpoints, reader.identity)
             if tc.stop_at_step and state.step >= tc.stop_at_step:
                 stopped = True
             if stopped or state.step == total_steps:
                 break
-        if stopped:
+        if stopped or state.step == total_steps:
             break
+        if state.epoch == epoch:  # every process yields steps_per_epoch batches; anything else would hang
+            raise RuntimeError(f"the data loader ended epoch {epoch} after {state.batch} of {n_batches} batches")
     bar.close()
     elapsed = time.perf_counter() - t_start
+    if not stopped and (not tc.save_every or state.step % tc.save_every):
+        _save(accelerator, output_dir, state.step, tc.keep_checkpoints, reader.identity)
     summary = {
         "steps": state.step,
         "total_steps": total_steps,
-        "epochs": round(state.epoch + state.batch / data.steps_per_epoch(state.epoch), 3),
+        "epochs": round(state.epoch + state.batch / max(data.steps_per_epoch(state.epoch), 1), 3),
         "images": state.images,
         "images_per_s": round((state.images - images_start) / max(elapsed, 1e-9), 2),
         "processes": world,
@@ -259,17 +308,26 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
         "stopped": stopped,
         "seed": tc.seed,
     }
-    if not stopped:
-        if tc.save_every and state.step % tc.save_every:
-            _save(accelerator, output_dir, state.step, tc.keep_checkpoints)
-        if accelerator.is_main_process:
-            export_model(core, model_cfg, cfg.data, reader.identity.to_dict(), output_dir / "model", summary)
-            if state.history:
-                steps, losses = zip(*state.history)
-                plot_loss_curve(steps, losses, output_dir / "loss.png", title=f"{cfg.model.name} / {cfg.loss.kind}")
-            log.info("exported %s; loss %.4f -> %.4f", output_dir / "model", summary["first_loss"], summary["final_loss"])
-    accelerator.end_training()
+    if not stopped and accelerator.is_main_process:
+        export_model(core, model_cfg, cfg.data, reader.identity.to_dict(), output_dir / "model", summary)
+        log.info("exported %s; loss %s -> %s", output_dir / "model", summary["first_loss"], summary["final_loss"])
+        if state.history:
+            steps, losses = zip(*state.history)
+            plot_loss_curve(steps, losses, output_dir / "loss.png", title=f"{cfg.model.name} / {cfg.loss.kind}")
+    for tracker in accelerator.trackers:  # end_training() would also destroy the process group; main() does
+        tracker.finish()
     return summary
+
+
+def check_world(accelerator: Accelerator) -> None:
+    """Refuse a launch whose processes did not join one process group (each would train alone into the same
+    output directory). Raises :class:`ConfigError` naming the launched and the joined process counts."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}); check the accelerate launch options"
+        )
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -285,10 +343,21 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point under ``accelerate launch``; returns the exit code."""
+    """Entry point under ``accelerate launch``; returns the exit code: bad input or a refusal (the errors
+    ``flame`` maps, :func:`pipeline.cli.is_user_error`) ends in one line on stderr and exit code 2."""
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        print(f"train.py: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from test_stage2_fixtures import F, key, make_cache, make_manifest
 
 from pipeline.cache import CacheReader
-from stage2_train_vision.config import DataConfig, ImageConfig
+from stage2_train_vision.config import ConfigError, DataConfig, ImageConfig
 from stage2_train_vision.data import DataError, build_training_data, draw_facets
 from stage2_train_vision.transforms import train_transform
 
@@ -143,3 +143,38 @@ def test_fewer_samples_than_a_batch_is_refused(fixture):
     root, _ = fixture
     with pytest.raises(DataError, match=r"16 usable samples are fewer than one global batch \(32 x 1 accumulation\)"):
         _build(root, "memory", batch=32)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """15 train keys in manifest parts of 7, 7 and 1 rows, all in the cache."""
+    root = tmp_path_factory.mktemp("s2uneven")
+    make_manifest(root / "m", n=15, n_test=0, rows_per_part=7)
+    make_cache(root / "c", [key(i) for i in range(15)])
+    return root
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_stream_gives_every_rank_the_same_rows_and_steps_with_uneven_parts(uneven, seed):
+    """Each epoch's part order is cut into 2 ranges of 15 // 2 = 7 usable rows (a part may be shared), so both
+    ranks run 7 // 2 = 3 batches in every epoch, whatever the permutation (seed 0 once gave a rank 1 row)."""
+    ranks = [_build(uneven, "stream", seed=seed, rank=r, world=2) for r in range(2)]
+    for epoch in range(6):
+        assert [d.steps_per_epoch(epoch) for d in ranks] == [3, 3]
+        ranges = [d.loader.dataset.ranges(epoch) for d in ranks]
+        assert [sum(stop - first for _, first, stop in r) for r in ranges] == [7, 7]
+        covered = [(part.path.name, i) for r in ranges for part, first, stop in r for i in range(first, stop)]
+        assert len(covered) == len(set(covered)) == 14  # disjoint ranges; one row sits the epoch out
+        keys = [[k for b in _epoch(d, epoch) for k in b["keys"]] for d in ranks]
+        assert [len(k) for k in keys] == [6, 6] and not set(keys[0]) & set(keys[1])
+
+
+def test_stream_with_fewer_rows_than_a_global_batch_names_the_rows_per_process(uneven):
+    with pytest.raises(DataError, match=r"^15 usable rows are fewer than one global batch \(16 x 1 accumulation\): "
+                                        r"7 rows per process for 2 processes$"):
+        _build(uneven, "stream", batch=8, world=2)
+
+
+def test_unknown_data_mode_is_a_config_error(uneven):
+    with pytest.raises(ConfigError, match=r"data.mode must be memory, stream or auto, not 'disk'"):
+        _build(uneven, "disk")

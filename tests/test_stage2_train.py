@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import test_stage2_fixtures
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from test_stage2_fixtures import COLOURS, key, make_cache, make_manifest, png_bytes, tiny_overrides
 
-from pipeline.cache import CacheIdentityError
+from pipeline.cache import CacheIdentity, CacheIdentityError
 from pipeline.cli import main as flame_main
 from stage2_train_vision.config import ConfigError, load_config
 from stage2_train_vision.data import DataError
 from stage2_train_vision.export import load_exported
 from stage2_train_vision.model import FlameVisionModel
+from stage2_train_vision.train import main as train_main
 from stage2_train_vision.train import resolve_model_config, train
 from stage2_train_vision.transforms import eval_transform
 
@@ -109,6 +112,38 @@ def test_resume_after_a_kill_mid_epoch_2_matches_an_uninterrupted_run(data, tmp_
     _, cfg_full = load_exported(tmp_path / "full" / "model")
     _, cfg_part = load_exported(tmp_path / "part" / "model")
     assert cfg_full["train"]["final_loss"] == cfg_part["train"]["final_loss"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_cache_before_loading_it(data, tmp_path, monkeypatch, capsys):
+    """A run stopped on cache A and resumed on cache B: another LLM of the same D, or another D (whose projector
+    would not even load), ends in one line naming both values, exit 2, and no export."""
+    keys = [key(i) for i in range(N)]
+    make_cache(tmp_path / "other-d", keys, dim=32)
+    monkeypatch.setattr(test_stage2_fixtures, "CacheIdentity",
+                        lambda **kw: CacheIdentity(**{**kw, "llm": "other-llm", "llm_fingerprint": "f1"}))
+    test_stage2_fixtures.make_cache(tmp_path / "other-llm", keys)
+    out = tmp_path / "run"
+    part = train(_cfg(data, out, **{"train.save_every": 1, "train.stop_at_step": 2}))
+    assert part["stopped"] and part["steps"] == 2
+    ckpt = out / "checkpoints" / "step-0000002"
+    assert json.loads((ckpt / "cache_identity.json").read_text()) == {
+        "llm": "test-llm", "llm_fingerprint": "f0", "layer": 3, "readout": "pre_norm", "dim": 16,
+        "prompt_set": "flame", "prompt_set_hash": "h0", "position_mode": "restart"}
+    capsys.readouterr()
+    rc = flame_main(["train", "--config", str(REPO / "configs" / "demo-cpu.toml"), "--resume",
+                     *tiny_overrides(data / "m", tmp_path / "other-llm", out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (
+        f"flame train: --resume: checkpoint {ckpt} was trained against another cache: cache identity mismatch: "
+        "llm: cache has 'other-llm', expected 'test-llm'; llm_fingerprint: cache has 'f1', expected 'f0'\n")
+    rc = train_main(["--config", str(REPO / "configs" / "demo-cpu.toml"), "--resume",
+                     *tiny_overrides(data / "m", tmp_path / "other-d", out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (
+        f"train.py: --resume: checkpoint {ckpt} was trained against another cache: cache identity mismatch: "
+        "dim: cache has 32, expected 16\n")
+    assert not (out / "model").exists()
+    assert train(_cfg(data, out), resume="latest")["steps"] == 4  # the same cache resumes
 
 
 def test_checkpoints_hold_only_the_vit_and_projector(data, tmp_path):
