@@ -23,6 +23,7 @@ The parts are plain Parquet: ``pyarrow.parquet.read_table("DIR/data")`` reads th
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -157,7 +158,16 @@ class ManifestWriter:
         table = pa.table(cols, schema=SCHEMA)
         name = f"{DATA_DIR}/part-{len(self.info.parts):05d}.parquet"
         tmp = self.out_dir / DATA_DIR / ".part.tmp"
-        pq.write_table(table, tmp, compression="zstd")
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise ManifestError(
+                    f"no space left on the device writing {self.out_dir / name}: the manifest is unfinished (no "
+                    f"{MANIFEST_JSON}); free space and run the same command again"
+                ) from exc
+            raise
         os.replace(tmp, self.out_dir / name)
         self.info.parts.append(name)
         self._hashes.append(key_hashes(table.column("key")))

@@ -60,7 +60,7 @@ CAPTION_COLUMNS = {"raw": "raw_caption", "short": "short_caption", "long": "long
 DIGEST_BYTES = 20  # SHA-1 of a cleaned text
 SAMPLE = "sample"  # plan column: manifest position of a row's first sample
 _ABSENT = bytes(DIGEST_BYTES)
-_BATCH_ROWS = 65_536
+_BATCH_ROWS = 16_384
 
 
 def text_sha1(text: str | None) -> str | None:
@@ -227,10 +227,16 @@ class _Planner:
 
     def run(self) -> PlanInfo:
         keys, positions, set_hi, set_lo, n_samples, empty = self._digest_pass()
+        pa.default_memory_pool().release_unused()
         key_row, row_first = _first_occurrence_rows(set_hi, set_lo)
         del set_hi, set_lo
         n_rows = len(row_first)
+        first_positions = positions[row_first]
+        del positions
         layout = CacheLayout(n_rows=n_rows, shard_rows=self.shard_rows, chunk_rows=self.chunk_rows, plan_hash="")
+        keys_digest = self._write_keys(keys, key_row, layout)  # first, so keys and their rows can be freed
+        del keys, key_row
+        pa.default_memory_pool().release_unused()
         digest = hashlib.sha256(f"plan v{PLAN_FORMAT}\n{self.prompt_hash}\n{','.join(self.groups)}\n".encode())
         absent, unique = {}, 0
         for g in self.groups:
@@ -241,11 +247,11 @@ class _Planner:
             unique += int((owner == np.arange(n_rows)).sum())
             self._write_group(g, dig, present, owner)
             del dig, present, owner
-        self._write_rows(positions[row_first] if n_rows else np.zeros(0, np.int64), layout)
-        del positions
-        self._write_keys(keys, key_row, layout, digest)
+        del row_first
+        self._write_rows(first_positions, layout)
+        digest.update(keys_digest)
         layout.plan_hash = "sha256:" + digest.hexdigest()
-        n_keys = len(key_row)
+        n_keys = self._n_keys
         log.info("plan: %d samples -> %d keys -> %d rows (%d shards of %d); %d unique texts to embed",
                  n_samples, n_keys, n_rows, layout.n_shards, self.shard_rows, unique)
         if empty[0]:
@@ -361,7 +367,10 @@ class _Planner:
             (self.out / f".{g}.parquet").unlink()
         (self.out / ".digests.parquet").unlink()
 
-    def _write_keys(self, keys: pa.ChunkedArray, key_row: np.ndarray, layout: CacheLayout, digest) -> None:
+    def _write_keys(self, keys: pa.ChunkedArray, key_row: np.ndarray, layout: CacheLayout) -> bytes:
+        """Write ``keys.parquet`` (ordered by row, then manifest order; row group ``s`` = shard ``s``) and return
+        the digest of the keys and their rows in manifest order (part of the plan hash)."""
+        self._n_keys = len(key_row)
         lengths, data, rows = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
         start = 0
         for chunk in keys.chunks:  # manifest order: the keys and their rows enter the plan hash
@@ -371,17 +380,33 @@ class _Planner:
                 data.update(memoryview(chunk.buffers()[2])[offs[0] : offs[-1]])
             rows.update(key_row[start : start + len(chunk)].astype("<i8").tobytes())
             start += len(chunk)
-        digest.update(lengths.digest() + data.digest() + rows.digest())
         order = np.argsort(key_row, kind="stable")
-        sorted_rows = key_row[order]
-        flat = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
+        stops = np.minimum((np.arange(layout.n_shards) + 1) * layout.shard_rows, layout.n_rows)
+        bounds = np.concatenate([[0], np.searchsorted(key_row[order], stops)])
+        chunk_starts = np.cumsum([0] + [len(c) for c in keys.chunks])
         schema = pa.schema([pa.field(KEY, pa.string()), pa.field(ROW, pa.int64())])
         with pq.ParquetWriter(self.out / "keys.parquet", schema) as writer:
             for s in range(layout.n_shards):
-                r = layout.shard_range(s)
-                a, b = np.searchsorted(sorted_rows, [r.start, r.stop])
-                table = pa.table({KEY: flat.take(pa.array(order[a:b])), ROW: pa.array(sorted_rows[a:b])}, schema=schema)
-                writer.write_table(table, row_group_size=max(b - a, 1))
+                sel = order[bounds[s] : bounds[s + 1]]
+                table = pa.table({KEY: _take(keys, chunk_starts, sel), ROW: pa.array(key_row[sel])}, schema=schema)
+                writer.write_table(table, row_group_size=max(len(sel), 1))
+        return lengths.digest() + data.digest() + rows.digest()
+
+
+def _take(array: pa.ChunkedArray, chunk_starts: np.ndarray, positions: np.ndarray) -> pa.Array:
+    """``array[positions]`` for a chunked array, without combining its chunks (``positions`` int64, any order)."""
+    if len(positions) == 0:
+        return pa.array([], array.type)
+    chunk = np.searchsorted(chunk_starts, positions, side="right") - 1
+    pieces, where = [], []
+    for c in np.unique(chunk):
+        sel = np.flatnonzero(chunk == c)
+        pieces.append(array.chunk(int(c)).take(pa.array(positions[sel] - chunk_starts[c])))
+        where.append(sel)
+    gathered = pa.concat_arrays(pieces)
+    inverse = np.empty(len(positions), np.int64)
+    inverse[np.concatenate(where)] = np.arange(len(positions))
+    return gathered.take(pa.array(inverse))
 
 
 def _validity(present: np.ndarray) -> pa.Buffer | None:
@@ -401,6 +426,27 @@ def _rows_schema(groups: tuple[str, ...]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def _sorted_runs(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group equal 128-bit digests ``(hi, lo)`` (``uint64 [n]`` each): the stable sort order (``int64 [n]``) and
+    ``bool [n]`` marking the first element of each run of equal digests in that order.
+
+    Sorts the 64-bit ``hi`` only (a stable radix sort, ~16 bytes per element of temporaries); in the rare case that
+    two different digests share ``hi`` it sorts the pairs (``lexsort``) instead."""
+    order = np.argsort(hi, kind="stable")
+    hs = hi[order]
+    starts = np.empty(len(hi), bool)
+    starts[:1] = True
+    np.not_equal(hs[1:], hs[:-1], out=starts[1:])
+    del hs
+    ls = lo[order]
+    if ((ls[1:] != ls[:-1]) & ~starts[1:]).any():  # two digests with the same 64-bit prefix: sort on both halves
+        del ls
+        order = np.lexsort((lo, hi))
+        hs, ls = hi[order], lo[order]
+        starts = np.r_[True, (hs[1:] != hs[:-1]) | (ls[1:] != ls[:-1])]
+    return order, starts
+
+
 def _first_occurrence_rows(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``n`` samples from their 128-bit caption-set digests ``(hi, lo)`` (``uint64 [n]`` each).
 
@@ -409,15 +455,12 @@ def _first_occurrence_rows(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, 
     n = len(hi)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.lexsort((lo, hi))  # stable: equal digests stay in sample order
-    hs, ls = hi[order], lo[order]
-    starts = np.r_[True, (hs[1:] != hs[:-1]) | (ls[1:] != ls[:-1])]
-    run = np.cumsum(starts) - 1
+    order, starts = _sorted_runs(hi, lo)  # stable: equal digests stay in sample order
     first = order[starts]
     row_of_run = np.empty(len(first), np.int64)
     row_of_run[np.argsort(first, kind="stable")] = np.arange(len(first))
     key_row = np.empty(n, np.int64)
-    key_row[order] = row_of_run[run]
+    key_row[order] = row_of_run[np.cumsum(starts) - 1]
     return key_row, np.sort(first).astype(np.int64)
 
 
@@ -428,14 +471,12 @@ def _owners(dig: np.ndarray, present: np.ndarray) -> np.ndarray:
     idx = np.flatnonzero(present)
     if len(idx) == 0:
         return owner
-    two = dig[idx, :16].copy().view(">u8").reshape(-1, 2)
-    hi, lo = two[:, 0].astype(np.uint64), two[:, 1].astype(np.uint64)
-    order = np.lexsort((lo, hi))
-    hs, ls = hi[order], lo[order]
-    starts = np.r_[True, (hs[1:] != hs[:-1]) | (ls[1:] != ls[:-1])]
-    run = np.cumsum(starts) - 1
+    hi = dig[idx, :8].copy().view(np.uint64).ravel()  # any fixed reading of the bytes groups equal digests
+    lo = dig[idx, 8:16].copy().view(np.uint64).ravel()
+    order, starts = _sorted_runs(hi, lo)
+    del hi, lo
     first_of_run = idx[order[starts]]
-    owner[idx[order]] = first_of_run[run]
+    owner[idx[order]] = first_of_run[np.cumsum(starts) - 1]
     return owner
 
 
