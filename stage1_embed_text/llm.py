@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.assets import default_readout  # noqa: F401  (the readout decision lives with the LLM list)
 from pipeline.paths import flame_home
 
 log = logging.getLogger(__name__)
@@ -107,18 +108,6 @@ def load_llm(
         llm.name, llm.architecture, llm.layer, llm.num_layers, llm.hidden_size, dtype, time.perf_counter() - t0,
     )
     return llm
-
-
-def default_readout(name_or_path: str) -> str:
-    """The readout stage 1 uses for ``name_or_path`` unless told otherwise (SPEC §2.3, §2.5).
-
-    Embedded LLMs carry a measured choice (:attr:`pipeline.assets.EmbeddedLLM.readout`: ``post_norm`` for
-    Gemma-3-270M); any other model gets the FLAME recipe's ``pre_norm``.
-    """
-    from pipeline.assets import EMBEDDED_LLMS
-
-    llm = EMBEDDED_LLMS.get(name_or_path)
-    return llm.readout if llm else "pre_norm"
 
 
 def _resolve(name_or_path: str) -> tuple[str, str | None]:
