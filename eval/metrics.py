@@ -9,6 +9,7 @@ Rankings come from :func:`eval.ranking.topk` (descending score, ties broken by t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,6 +127,52 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, pairs: np.nda
     counts = {"n_images": n_img, "n_texts": n_txt, "n_pairs": len(pairs),
               "n_image_queries": len(i2t_q), "n_text_queries": len(t2i_q)}
     return RetrievalOutcome(metrics, chance, counts, i2t_q, i2t, t2i_q, t2i)
+
+
+def duplicate_text_ceiling(texts: Sequence[str], pairs: np.ndarray) -> tuple[int, dict[str, float]]:
+    """How many retrieval texts repeat an earlier text exactly, and the recall@1 a perfect model could reach.
+
+    Identical strings get identical text vectors, so they tie in every ranking: images paired with different
+    copies of one caption (two COCO images both captioned "A man riding a wave on a surfboard.") cannot all
+    be found at rank 1, and the metric stays below 1 for any model. The standard metric is not changed;
+    this tells how far below 1 its ceiling is, under this module's ranking (ties broken by the lower index):
+
+    - text -> image: the copies of one string rank the images identically, so they share one top-1 image;
+      at most ``max over images of (copies paired with that image)`` of them hit.
+    - image -> text: of tied copies only the lowest-indexed can come first, so an image query can hit at 1
+      only if one of its positive texts is the first copy of its string (any unique text is).
+
+    Args:
+        texts: ``N_txt`` texts of the task.
+        pairs: ``int64 [P, 2]`` positive (image index, text index) pairs, as for :func:`retrieval_metrics`.
+
+    Returns:
+        ``(n_duplicate_texts, ceiling)``: texts equal to an earlier text (a string present 3 times counts 2),
+        and ``{"text_retrieval_recall@1": .., "image_retrieval_recall@1": ..}`` over the queries
+        :func:`retrieval_metrics` uses (1.0 each way when no text repeats).
+
+    Raises:
+        ValueError: empty pairs or a text index out of range.
+    """
+    pairs = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
+    if len(pairs) == 0:
+        raise ValueError("retrieval needs at least one (image, text) pair")
+    if pairs[:, 1].max() >= len(texts) or pairs.min() < 0:
+        raise ValueError(f"pair text index out of range for {len(texts)} texts")
+    first: dict[str, int] = {}
+    group = np.fromiter((first.setdefault(t, i) for i, t in enumerate(texts)), np.int64, len(texts))
+    n_dup = len(texts) - len(first)
+    if n_dup == 0:
+        return 0, {"text_retrieval_recall@1": 1.0, "image_retrieval_recall@1": 1.0}
+    img, g = pairs[:, 0], group[pairs[:, 1]]  # group id = index of the string's first copy
+    # text -> image: per (string, image), the copies paired with that image; best image per string
+    gi, per_gi = np.unique(np.stack([g, img], 1), axis=0, return_counts=True)
+    best = np.zeros(len(texts), np.int64)
+    np.maximum.at(best, gi[:, 0], per_gi)
+    t2i = best.sum() / len(np.unique(pairs[:, 1]))
+    # image -> text: a query hits at 1 only through a positive that is the first copy of its string
+    i2t = len(np.unique(img[pairs[:, 1] == g])) / len(np.unique(img))
+    return n_dup, {"text_retrieval_recall@1": float(i2t), "image_retrieval_recall@1": float(t2i)}
 
 
 def class_prototypes(template_emb: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@
 
     {"benchmark", "split", "data", "counts", "skipped", "text_mode" (the override or null),
      "model": {"dir", "config"}, "cache_identity", "package_version", "created",
-     "tasks": {NAME: {"type", "text_mode", "kind"?, "lang"?, "counts", "metrics", "chance"}},
+     "tasks": {NAME: {"type", "text_mode", "kind"?, "lang"?, "duplicate_texts"?, "r1_ceiling"?,
+                    "counts", "metrics", "chance"}},
      "summary": {"multilingual_average": {"languages", "metrics", "chance"}}}   (when there are languages)
 
 Metric keys follow CLIP_benchmark (``image_retrieval_recall@k`` = text->image, ``text_retrieval_recall@k`` =
@@ -15,6 +16,11 @@ level beside every number.
 ``counts`` are the sizes of the benchmark as loaded; ``skipped`` counts the images left out of every task
 because they did not open, by reason (``{"undecodable_image": 2, "image_too_large": 1}``, ``{}`` when none;
 reasons of :func:`eval.embedding.image_skip_reason`). Each task's own ``counts`` are what it was scored on.
+
+Retrieval tasks also carry ``duplicate_texts`` (how many texts are identical to an earlier text of the task)
+and ``r1_ceiling`` (``{"text_retrieval_recall@1", "image_retrieval_recall@1"}``: the most a perfect model can
+reach, below 1 only when texts repeat; :func:`eval.metrics.duplicate_text_ceiling`); ``results.md`` prints a
+line for every task whose texts repeat. The metrics themselves are the standard ones.
 """
 
 from __future__ import annotations
@@ -100,10 +106,21 @@ def render_markdown(doc: dict[str, Any]) -> str:
         if names:
             lines.extend([f"## {title}", ""] + _table(header, [row(n, tasks[n]) for n in names]) + [""])
 
+    def duplicates(names: list[str]) -> None:
+        for n in names:
+            dup, ceil = tasks[n].get("duplicate_texts", 0), tasks[n].get("r1_ceiling")
+            if dup and ceil:
+                lines.append(f"Duplicate texts: `{n}` has {dup} texts identical to an earlier one; they cap R@1 at "
+                             f"{100 * ceil['text_retrieval_recall@1']:.1f} (I→T) / "
+                             f"{100 * ceil['image_retrieval_recall@1']:.1f} (T→I) for any model.")
+        if any(tasks[n].get("duplicate_texts", 0) for n in names):
+            lines.append("")
+
     ret = [n for n, t in tasks.items() if t["type"] == "retrieval" and t.get("kind") != "multilingual"]
     section("Retrieval", ret, ["task", "text mode", "images", "texts"] + [c for _, c in _RET_COLS],
             lambda n, t: [n, t["text_mode"], str(t["counts"]["n_images"]), str(t["counts"]["n_texts"])]
             + [_cell(t["metrics"][k], t["chance"][k]) for k, _ in _RET_COLS])
+    duplicates(ret)
     ml = [n for n, t in tasks.items() if t["type"] == "retrieval" and t.get("kind") == "multilingual"]
     if ml:
         header = ["language", "text mode", "images", "texts"] + [c for _, c in _RET_COLS]
@@ -112,6 +129,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         avg = doc["summary"]["multilingual_average"]
         rows.append(["**average**", "", "", ""] + [_cell(avg["metrics"][k], avg["chance"][k]) for k, _ in _RET_COLS])
         lines.extend(["## Multilingual retrieval", ""] + _table(header, rows) + [""])
+        duplicates(ml)
     for typ, title in (("classification", "Zero-shot classification"), ("linear_probe", "Linear probe")):
         names = [n for n, t in tasks.items() if t["type"] == typ]
         section(title, names, ["task", "text mode", "images", "classes", "acc1", "acc5", "mean per-class recall"],

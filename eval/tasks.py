@@ -7,6 +7,7 @@ and ``chance`` have the same keys (fractions in ``[0, 1]``).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from eval.compositionality import (
     winoground_scores,
 )
 from eval.linear_probe import linear_probe
-from eval.metrics import class_prototypes, classification_metrics, retrieval_metrics
+from eval.metrics import class_prototypes, classification_metrics, duplicate_text_ceiling, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class TaskResult:
         text_mode: ``single``/``multi`` (``None`` for the linear probe).
         metrics, chance: same keys; chance = expected value for random scores.
         counts: sizes used (images, texts, queries, classes, examples).
-        info: ``kind``, ``lang`` and other descriptors written to ``results.json``.
+        info: ``kind``, ``lang`` and other descriptors written to ``results.json``; retrieval adds
+            ``duplicate_texts`` and ``r1_ceiling`` (:func:`eval.metrics.duplicate_text_ceiling`).
         details: in-memory outcome for plots (not serialized).
     """
 
@@ -61,9 +63,14 @@ class TaskResult:
                 "metrics": self.metrics, "chance": self.chance}
 
 
+_PLACEHOLDER = re.compile(r"\{c?\}")
+
+
 def fill_template(template: str, name: str) -> str:
-    """``template`` with ``{}`` or ``{c}`` replaced by the class name."""
-    return template.replace("{c}", name).replace("{}", name)
+    """``template`` with each ``{}`` or ``{c}`` replaced by the class name, in one pass: braces inside the name
+    stay as they are (``fill_template("a photo of a {c}.", "curly {} braces")`` = ``"a photo of a curly {}
+    braces."``)."""
+    return _PLACEHOLDER.sub(lambda _: name, template)
 
 
 def evaluate_task(task: Task, image_emb: np.ndarray, features: np.ndarray | None, text_encoder: Any,
@@ -82,8 +89,9 @@ def evaluate_task(task: Task, image_emb: np.ndarray, features: np.ndarray | None
     if isinstance(task, RetrievalTask):
         txt = text_encoder.encode(task.texts, mode, desc=task.name)
         out = retrieval_metrics(image_emb[task.image_ids], txt, task.pairs, backend=backend)
-        return TaskResult(task.name, "retrieval", mode, out.metrics, out.chance, out.counts,
-                          {"kind": task.kind, "lang": task.lang}, out)
+        n_dup, ceiling = duplicate_text_ceiling(task.texts, task.pairs)
+        info = {"kind": task.kind, "lang": task.lang, "duplicate_texts": n_dup, "r1_ceiling": ceiling}
+        return TaskResult(task.name, "retrieval", mode, out.metrics, out.chance, out.counts, info, out)
     if isinstance(task, ClassificationTask):
         prompts = [fill_template(t, c) for c in task.classnames for t in task.templates]
         txt = text_encoder.encode(prompts, mode, desc=task.name)

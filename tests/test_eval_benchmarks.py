@@ -106,7 +106,7 @@ def test_dci(tmp_path):
             json.dumps({"image": f"{n}.jpg", "short_caption": f"short {n}", "extra_caption": f"extra {n}"}))
         write_png(root / "photos" / f"{n}.jpg")
     b = load_benchmark("dci", tmp_path)
-    assert b.tasks[0].texts == ["short a\nextra a", "short b\nextra b"]
+    assert b.tasks[0].texts == ["short a. extra a", "short b. extra b"] and b.split == "all"
     assert b.images[0].open().size == (8, 8)
 
 
@@ -122,10 +122,12 @@ def test_xm3600_per_language(tmp_path):
     lines = [{"image/key": "k1", "en": {"caption": ["dog", "a dog"]}, "de": {"caption": ["Hund"]}},
              {"image/key": "k2", "en": {"caption": ["cat"]}, "de": {"caption": ["Katze"]}}]
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    for k in ("k1", "k2"):
+        write_png(tmp_path / "images" / f"{k}.jpg")
     b = load_benchmark("xm3600", tmp_path)
     tasks = {t.lang: t for t in b.tasks}
     assert set(tasks) == {"de", "en"} and tasks["de"].texts == ["Hund", "Katze"]
-    assert tasks["en"].pairs.tolist() == [[0, 0], [0, 1], [1, 2]]
+    assert tasks["en"].texts == ["dog", "cat"] and tasks["en"].pairs.tolist() == [[0, 0], [1, 1]]  # first caption
     assert all(t.kind == "multilingual" and t.text_mode == "single" for t in b.tasks)
     assert load_benchmark("xm3600", tmp_path, languages=["de"]).counts["languages"] == 1
 
@@ -135,7 +137,8 @@ def test_class_folder_with_train_probe(tmp_path):
         for c, col in (("n01_cat", (255, 0, 0)), ("n02_dog", (0, 0, 255))):
             write_png(tmp_path / split / c / "1.png", col)
     (tmp_path / "classnames.txt").write_text("cat\ndog\n")
-    b = load_benchmark("classfolder", tmp_path)
+    assert [t.name for t in load_benchmark("classfolder", tmp_path).tasks] == ["zeroshot_classification"]
+    b = load_benchmark("classfolder", tmp_path, linear_probe=True)
     zs, lp = b.tasks
     assert zs.classnames == ["cat", "dog"] and zs.labels.tolist() == [0, 1]
     assert lp.train_ids.tolist() == [2, 3] and lp.test_ids.tolist() == [0, 1]
@@ -151,7 +154,7 @@ def test_winoground_and_sugarcrepe(tmp_path):
     b = load_benchmark("winoground", w)
     assert b.tasks[0].image_ids.tolist() == [[0, 1]] and b.tasks[0].captions == [("a b", "b a")]
     s = tmp_path / "sugar"
-    s.mkdir()
+    (s / "images").mkdir(parents=True)
     (s / "swap_obj.json").write_text(json.dumps({"0": {"filename": "x.jpg", "caption": "p", "negative_caption": "n"},
                                                  "1": {"filename": "x.jpg", "caption": "p2", "negative_caption": "n2"}}))
     b = load_benchmark("sugarcrepe", s)

@@ -288,3 +288,17 @@ def resolve_file(path: str | Path, *names: str) -> Path:
         if (p / n).is_file():
             return p / n
     raise BenchmarkError(f"none of {list(names)} found in {p}")
+
+
+def read_list(path: Path | str, comments: bool = False) -> list[str]:
+    """Non-empty stripped lines of a UTF-8 text file (``comments``: also drop lines starting with ``#``).
+
+    Raises:
+        BenchmarkError: the file does not exist or is not UTF-8.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BenchmarkError(f"cannot read {path}: {exc}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [s for s in lines if s and not (comments and s.startswith("#"))]

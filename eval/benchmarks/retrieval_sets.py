@@ -8,15 +8,19 @@
 ``wds``            CLIP_benchmark's webdataset export: ``DIR/{split}/{0..n-1}.tar`` (``nshards.txt``), samples
                    ``{key}.webp|png|jpg|jpeg`` + ``{key}.txt`` (captions, one per line) for retrieval or
                    ``{key}.cls`` + ``DIR/classnames.txt`` (+ ``zeroshot_classification_templates.txt``) for
-                   classification.
-``urban1k``        Urban-1k: ``DIR/image/NAME.jpg`` and ``DIR/caption/NAME.txt`` (one long caption each).
+                   classification; with ``linear_probe``, a classification set with ``DIR/train/`` shards also
+                   gets a linear probe fit on ``train`` and scored on the split (FLAME's linear-probe protocol).
+``urban1k``        Urban-1k: ``DIR/image/NAME.jpg`` and ``DIR/caption/NAME.txt``; the text is the **first line**
+                   of the caption file (FLAME's script).
 ``sharegpt4v-1k``  the share-captioner JSON list (``{"image": REL_PATH, "conversations": [.., {"from":
                    "gpt", "value": CAPTION}]}``), the **first 1000 entries** (Long-CLIP's protocol); images at
                    ``image_root/REL_PATH``.
-``dci``            DCI: ``DIR/densely_captioned_images/{splits.json, annotations/*.json, photos/}``; text =
-                   ``short_caption + "\\n" + extra_caption`` of every annotation listed in ``splits.json``.
+``dci``            DCI: ``DIR/densely_captioned_images/{splits.json, annotations/*.json, photos/}``; every
+                   annotation listed in ``splits.json`` (all splits concatenated, reported as split ``all``);
+                   text = :func:`dci_text` of ``short_caption`` and ``extra_caption`` (FLAME's ``eval_dci.py``).
 ``docci``          ``docci_descriptions.jsonlines`` (``{"image_file", "split", "description"}``) filtered to
-                   the split (``test``: 5000); images in ``DIR/images/``.
+                   the split (``test``: 5000), newlines in a description read as spaces; images in
+                   ``DIR/images/``.
 =================  ========================================================================================
 
 Every adapter returns a :class:`eval.benchmarks.base.Benchmark` with one :class:`RetrievalTask`; the
@@ -26,6 +30,7 @@ long-caption sets are tagged ``kind="long_caption"`` and default to the ``multi`
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -37,8 +42,10 @@ from eval.benchmarks.base import (
     BenchmarkError,
     ClassificationTask,
     ImageRef,
+    LinearProbeTask,
     RetrievalTask,
     pairs_from_captions,
+    read_list,
     resolve_file,
 )
 
@@ -84,42 +91,94 @@ def _shards(data: Path, split: str) -> list[Path]:
     return shards
 
 
-def clip_benchmark_wds(data: str | Path, split: str = "test", name: str = "wds") -> Benchmark:
-    """A dataset exported by CLIP_benchmark to webdataset (retrieval with ``.txt`` or classification ``.cls``)."""
-    data = Path(data)
+def _wds_samples(data: Path, split: str) -> list[dict[str, object]]:
+    """The samples of one split in shard and key order: ``{"image": ImageRef, "txt"?: str, "cls"?: str}``."""
     samples: dict[tuple[int, str], dict[str, object]] = defaultdict(dict)
     for si, shard in enumerate(_shards(data, split)):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                ext = ext.lower()
-                if ext in IMAGE_EXTS:
-                    samples[(si, key)]["image"] = ImageRef(path=str(shard), member=m.name, name=m.name)
-                elif ext in ("txt", "cls"):
-                    samples[(si, key)][ext] = tar.extractfile(m).read().decode("utf-8")
+        try:
+            with tarfile.open(shard) as tar:
+                for m in tar.getmembers():
+                    if not m.isfile():
+                        continue
+                    key, _, ext = m.name.partition(".")
+                    ext = ext.lower()
+                    if ext in IMAGE_EXTS:
+                        samples[(si, key)]["image"] = ImageRef(path=str(shard), member=m.name, name=m.name)
+                    elif ext in ("txt", "cls"):
+                        samples[(si, key)][ext] = tar.extractfile(m).read().decode("utf-8")
+        except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
+            raise BenchmarkError(f"{shard}: unreadable webdataset shard ({exc})") from None
     rows = [s for _, s in sorted(samples.items()) if "image" in s]
     if not rows:
         raise BenchmarkError(f"{data}: no image samples in split {split!r}")
+    return rows
+
+
+def _wds_labels(rows: list[dict[str, object]], where: str) -> np.ndarray:
+    try:
+        return np.array([int(str(r["cls"]).strip()) for r in rows], np.int64)
+    except ValueError as exc:
+        raise BenchmarkError(f"{where}: a .cls member is not an integer class index ({exc})") from None
+
+
+def clip_benchmark_wds(data: str | Path, split: str = "test", name: str = "wds",
+                       linear_probe: bool = False) -> Benchmark:
+    """A dataset exported by CLIP_benchmark to webdataset (retrieval with ``.txt`` or classification ``.cls``).
+
+    Args:
+        data: ``DIR`` (module docstring).
+        split: the shard folder evaluated, ``DIR/<split>/``.
+        name: benchmark name reported.
+        linear_probe: for a classification set, also fit a linear probe on ``DIR/train/`` (when it has shards
+            and ``split`` is not ``train``) and score it on ``split``.
+
+    Returns:
+        a :class:`Benchmark`: one retrieval task (counts ``images``, ``texts``), or a zero-shot classification
+        task (counts ``images``, ``classes``) plus ``linear_probe`` (count ``train_images``).
+
+    Raises:
+        BenchmarkError: missing or unreadable shards, samples mixing ``.txt`` and ``.cls``, a class index that is
+            not an integer in ``[0, len(classnames))``, or no ``classnames.txt``.
+    """
+    data = Path(data)
+    rows = _wds_samples(data, split)
     images = [r["image"] for r in rows]
     if all("txt" in r for r in rows):
         captions = [[c.strip() for c in str(r["txt"]).splitlines() if c.strip()] for r in rows]
         return _retrieval(name, split, images, captions, data)
-    if all("cls" in r for r in rows):
-        classnames = [c.strip() for c in resolve_file(data, "classnames.txt").read_text(encoding="utf-8").splitlines() if c.strip()]
-        tfile = data / "zeroshot_classification_templates.txt"
-        templates = ([t.strip() for t in tfile.read_text(encoding="utf-8").splitlines() if t.strip()]
-                     if tfile.exists() else ["a photo of a {c}."])
-        labels = np.array([int(str(r["cls"]).strip()) for r in rows], np.int64)
-        task = ClassificationTask("zeroshot_classification", np.arange(len(rows)), labels, classnames, templates,
-                                  text_mode="single")
-        return Benchmark(name, split, images, [task], str(data), {"images": len(rows), "classes": len(classnames)})
-    raise BenchmarkError(f"{data}: samples must all have .txt (retrieval) or all .cls (classification)")
+    if not all("cls" in r for r in rows):
+        raise BenchmarkError(f"{data}: samples must all have .txt (retrieval) or all .cls (classification)")
+    classnames = read_list(resolve_file(data, "classnames.txt"))
+    tfile = data / "zeroshot_classification_templates.txt"
+    templates = read_list(tfile) if tfile.exists() else ["a photo of a {c}."]
+    labels = _wds_labels(rows, f"{data}/{split}")
+    if labels.min() < 0 or labels.max() >= len(classnames):
+        raise BenchmarkError(f"{data}/{split}: class index {labels.max()} outside the {len(classnames)} class names")
+    tasks: list = [ClassificationTask("zeroshot_classification", np.arange(len(rows)), labels, classnames, templates,
+                                      text_mode="single")]
+    counts = {"images": len(rows), "classes": len(classnames)}
+    if linear_probe and split != "train" and (data / "train").is_dir():
+        train = _wds_samples(data, "train")
+        if not all("cls" in r for r in train):
+            raise BenchmarkError(f"{data}/train: every sample needs a .cls member for the linear probe")
+        train_labels = _wds_labels(train, f"{data}/train")
+        if train_labels.min() < 0 or train_labels.max() >= len(classnames):
+            raise BenchmarkError(f"{data}/train: class index {train_labels.max()} outside the {len(classnames)} "
+                                 "class names")
+        n = len(images)
+        images = images + [r["image"] for r in train]
+        tasks.append(LinearProbeTask("linear_probe", np.arange(n, len(images)), train_labels, np.arange(n), labels,
+                                     classnames))
+        counts["train_images"] = len(train)
+    return Benchmark(name, split, images, tasks, str(data), counts)
 
 
 def urban1k(data: str | Path, split: str = "test") -> Benchmark:
-    """Urban-1k: ``image/NAME.jpg`` paired with ``caption/NAME.txt``."""
+    """Urban-1k: ``image/NAME.jpg`` paired with the first line of ``caption/NAME.txt`` (FLAME's protocol).
+
+    Raises:
+        BenchmarkError: no image with a matching caption file, or a caption file whose first line is empty.
+    """
     data = Path(data)
     caps = {p.stem: p for p in (data / "caption").glob("*.txt")}
     imgs = sorted(p for p in (data / "image").iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS) \
@@ -128,7 +187,12 @@ def urban1k(data: str | Path, split: str = "test") -> Benchmark:
     if not imgs:
         raise BenchmarkError(f"{data}: expected image/ and caption/ folders with matching names")
     images = [ImageRef(path=str(p), name=p.name) for p in imgs]
-    captions = [[caps[p.stem].read_text(encoding="utf-8").strip()] for p in imgs]
+    captions = []
+    for p in imgs:
+        first = (caps[p.stem].read_text(encoding="utf-8").splitlines() or [""])[0].strip()
+        if not first:
+            raise BenchmarkError(f"{caps[p.stem]}: the first line (the caption) is empty")
+        captions.append([first])
     return _retrieval("urban1k", split, images, captions, data, kind="long_caption")
 
 
@@ -147,21 +211,63 @@ def sharegpt4v(data: str | Path, split: str = "test", image_root: str | Path | N
     return _retrieval("sharegpt4v-1k", split, images, captions, path, kind="long_caption")
 
 
+#: What FLAME's DCI evaluation splits a caption at before re-joining the pieces with ". ".
+_DCI_SPLIT = re.compile(r"\n|</s>|\.")
+
+
+def dci_text(short_caption: str, extra_caption: str) -> str:
+    """One DCI retrieval text: ``short_caption + "\\n" + extra_caption`` split at newlines, ``</s>`` and ``.``,
+    pieces stripped, empty pieces dropped, the rest joined with ``". "`` (FLAME's ``eval_dci.py``).
+
+    >>> dci_text("A cat.", "It sleeps.</s>On a mat.\\n")
+    'A cat. It sleeps. On a mat'
+    """
+    pieces = (p.strip() for p in _DCI_SPLIT.split(f"{short_caption}\n{extra_caption}"))
+    return ". ".join(p for p in pieces if p)
+
+
 def dci(data: str | Path, split: str = "test") -> Benchmark:
-    """DCI long-caption retrieval over every annotation listed in ``splits.json``."""
+    """DCI long-caption retrieval.
+
+    Args:
+        data: ``DIR`` or ``DIR/densely_captioned_images``.
+        split: ``test`` or ``all`` (FLAME's protocol: every annotation of every split in ``splits.json``,
+            reported as split ``all``), or one split name of ``splits.json`` (only its annotations).
+
+    Raises:
+        BenchmarkError: no ``splits.json``, an unknown split, a missing or malformed annotation file.
+    """
     data = Path(data)
     root = data / "densely_captioned_images" if (data / "densely_captioned_images").is_dir() else data
-    files = [f for v in json.loads((root / "splits.json").read_text(encoding="utf-8")).values() for f in v]
+    try:
+        splits = json.loads((root / "splits.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BenchmarkError(f"{root}: no readable splits.json ({exc})") from None
+    if split in ("test", "all"):
+        split, files = "all", [f for v in splits.values() for f in v]
+    elif split in splits:
+        files = list(splits[split])
+    else:
+        raise BenchmarkError(f"{root}/splits.json: no split {split!r} (has {sorted(splits)}; 'all' = every split)")
     images, captions = [], []
     for f in files:
-        a = json.loads((root / "annotations" / f).read_text(encoding="utf-8"))
-        images.append(ImageRef(path=str(root / "photos" / a["image"]), name=a["image"]))
-        captions.append([f"{a['short_caption']}\n{a['extra_caption']}".strip()])
+        try:
+            a = json.loads((root / "annotations" / f).read_text(encoding="utf-8"))
+            text = dci_text(a["short_caption"], a["extra_caption"])
+            image = a["image"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BenchmarkError(f"{root / 'annotations' / f}: unreadable DCI annotation ({exc!r})") from None
+        images.append(ImageRef(path=str(root / "photos" / image), name=image))
+        captions.append([text])
     return _retrieval("dci", split, images, captions, root, kind="long_caption")
 
 
 def docci(data: str | Path, split: str = "test") -> Benchmark:
-    """DOCCI: descriptions of the given split from ``docci_descriptions.jsonlines``."""
+    """DOCCI: descriptions of the given split from ``docci_descriptions.jsonlines``, newlines as spaces.
+
+    Raises:
+        BenchmarkError: no such file, or no row of ``split``.
+    """
     path = resolve_file(data, "docci_descriptions.jsonlines")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if r.get("split") == split]
@@ -169,4 +275,5 @@ def docci(data: str | Path, split: str = "test") -> Benchmark:
         raise BenchmarkError(f"{path}: no rows of split {split!r}")
     img_dir = path.parent / "images"
     images = [ImageRef(path=str(img_dir / r["image_file"]), name=r["image_file"]) for r in rows]
-    return _retrieval("docci", split, images, [[r["description"].strip()] for r in rows], path, kind="long_caption")
+    captions = [[r["description"].replace("\n", " ").strip()] for r in rows]
+    return _retrieval("docci", split, images, captions, path, kind="long_caption")
