@@ -12,6 +12,8 @@ Outcomes recorded in ``manifest.json`` ``coverage`` (every sample a source yield
 ==================================  ==========================================================================
 ``samples_seen``                    samples the source yielded (rows read, tar key copies, JSONL lines)
 ``skipped_undecodable_image``       image bytes PIL cannot fully decode (HTML saved as .jpg, truncated JPEG)
+``skipped_image_too_large``         an image over Pillow's pixel limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, the
+                                    decompression-bomb guard); logged as a warning
 ``skipped_no_image``                no image (no image member, missing file, null image cell, no path)
 ``skipped_ambiguous_image``         one sample with several image members (``k.jpg`` and ``k.png``)
 ``skipped_no_caption``              every caption empty, whitespace-only or missing (after recaption joins)
@@ -48,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from manifests.images import UndecodableImageError, decode_image
+from manifests.images import ImageTooLargeError, UndecodableImageError, decode_image
 from manifests.schema import CAPTION_COLUMNS, SCHEMA, ManifestError, ManifestInfo, ManifestWriter
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,8 @@ def decode_text(data: bytes) -> tuple[str, bool]:
 
 
 def image_problem(data: bytes | None, name: str) -> str | None:
-    """Skip reason for encoded image bytes: ``"no_image"``, ``"undecodable_image"``, or ``None`` if fine.
+    """Skip reason for encoded image bytes: ``"no_image"``, ``"undecodable_image"``, ``"image_too_large"`` (over
+    Pillow's decompression-bomb limit, logged as a warning), or ``None`` if fine.
 
     Decoding is :func:`manifests.images.decode_image` (verify + full load), the project's one decoder.
     """
@@ -117,9 +120,12 @@ def image_problem(data: bytes | None, name: str) -> str | None:
         return "no_image"
     try:
         decode_image(data, name)
+    except ImageTooLargeError as exc:
+        log.warning("%s", exc)
+        return exc.reason
     except UndecodableImageError as exc:
         log.debug("%s", exc)
-        return "undecodable_image"
+        return exc.reason
     return None
 
 

@@ -43,3 +43,20 @@ def test_disk_full_while_writing_a_manifest_is_one_clear_error(tmp_path, monkeyp
         w.add({"key": "b", "raw_caption": "y"})
     assert not (tmp_path / "m" / "manifest.json").exists()
     assert list((tmp_path / "m" / "data").iterdir()) == []
+
+
+def test_a_decompression_bomb_is_its_own_counted_reason_and_a_warning(caplog):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from manifests.common import image_problem
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((20000, 20000), np.uint8)).save(buf, format="PNG")
+    with caplog.at_level("WARNING", logger="manifests.common"):
+        assert image_problem(buf.getvalue(), "bomb.png") == "image_too_large"
+    assert any("exceeds limit of" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert image_problem(b"<html>not an image</html>", "x.jpg") == "undecodable_image"
+    assert image_problem(None, "x.jpg") == "no_image"
