@@ -21,6 +21,7 @@ _SUBCOMMANDS = (
     "stage2_train_vision.cli",
     "eval.cli",
     "pipeline.inspect_cli",
+    "pipeline.import_cli",
     "pipeline.demo",
 )
 

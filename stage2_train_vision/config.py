@@ -40,6 +40,9 @@ class ModelConfig:
         init_logit_scale: initial temperature t (the parameter holds ``log t``).
         init_logit_bias: initial sigmoid bias b.
         max_logit_scale: t is clamped to at most this.
+        init_from: an exported or imported model directory to start from (``flame import checkpoint``); its
+            ``config.json`` sets the architecture fields above and its weights replace the random init
+            (:mod:`stage2_train_vision.init_from`). ``""`` = random init.
     """
 
     name: str = "vit_tiny_patch16_224"
@@ -55,6 +58,7 @@ class ModelConfig:
     init_logit_scale: float = 10.0
     init_logit_bias: float = -10.0
     max_logit_scale: float = 100.0
+    init_from: str = ""
 
 
 @dataclass

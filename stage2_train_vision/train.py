@@ -42,6 +42,7 @@ from stage2_train_vision.cli import add_arguments, run
 from stage2_train_vision.config import Config, ConfigError, ModelConfig
 from stage2_train_vision.data import build_training_data
 from stage2_train_vision.export import export_model
+from stage2_train_vision.init_from import apply_init_from, load_init_weights
 from stage2_train_vision.loss import contrastive_loss
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.optim import build_optimizer, build_scheduler
@@ -199,6 +200,8 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     ckpt = find_checkpoint(output_dir, resume) if resume else None
     if ckpt is not None:
         check_checkpoint_cache(ckpt, reader.identity)
+    if cfg.model.init_from:  # model.init_from: the architecture comes from that model's config.json
+        cfg = apply_init_from(cfg, reader.identity)
     model_cfg = resolve_model_config(cfg.model, reader.dim)
     batch = per_process_batch(tc.batch_size, world, tc.grad_accum)
     data = build_training_data(
@@ -207,6 +210,8 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     if data.skipped:
         log.warning("dropped before training: %s", dict(data.skipped))
     model = FlameVisionModel(model_cfg)
+    if cfg.model.init_from and ckpt is None:  # model.init_from: its weights (a resumed run takes the checkpoint's)
+        load_init_weights(model, cfg.model.init_from)
     optimizer = build_optimizer(model, cfg.optim)
     total_steps = tc.max_steps or sum(data.steps_per_epoch(e) for e in range(tc.epochs)) // tc.grad_accum
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)

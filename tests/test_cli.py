@@ -5,7 +5,7 @@ import pytest
 from pipeline.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["manifest", "embed", "train", "eval", "inspect", "demo"])
+@pytest.mark.parametrize("command", ["manifest", "embed", "train", "eval", "inspect", "demo", "import"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([command, "--help"])
