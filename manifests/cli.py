@@ -16,7 +16,6 @@ INPUTS follow SOURCE directly (options go before SOURCE or after the inputs). En
 from __future__ import annotations
 
 import argparse
-import sys
 
 from manifests.common import ON_DUPLICATE
 from manifests.schema import ManifestError, ManifestInfo
@@ -42,9 +41,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="read at most this many samples")
 
     g = p.add_argument_group("webdataset")
-    g.add_argument("--long-captions", help="FLAME long recaption JSON ([{'__key__': ..., FIELD: ...}])")
-    g.add_argument("--short-captions", help="FLAME short recaption JSON")
+    g.add_argument("--long-captions",
+                   help="FLAME long recaptions: JSON list or JSON lines of {'__key__': ..., FIELD: ...}")
+    g.add_argument("--short-captions", help="FLAME short recaptions (same format)")
     g.add_argument("--caption-field", default="minicpm", help="caption field in the recaption JSON files")
+    g.add_argument("--json-caption-field", default="caption",
+                   help="field of a sample's .json used as raw caption if it has no .txt (default: caption)")
+    g.add_argument("--workers", type=_positive_int, default=1,
+                   help="processes reading tar shards in parallel (default: 1); same output for any N")
 
     g = p.add_argument_group("parquet / csv")
     g.add_argument("--image-column", help="image column (default: image for parquet, filepath for csv)")
@@ -62,6 +66,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="split hash seed")
     p.set_defaults(func=run)
     return p
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _columns(args: argparse.Namespace, image: str, raw: str) -> dict[str, str | None]:
@@ -102,7 +113,8 @@ def build(args: argparse.Namespace) -> ManifestInfo:
 
         return build_webdataset_manifest(
             args.inputs, args.out, long_captions=args.long_captions, short_captions=args.short_captions,
-            caption_field=args.caption_field, **common,
+            caption_field=args.caption_field, json_caption_field=args.json_caption_field,
+            workers=args.workers, **common,
         )
     if args.source == "parquet":
         from manifests.parquet_source import build_parquet_manifest
@@ -128,11 +140,8 @@ def format_summary(info: ManifestInfo, out: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``flame manifest``: build, print the summary; exit 1 with a one-line error on bad input."""
-    try:
-        info = build(args)
-    except (ManifestError, FileNotFoundError) as exc:
-        print(f"flame manifest: error: {exc}", file=sys.stderr)
-        return 1
+    """``flame manifest``: build, print the summary. Bad input (:class:`ManifestError`, a missing file) reaches
+    :func:`pipeline.cli.main`, which prints it as one line and exits 2, like every subcommand."""
+    info = build(args)
     print(format_summary(info, args.out))
     return 0

@@ -44,12 +44,15 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import tarfile
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -211,11 +214,43 @@ def read_image_bytes(row: Mapping[str, Any], manifest_dir: str | Path) -> bytes:
     path = row.get("image_path")
     if not path:
         raise ManifestError(f"manifest row {row.get('key')!r} has no image reference")
-    full = Path(path) if os.path.isabs(path) else Path(manifest_dir) / path
     member = row.get("image_member")
+    if path.startswith("file://"):
+        path = url2pathname(urlparse(path).path)
+    elif _URL.match(path):  # pipe:, http(s):, s3:... as webdataset opens them: a stream, read up to the member
+        return _stream_member(path, member) if member else _read_url(path)
+    full = Path(path) if os.path.isabs(path) else Path(manifest_dir) / path
     if member:
         return _TARS.read(full, member)
     return full.read_bytes()
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(?!\\)")  # a scheme (not a Windows drive such as C:\)
+
+
+def _read_url(url: str) -> bytes:
+    from webdataset.gopen import gopen
+
+    with gopen(url, "rb") as stream:
+        return stream.read()
+
+
+def _stream_member(url: str, member: str) -> bytes:
+    """The first member named ``member`` of the tar stream ``url`` (``pipe:cmd``, ``http://...``).
+
+    A stream cannot seek, so this reads the shard up to the member: fine for stage 2's streamed reading of a
+    shard's rows in order, slow for random access (use local or ``file://`` shards for that).
+
+    Raises:
+        FileNotFoundError: the stream ends without the member.
+    """
+    from webdataset.gopen import gopen
+
+    with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.name == member and info.isfile():
+                return tar.extractfile(info).read()
+    raise FileNotFoundError(f"tar stream {url} has no member {member!r}")
 
 
 def load_image(row: Mapping[str, Any], manifest_dir: str | Path) -> Image.Image:

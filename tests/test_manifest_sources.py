@@ -233,7 +233,7 @@ def test_cli_webdataset_summary_and_error(tmp_path, shards, recaptions, capsys):
     printed = capsys.readouterr().out
     assert "train" in printed and "skipped_undecodable_image" in printed
     assert any(line.split() == ["skipped_undecodable_image", "2"] for line in printed.splitlines())
-    assert main(["manifest", "webdataset", *paths, "--out", str(tmp_path / "e")]) == 1
+    assert main(["manifest", "webdataset", *paths, "--out", str(tmp_path / "e")]) == 2
     assert "duplicate key 'dupin'" in capsys.readouterr().err
 
 
@@ -409,9 +409,9 @@ def test_cli_flags_reach_csv_parquet_and_folder_sources(tmp_path, capsys):
     assert [r["raw_caption"] for r in iter_rows(tmp_path / "f")] == ["zero"]
     capsys.readouterr()
 
-    assert main(["manifest", "folder", "--out", str(tmp_path / "x")]) == 1
-    assert main(["manifest", "emoji", "extra", "--out", str(tmp_path / "x")]) == 1
-    assert main(["manifest", "csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x")]) == 1
+    assert main(["manifest", "folder", "--out", str(tmp_path / "x")]) == 2
+    assert main(["manifest", "emoji", "extra", "--out", str(tmp_path / "x")]) == 2
+    assert main(["manifest", "csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "takes exactly one folder" in err and "takes no inputs" in err and "nope.csv does not exist" in err
 
