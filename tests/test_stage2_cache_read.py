@@ -33,3 +33,19 @@ def test_reader_falls_back_to_zarr_when_the_layout_is_not_plain(tmp_path):
     reader = CacheReader(tmp_path)
     reader._direct = None
     assert np.array_equal(reader.get(["k9", "k1", "k9"])[0].astype(np.float32), vec[[9, 1, 9]])
+
+
+def test_mapped_pages_are_released_after_the_read_budget_and_reads_stay_equal(tmp_path):
+    keys = [f"k{i}" for i in range(37)]
+    vec, _ = make_cache(tmp_path, keys)
+    reader = CacheReader(tmp_path)
+    direct = reader._direct
+    direct.RELEASE_BYTES = 3 * (direct.row_elems * 2 + 4096)  # release once more than 3 rows were read
+    released = []
+    real = direct.release
+    direct.release = lambda: (released.append(direct._read_since_release), real())
+    for rows in ([1, 2], [3], [30, 31], [36]):
+        got, _ = reader.read_rows(np.array(rows))
+        assert np.array_equal(got.astype(np.float32), vec[rows])
+    row = direct.row_elems * 2 + 4096
+    assert released == [5 * row] and direct._read_since_release == 1 * row  # at the 3rd read (5 rows)
