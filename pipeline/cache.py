@@ -38,7 +38,10 @@ FORMAT_VERSION = 1
 NORM_TOLERANCE = 1e-2  # |‖v‖ - 1| allowed for a stored float16 vector (float16 rounding is ~1e-3)
 
 # Identity fields that must match between a cache and its user (stage 2, eval); the rest are informative.
-IDENTITY_KEYS = ("llm", "llm_fingerprint", "layer", "readout", "dim", "prompt_set", "prompt_set_hash", "position_mode")
+IDENTITY_KEYS = (
+    "llm", "llm_fingerprint", "layer", "readout", "dim", "prompt_set", "prompt_set_hash", "position_mode",
+    "tokenization",
+)
 
 
 class CacheError(RuntimeError):
@@ -69,6 +72,10 @@ class CacheIdentity:
         dtype_compute: dtype of the LLM forward (``"bfloat16"``/``"float32"``).
         dtype_stored: dtype of the stored vectors (``"float16"``).
         backend: ``"hf"`` or ``"vllm"``.
+        tokenization: how prompt text became token ids: ``"whole-prompt"`` (each single-facet prompt is the
+            tokenizer's tokenization of its whole text, caption special-token text kept plain) or
+            ``"split-segments"`` (template words and caption tokenized separately; what a cache written before
+            this field existed holds, so such a cache is refused by a reader expecting ``"whole-prompt"``).
     """
 
     llm: str
@@ -86,6 +93,7 @@ class CacheIdentity:
     dtype_compute: str = "bfloat16"
     dtype_stored: str = "float16"
     backend: str = "hf"
+    tokenization: str = "split-segments"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from pipeline.cache import CacheIdentity
 from stage1_embed_text.llm import LoadedLLM
 from stage1_embed_text.packing import (
     POSITION_MODES,
+    TOKENIZATION,
     Batch,
     PackedSequence,
     PackedText,
@@ -78,7 +79,8 @@ def text_identity(
     position_mode: str, max_tokens: int, dtype: str, backend: str,
 ) -> CacheIdentity:
     """The cache identity (SPEC §3) of vectors from either backend; the tokenizer always comes from the model's
-    own source, so it is named by the model."""
+    own source, so it is named by the model, and both backends pack with
+    :func:`~stage1_embed_text.packing.pack_samples` (``tokenization="whole-prompt"``)."""
     return CacheIdentity(
         llm=name,
         llm_fingerprint=fingerprint,
@@ -95,6 +97,7 @@ def text_identity(
         dtype_compute=dtype,
         dtype_stored="float16",
         backend=backend,
+        tokenization=TOKENIZATION,
     )
 
 

@@ -2,11 +2,11 @@
 
 Where the ``hf`` backend packs ``prefix + facet_1 + ... + facet_K`` into one sequence with a facet-decoupled
 mask, this backend sends ``prefix + facet_i`` as K separate vLLM requests built from exactly the same token
-ids (:func:`stage1_embed_text.packing.group_templates` + :func:`~stage1_embed_text.packing.pack`, caption
-tokenized the way :class:`~stage1_embed_text.encoder.FacetEncoder` does), so each request is mathematically
-the ``restart`` packed pass of that facet. vLLM's automatic prefix caching stores the prefix's KV blocks
-when the first facet request of a text runs; the other facets of that text reuse them. To make that happen
-the requests go in two waves: first one request per text (facet 1), then every other facet (a request
+ids (:func:`stage1_embed_text.packing.pack_samples`, as :class:`~stage1_embed_text.encoder.FacetEncoder`
+does: each request is the tokenizer's ids of its prompt text, caption special-token text kept plain), so each
+request is mathematically the ``restart`` packed pass of that facet. vLLM's automatic prefix caching stores
+the prefix's KV blocks when the first facet request of a text runs; the other facets of that text reuse them.
+To make that happen the requests go in two waves: first one request per text (facet 1), then every other facet (a request
 only hits blocks that were *finished* before it was scheduled).
 
 Readout: the engine runs a copy of the checkpoint cut to ``L`` blocks

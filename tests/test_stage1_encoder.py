@@ -8,7 +8,7 @@ from pipeline.cache import CacheIdentity, CacheIdentityError
 from stage1_embed_text.api import TextEmbedder
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import load_llm
-from stage1_embed_text.packing import collate, facet_mask, group_templates, pack, plan_batches
+from stage1_embed_text.packing import collate, facet_mask, pack, pack_caption, plan_batches
 from stage1_embed_text.prompts import FLAME, SINGLE, clean_caption
 from tests.stage1_tiny import ARCHS, WINDOW, tiny_causal_lm, tiny_config, tiny_llm, tiny_tokenizer
 
@@ -26,17 +26,17 @@ LONGER = {
 
 @torch.no_grad()
 def reference_vectors(arch: str, sample: dict, layer: int, attn: str = "sdpa", readout: str = "pre_norm") -> np.ndarray:
-    """Each facet run alone as ``prefix + facet_i`` through the untruncated HF model: ``hidden_states[layer]``."""
+    """Each facet's prompt text ``prefix + segment_i`` tokenized as one string by the tokenizer (BOS included,
+    caption special-token text plain) and run alone through the untruncated HF model: ``hidden_states[layer]``
+    at its last token."""
     model = tiny_causal_lm(arch, attn)
     tok = tiny_tokenizer()
-    enc_templates = group_templates(tok, FLAME)
     out = np.zeros((len(FLAME.facets), model.config.hidden_size), np.float32)
     for g in FLAME.group_names:
-        t = enc_templates[g]
-        cap = tok(clean_caption(sample[g]), add_special_tokens=False)["input_ids"]
-        prefix = list(t.head) + cap + list(t.tail)
-        for i, seg in enumerate(t.segments):
-            hs = model(input_ids=torch.tensor([prefix + list(seg)]), output_hidden_states=True).hidden_states
+        prefix, segments = FLAME.render(g, sample[g])
+        for i, seg in enumerate(segments):
+            ids = tok(prefix + seg, split_special_tokens=True, return_tensors="pt")["input_ids"]
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
             h = hs[layer][0, -1]
             if readout == "post_norm":
                 h = model.model.norm(h)
@@ -110,8 +110,7 @@ def test_bf16_batch_invariance_cosine():
 
 def _readout_tokens(enc: FacetEncoder, group: str, caption: str, max_tokens: int):
     tok = enc.llm.tokenizer
-    cap = tok(clean_caption(caption), add_special_tokens=False)["input_ids"]
-    seq = pack(enc.templates[group], cap, max_tokens)
+    seq = pack_caption(tok, enc.templates[group], clean_caption(caption), max_tokens)
     return seq, [tok.decode([int(seq.ids[i])]) for i in seq.readout()]
 
 
@@ -127,7 +126,11 @@ def test_readout_is_closing_quote_and_long_captions_are_cut():
     t = enc.templates["long"]
     assert seq.truncated and len(seq) == enc.max_tokens
     np.testing.assert_array_equal(seq.ids[-sum(seq.seg_lens):], np.concatenate(t.segments))
-    np.testing.assert_array_equal(seq.ids[seq.n_prefix - len(t.tail) : seq.n_prefix], t.tail)
+    assert seq.seg_lens == tuple(len(s) for s in t.segments)
+    # the prefix ends in the template words after the caption: the cut caption text + tail, tokenized as one
+    prefix = enc.llm.tokenizer.decode(seq.ids[: seq.n_prefix], skip_special_tokens=True)
+    assert prefix.endswith(t.tail_text) and prefix.startswith(t.head_text)
+    assert (LONGER["long"] * 3).startswith(prefix[len(t.head_text) : -len(t.tail_text)])
     out = enc.encode([{"raw": "a cat", "long": LONGER["long"] * 3}])
     assert out.truncated.tolist() == [[False, False, True]]
     assert out.tokens[0, 2] == 160 and out.mask[0, FLAME.facet_slice("long")].all()
@@ -144,7 +147,10 @@ def test_special_captions_behave_as_documented():
     ]
     out = enc.encode(samples)
     # quotes inside captions become ' (SPEC §2.1): no caption token can contain the closing quote
-    cap_ids = tok(clean_caption(samples[0]["raw"]), add_special_tokens=False)["input_ids"]
+    t = enc.templates["raw"]
+    seq = pack_caption(tok, t, clean_caption(samples[0]["raw"]), 256)
+    cap_ids = seq.ids[len(t.bos) + len(t.head) : seq.n_prefix - len(t.tail)]
+    assert tok.decode(cap_ids) == "she said 'hello' to the word:'apple'"
     assert not any('"' in tok.decode([i]) for i in cap_ids)
     np.testing.assert_allclose(out.vectors[0, 0], out.vectors[1, 0], atol=1e-6)
     # emoji-only and Arabic/Japanese captions: present, finite, unit vectors
@@ -171,7 +177,7 @@ def test_progress_and_identity():
         "llm": "tiny-llama", "llm_fingerprint": "sha256:tiny-llama-0", "tokenizer": "tiny-llama", "layer": 3,
         "readout": "pre_norm", "dim": 64, "prompt_set": "flame", "prompt_set_hash": FLAME.content_hash,
         "facets": list(FLAME.facets), "position_mode": "restart", "bos_marker": "drop", "max_tokens": 512,
-        "dtype_compute": "float32", "dtype_stored": "float16", "backend": "hf",
+        "dtype_compute": "float32", "dtype_stored": "float16", "backend": "hf", "tokenization": "whole-prompt",
     }
     assert enc.facets == FLAME.facets and enc.dim == 64
 
