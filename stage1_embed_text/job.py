@@ -322,7 +322,7 @@ def _plan_and_create(config: EmbedConfig, encoder, files: CacheFiles, token: str
     write the plan-ready marker (with the error, if any, so that the other ranks stop too)."""
     try:
         lock.acquire()
-        info = plan_job(config, encoder.prompt_set)
+        info = _plan_in_child_process(config, encoder.prompt_set)
         CacheWriter.create(config.out, _cache_meta(config, encoder, info))
         _remove_stale_temp_files(files)
     except Exception as exc:
@@ -330,6 +330,17 @@ def _plan_and_create(config: EmbedConfig, encoder, files: CacheFiles, token: str
             atomic_write_bytes(files.plan_ready(token), json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
         raise
     atomic_write_bytes(files.plan_ready(token), json.dumps({"plan_hash": info.plan_hash}).encode())
+
+
+def _plan_in_child_process(config: EmbedConfig, prompt_set) -> PlanInfo:
+    """:func:`plan_job` in a fresh (spawned) Python process, so that planning's memory (~110 bytes per sample at
+    its peak) never adds to this process's LLM, torch and CUDA memory, and is returned to the system when the
+    planner exits. Errors are raised here as the planner raised them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(plan_job, config, prompt_set).result()
 
 
 def _wait_for_plan(files: CacheFiles, token: str) -> None:
