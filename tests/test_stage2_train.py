@@ -128,7 +128,7 @@ def test_resume_refuses_a_checkpoint_of_another_cache_before_loading_it(data, tm
     ckpt = out / "checkpoints" / "step-0000002"
     assert json.loads((ckpt / "cache_identity.json").read_text()) == {
         "llm": "test-llm", "llm_fingerprint": "f0", "layer": 3, "readout": "pre_norm", "dim": 16,
-        "prompt_set": "flame", "prompt_set_hash": "h0", "position_mode": "restart"}
+        "prompt_set": "flame", "prompt_set_hash": "h0", "position_mode": "restart", "tokenization": "split-segments"}
     capsys.readouterr()
     rc = flame_main(["train", "--config", str(REPO / "configs" / "demo-cpu.toml"), "--resume",
                      *tiny_overrides(data / "m", tmp_path / "other-llm", out)])
