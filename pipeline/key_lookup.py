@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 import uuid
@@ -51,6 +52,22 @@ def key_hashes(keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     if len(values) == 0:
         return np.zeros(0, np.uint64)
     return pd.util.hash_array(values, categorize=False)
+
+
+def _map_random(path: Path) -> mmap.mmap:
+    """A read-only memory map of ``path`` advised ``MADV_RANDOM``: a lookup maps the pages it reads and no
+    neighbours (the kernel's default fault-around would make every random key cost 64 KiB of resident memory)."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else mmap.mmap(-1, 1)
+    mm.madvise(mmap.MADV_RANDOM)
+    return mm
+
+
+def _map_npy(path: Path) -> np.ndarray:
+    """``np.load(path, mmap_mode="r")`` with the map advised ``MADV_RANDOM`` (see :func:`_map_random`)."""
+    array = np.load(path, mmap_mode="r")
+    array._mmap.madvise(mmap.MADV_RANDOM)
+    return array
 
 
 class KeyLookup:
@@ -85,9 +102,9 @@ class KeyLookup:
         if probe and int(key_hashes([probe["key"]])[0]) != int(probe["hash"]):
             log.warning("key hashes of this environment differ from those of %s; rebuilding the lookup", lookup_dir)
             return None
-        load = lambda name: np.load(Path(lookup_dir) / name, mmap_mode="r")  # noqa: E731
-        keys = pa.ipc.open_file(pa.memory_map(str(Path(lookup_dir) / "keys.arrow"))).read_all().column("key")
-        return cls(load("hashes.npy"), load("order.npy"), load("rows.npy"), keys, load("mask.npy"), info)
+        arrays = {name: _map_npy(Path(lookup_dir) / f"{name}.npy") for name in ("hashes", "order", "rows", "mask")}
+        keys = pa.ipc.open_file(pa.py_buffer(_map_random(Path(lookup_dir) / "keys.arrow"))).read_all().column("key")
+        return cls(arrays["hashes"], arrays["order"], arrays["rows"], keys, arrays["mask"], info)
 
     @classmethod
     def build(

@@ -40,12 +40,12 @@ def test_mapped_pages_are_released_after_the_read_budget_and_reads_stay_equal(tm
     vec, _ = make_cache(tmp_path, keys)
     reader = CacheReader(tmp_path)
     direct = reader._direct
-    direct.RELEASE_BYTES = 3 * (direct.row_elems * 2 + 4096)  # release once more than 3 rows were read
+    direct.RELEASE_BYTES = 3 * (direct.row_elems * 2 + direct.FAULT_AROUND)  # release once more than 3 rows were read
     released = []
     real = direct.release
     direct.release = lambda: (released.append(direct._read_since_release), real())
     for rows in ([1, 2], [3], [30, 31], [36]):
         got, _ = reader.read_rows(np.array(rows))
         assert np.array_equal(got.astype(np.float32), vec[rows])
-    row = direct.row_elems * 2 + 4096
+    row = direct.row_elems * 2 + direct.FAULT_AROUND
     assert released == [5 * row] and direct._read_since_release == 1 * row  # at the 3rd read (5 rows)
