@@ -5,7 +5,8 @@
 - Texts: the stage-1 :class:`stage1_embed_text.api.TextEmbedder` built from the cache identity in the model's
   ``config.json`` (SPEC §3: the text side must be the one the model was trained against; a mismatch is
   refused with :class:`pipeline.cache.CacheIdentityError`). Vectors are cached by
-  :class:`eval.text_cache.TextVectorCache` and reused across runs.
+  :class:`eval.text_cache.TextVectorCache` and reused across runs. A model that carries its own text tower
+  (``config["text_side"]``) embeds texts with it instead (:func:`load_model_text_encoder`).
 """
 
 from __future__ import annotations
@@ -248,6 +249,22 @@ class TextEncoder:
             raise ValueError(f"text embedder returned {vec.shape}, expected [{n}, {dim}]")
         if not np.isfinite(vec).all() or np.abs(np.linalg.norm(vec, axis=1) - 1).max(initial=0) > _NORM_TOL:
             raise ValueError("text embedder returned vectors that are not finite and unit-norm")
+
+
+def load_model_text_encoder(model: torch.nn.Module, config: dict[str, Any], device: str | None = None):
+    """The text side of a model that carries its own text tower (``config["text_side"]``, exported by
+    :mod:`stage2_train_vision.text_tower`): ``encode(texts, mode, desc) -> float32 [n, D]`` unit rows.
+
+    Raises:
+        ValueError: ``config["text_side"]`` names an unknown kind.
+    """
+    from stage2_train_vision.text_tower import TEXT_SIDE_KIND, TextTowerConfig, TowerTextEncoder
+
+    side = config["text_side"]
+    if side.get("kind") != TEXT_SIDE_KIND:
+        raise ValueError(f"unknown text_side kind {side.get('kind')!r} (known: {TEXT_SIDE_KIND})")
+    return TowerTextEncoder(model.text_tower, TextTowerConfig.from_dict(side),
+                            device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_text_encoder(identity: dict[str, Any], cache_root: str | Path, batch_size: int = 32) -> TextEncoder:

@@ -15,7 +15,7 @@ import torch
 
 from eval.benchmarks import Benchmark, BenchmarkError, load_benchmark
 from eval.benchmarks.base import ClassificationTask, LinearProbeTask, RetrievalTask
-from eval.embedding import TextEncoder, embed_images, load_text_encoder
+from eval.embedding import TextEncoder, embed_images, load_model_text_encoder, load_text_encoder
 from eval.plots import plot_classification, plot_language_bars, plot_retrieval_examples
 from eval.report import build_results, write_results
 from eval.tasks import TaskResult, evaluate_task
@@ -33,13 +33,13 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any], 
 
     Raises:
         FileNotFoundError: not an exported model directory.
-        ModelConfigError: the config names no ``cache_identity``.
+        ModelConfigError: the config names neither a ``cache_identity`` nor its own ``text_side``.
     """
     from stage2_train_vision.export import load_exported
     from stage2_train_vision.transforms import eval_transform
 
     model, config = load_exported(model_dir)
-    if not config.get("cache_identity"):
+    if not config.get("cache_identity") and not config.get("text_side"):
         raise ModelConfigError(f"{model_dir}/config.json has no cache_identity; export the model with flame train")
     return model, config, eval_transform(config["image"])
 
@@ -153,6 +153,7 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
 
     Raises:
         pipeline.cache.CacheIdentityError: the text embedder is not the one the model was trained against.
+            A model whose config names a ``text_side`` embeds texts with its own tower (no LLM, no text cache).
         eval.benchmarks.BenchmarkError: unreadable benchmark data, no image that opens (or a size mismatch
             with ``strict``). Single images that do not open are skipped and counted in ``skipped``.
         FileNotFoundError, ModelConfigError: ``model_dir`` is not an exported model.
@@ -160,8 +161,10 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
     bench = load_benchmark(benchmark, data, split, strict=strict, image_root=image_root, languages=languages,
                            linear_probe=linear_probe)
     model, config, transform = load_model(model_dir)
-    identity = config["cache_identity"]
-    text_encoder = load_text_encoder(identity, text_cache or default_root(), text_batch_size)
+    if config.get("text_side"):  # the model carries its own text encoder (stage2_train_vision.text_tower)
+        text_encoder = load_model_text_encoder(model, config, device)
+    else:
+        text_encoder = load_text_encoder(config["cache_identity"], text_cache or default_root(), text_batch_size)
     results, skipped = evaluate_benchmark(bench, model, transform, text_encoder, out_dir, text_mode, batch_size,
                                           device, backend, workers, plots)
     doc = build_results(bench.name, bench.split, str(data), bench.counts, text_mode, str(model_dir), config, results,

@@ -32,8 +32,13 @@ def export_model(
     cache_identity: dict[str, Any],
     out_dir: str | Path,
     train_summary: dict[str, Any] | None = None,
+    text_side: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model's weights (float32, contiguous) and its config to ``out_dir``; returns ``out_dir``.
+
+    ``text_side``: for a model that carries its own text tower (``model.text_tower``,
+    :func:`stage2_train_vision.text_tower.text_side_config`) the config gets ``"text_side"`` and
+    ``"cache_identity": null`` (eval embeds texts with the tower). ``None`` (FLAME models): unchanged format.
 
     Raises:
         ValueError: ``model_cfg.out_dim`` is unset (export the resolved config the model was built from).
@@ -53,6 +58,9 @@ def export_model(
         "cache_identity": dict(cache_identity),
         "train": dict(train_summary or {}),
     }
+    if text_side is not None:
+        config["cache_identity"] = None
+        config["text_side"] = dict(text_side)
     (out / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False, default=list), encoding="utf-8")
     return out
 
@@ -71,5 +79,9 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> 
     config = json.loads((d / CONFIG).read_text(encoding="utf-8"))
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     model = FlameVisionModel(ModelConfig(**{k: v for k, v in config["model"].items() if k in names}))
+    if config.get("text_side"):  # a model with its own text tower (stage2_train_vision.text_tower)
+        from stage2_train_vision.text_tower import TextTowerConfig, attach_text_tower
+
+        attach_text_tower(model, TextTowerConfig.from_dict(config["text_side"]), config["text_side"]["out_dim"])
     model.load_state_dict(load_file(d / WEIGHTS), strict=True)
     return model.to(device).eval(), config

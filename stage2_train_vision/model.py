@@ -70,9 +70,18 @@ class FlameVisionModel(nn.Module):
         """Mean-pooled patch tokens before the projector, ``[B, width]`` (linear-probe features, SPEC §6)."""
         return self.tokens(images).mean(dim=1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings ``[B, D]`` of images ``float [B, 3, H, W]`` (normalised with the config's mean/std)."""
+    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None):
+        """L2-normalised embeddings ``[B, D]`` of images ``float [B, 3, H, W]`` (normalised with the config's mean/std).
+
+        ``text``: token ids ``int64 [n, L]``, only for a model that carries its own text tower
+        (:mod:`stage2_train_vision.text_tower`); then returns ``(image embeddings [B, D], text embeddings
+        float32 [n, D])``, both through this one forward so data-parallel wrappers see every used parameter.
+        """
         pooled = self.projector(self.tokens(images)).mean(dim=1)
+        if text is not None:
+            from stage2_train_vision.text_tower import encode_tokens
+
+            return F.normalize(pooled, dim=-1), encode_tokens(self.text_tower, text)
         return F.normalize(pooled, dim=-1)
 
     def temperature(self) -> torch.Tensor:

@@ -40,7 +40,7 @@ from pipeline.cache import CacheIdentity, CacheIdentityError, CacheReader
 from pipeline.cli import is_user_error
 from stage2_train_vision.cli import add_arguments, run
 from stage2_train_vision.config import Config, ConfigError, ModelConfig
-from stage2_train_vision.data import build_training_data
+from stage2_train_vision.data import build_training_data, sample_seed
 from stage2_train_vision.export import export_model
 from stage2_train_vision.init_from import apply_init_from, load_init_weights
 from stage2_train_vision.loss import contrastive_loss
@@ -155,8 +155,12 @@ def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int, iden
     log.info("saved checkpoint %s", path)
 
 
-def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+def train(cfg: Config, resume: str | None = None, text_tower: Any = None) -> dict[str, Any]:
     """Train per ``cfg``; resume from a checkpoint (path or ``"latest"``) if given.
+
+    ``text_tower``: a :class:`stage2_train_vision.text_tower.TextTowerConfig` to train a text transformer from
+    scratch jointly with the ViT instead of using the cached vectors (the CLIP-style baseline of
+    ``bench/fidelity.py``); ``None`` (default): the FLAME recipe, texts from the cache only.
 
     Accelerate's process-wide state is reset afterwards while the distributed setup (the process group) is kept,
     so ``train`` can be called again in the same process with another precision or accumulation (tests,
@@ -170,13 +174,13 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         ConfigError, CacheIdentityError, DataError: refusals with a message naming the values involved.
     """
     try:
-        return _train(cfg, resume)
+        return _train(cfg, resume, text_tower)
     finally:
         AcceleratorState._reset_state()
         GradientState._reset_state()
 
 
-def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
+def _train(cfg: Config, resume: str | None, text_tower: Any = None) -> dict[str, Any]:
     tc = cfg.train
     for name in ("manifest", "cache"):
         if not getattr(cfg.data, name):
@@ -210,6 +214,12 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
     if data.skipped:
         log.warning("dropped before training: %s", dict(data.skipped))
     model = FlameVisionModel(model_cfg)
+    captions = None
+    if text_tower is not None:  # texts come from a tower trained here, not from the cache (text_tower.py)
+        from stage2_train_vision.text_tower import CaptionSampler, attach_text_tower
+
+        attach_text_tower(model, text_tower, model_cfg.out_dim)
+        captions = CaptionSampler(text_tower, cfg.data.manifest, cfg.data.split)
     if cfg.model.init_from and ckpt is None:  # model.init_from: its weights (a resumed run takes the checkpoint's)
         load_init_weights(model, cfg.model.init_from)
     optimizer = build_optimizer(model, cfg.optim)
@@ -251,10 +261,16 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
         for b in data.loader:
             images = b["images"].to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
+                texts, text_valid = b["texts"], b["text_valid"]
                 with accelerator.autocast():
-                    emb = model(images)
+                    if captions is None:
+                        emb = model(images)
+                    else:  # one caption per image through the tower: P = 1
+                        tokens = captions(b["keys"], sample_seed(tc.seed, epoch, state.batch, rank))
+                        emb, texts = model(images, tokens.to(accelerator.device))
+                        texts, text_valid = texts[:, None], torch.ones(len(tokens), 1, dtype=torch.bool)
                 loss = contrastive_loss(
-                    cfg.loss.kind, emb, b["texts"].to(emb.device), b["text_valid"].to(emb.device),
+                    cfg.loss.kind, emb, texts.to(emb.device), text_valid.to(emb.device),
                     core.temperature(), core.logit_bias, b["image_valid"].to(emb.device),
                 )
                 accelerator.backward(loss)
@@ -314,7 +330,12 @@ def _train(cfg: Config, resume: str | None) -> dict[str, Any]:
         "seed": tc.seed,
     }
     if not stopped and accelerator.is_main_process:
-        export_model(core, model_cfg, cfg.data, reader.identity.to_dict(), output_dir / "model", summary)
+        text_side = None
+        if text_tower is not None:
+            from stage2_train_vision.text_tower import text_side_config
+
+            text_side = text_side_config(text_tower, model_cfg.out_dim)
+        export_model(core, model_cfg, cfg.data, reader.identity.to_dict(), output_dir / "model", summary, text_side)
         log.info("exported %s; loss %s -> %s", output_dir / "model", summary["first_loss"], summary["final_loss"])
         if state.history:
             steps, losses = zip(*state.history)
