@@ -312,6 +312,8 @@ def _cache_meta(config: EmbedConfig, encoder, info: PlanInfo) -> CacheMeta:
             "samples": info.n_samples,
             "keys": info.n_keys,
             "empty_samples": info.n_empty,
+            # per manifest part: [name, bytes, mtime_ns, {split: keys in the cache}] (stage 2 counts without lookups)
+            "manifest_parts": [[*part, kept] for part, kept in zip(info.inputs.get("parts", []), info.kept_per_part)],
             "batching": {"max_batch_tokens": config.max_batch_tokens, "batch_size": config.batch_size},
         },
     )

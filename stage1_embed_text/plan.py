@@ -92,6 +92,8 @@ class PlanInfo:
         layout: rows per shard / chunk and the plan hash.
         inputs: what the plan was made from (manifest, its parts' sizes and times, split, limit, prompt set);
             a job whose inputs are equal reuses the stored plan instead of planning again.
+        kept_per_part: per manifest part (``inputs["parts"]`` order), ``{split: kept samples}``: how many keys of
+            each split the cache holds, so that a reader of the same manifest needs no key lookup to count them.
     """
 
     groups: tuple[str, ...]
@@ -104,6 +106,7 @@ class PlanInfo:
     absent: dict[str, int]
     layout: CacheLayout
     inputs: dict[str, Any] = field(default_factory=dict)
+    kept_per_part: list[dict[str, int]] = field(default_factory=list)
     format: int = PLAN_FORMAT
 
     @property
@@ -256,7 +259,8 @@ class _Planner:
                  n_samples, n_keys, n_rows, layout.n_shards, self.shard_rows, unique)
         if empty[0]:
             log.info("%d of %d samples have no caption at all (no row), e.g. %s", empty[0], n_samples, empty[1])
-        return PlanInfo(self.groups, n_samples, n_keys, n_rows, empty[0], empty[1], unique, absent, layout)
+        return PlanInfo(self.groups, n_samples, n_keys, n_rows, empty[0], empty[1], unique, absent, layout,
+                        kept_per_part=self._kept_per_part)
 
     # -- pass 1: clean, digest, keep keys (Arrow) and per-sample set digests ---------------------------------
     def _digest_pass(self):
@@ -274,6 +278,9 @@ class _Planner:
         pos_dtype = np.int32 if n_manifest < 2**31 else np.int64
         positions, his, los = _Growing(pos_dtype, total), _Growing(np.uint64, total), _Growing(np.uint64, total)
         bar = tqdm(total=total, unit="sample", desc="plan", dynamic_ncols=True, disable=not self.progress)
+        part_ends = np.cumsum([pq.ParquetFile(Path(self.manifest_dir) / p).metadata.num_rows
+                               for p in read_manifest_info(self.manifest_dir).parts])
+        self._kept_per_part = [{} for _ in part_ends]
         for start, batch in iter_batches(self.manifest_dir, cols, _BATCH_ROWS):
             pos = np.arange(start, start + batch.num_rows, dtype=np.int64)
             if self.split is not None:
@@ -310,6 +317,13 @@ class _Planner:
             los.extend(two[:, 1])
             keys.append(batch.column(KEY).filter(pa.array(kept)).cast(pa.string()))
             positions.extend(pos[kept])
+            parts = np.searchsorted(part_ends, pos[kept], side="right")
+            splits = batch.column("split").filter(pa.array(kept)).dictionary_encode()
+            codes = splits.indices.to_numpy(zero_copy_only=False)
+            for code, split in enumerate(splits.dictionary.to_pylist()):
+                for part, n in zip(*np.unique(parts[codes == code], return_counts=True)):
+                    counts_of = self._kept_per_part[int(part)]
+                    counts_of[split] = counts_of.get(split, 0) + int(n)
             kept_idx = np.flatnonzero(kept)
             writer.write_table(pa.table(
                 {digest_column(g): pa.array([dig[i][j] for j in kept_idx], pa.binary(DIGEST_BYTES))

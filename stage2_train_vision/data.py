@@ -373,6 +373,9 @@ def stream_shards(cfg: DataConfig, reader: CacheReader) -> tuple[list[StreamShar
     Raises :class:`DataError` for an empty split or no keys in common.
     """
     info = read_manifest_info(cfg.manifest)
+    counted = _counts_from_cache(cfg, reader, info)
+    if counted is not None:
+        return counted
     shards, skipped, n_split = [], Counter(), 0
     for part in info.parts:
         path = Path(cfg.manifest) / part
@@ -391,6 +394,35 @@ def stream_shards(cfg: DataConfig, reader: CacheReader) -> tuple[list[StreamShar
             f"{cfg.split!r}); was the cache built from this manifest?"
         )
     return shards, skipped
+
+
+def _counts_from_cache(cfg: DataConfig, reader: CacheReader, info) -> tuple[list[StreamShard], Counter] | None:
+    """:func:`stream_shards` without a key lookup when the cache was built from this very manifest: stage 1 records
+    every part's name, size, modification time and keys per split (``meta.json`` ``extra.manifest_parts``).
+    ``None`` when that record is absent or does not match the parts on disk (another manifest, a rewritten part,
+    a job with ``--limit``, or one planned on another split)."""
+    extra = reader.meta.extra
+    recorded = extra.get("manifest_parts")
+    root = Path(cfg.manifest).resolve()
+    if (not recorded or extra.get("manifest") != str(root) or extra.get("limit") is not None
+            or extra.get("split") not in (None, cfg.split) or len(recorded) != len(info.parts)):
+        return None
+    shards, n_ok = [], 0
+    for part, (name, size, mtime, kept) in zip(info.parts, recorded):
+        path = root / part
+        st = path.stat() if path.exists() else None
+        if name != part or st is None or (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return None
+        n = int(kept.get(cfg.split, 0))
+        n_ok += n
+        if n:
+            shards.append(StreamShard(Path(cfg.manifest) / part, n))
+    n_split = int(info.counts.get(cfg.split, 0))
+    if n_split == 0:
+        split_keys(cfg.manifest, cfg.split)
+    if not shards:
+        return None  # let the counting path name the problem
+    return shards, Counter({"missing_vector": n_split - n_ok})
 
 
 @dataclass

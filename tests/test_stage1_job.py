@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from stage1_tiny import tiny_causal_lm, tiny_tokenizer
 
-from manifests.schema import ManifestWriter, RowFetcher
+from manifests.schema import ManifestWriter, RowFetcher, read_manifest_info
 from pipeline.cache import CacheIdentityError, CacheReader
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.job import EmbedConfig, run_embed
@@ -325,3 +325,24 @@ def test_disk_full_is_one_line_and_a_rerun_finishes_the_same_cache(env, tmp_path
     monkeypatch.setattr(CacheWriter, "write_shard", write)
     assert main(["embed", *_cli(env, manifest, cache)]) == 0
     assert _files(cache) == _files(ref)
+
+
+def test_stage2_counts_rows_per_part_from_the_job_record_without_lookups(env, tmp_path):
+    from stage2_train_vision.config import DataConfig
+    from stage2_train_vision.data import _counts_from_cache, stream_shards
+
+    manifest = _write_manifest(tmp_path / "manifest", SAMPLES)  # parts k0-k3, k4-k7, k8
+    cache = tmp_path / "cache"
+    run_embed(_config(env, manifest, cache))
+    reader = CacheReader(cache)
+    cfg = DataConfig(manifest=str(manifest), cache=str(cache), split="train")
+    info = read_manifest_info(manifest)
+    recorded = _counts_from_cache(cfg, reader, info)
+    assert recorded is not None
+    shards, skipped = recorded
+    assert [s.n_valid for s in shards] == [2, 4, 1] and skipped == {"missing_vector": 2}  # k2, k3 have no caption
+    part = manifest / info.parts[1]
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 1))  # a rewritten part: counted again
+    assert _counts_from_cache(cfg, reader, info) is None
+    shards, skipped = stream_shards(cfg, reader)
+    assert [s.n_valid for s in shards] == [2, 4, 1] and skipped == {"missing_vector": 2}
