@@ -45,6 +45,7 @@ _USER_ERRORS = (
     ("pipeline.assets", "AssetError"),
     ("stage2_train_vision.config", "ConfigError"),
     ("stage2_train_vision.data", "DataError"),
+    ("stage2_train_vision.train", "CheckpointError"),
     ("stage1_embed_text.vllm_backend", "VllmUnavailableError"),
 )
 

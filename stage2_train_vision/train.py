@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -143,11 +144,32 @@ def check_checkpoint_cache(ckpt: Path, identity: CacheIdentity) -> None:
         raise CacheIdentityError(f"--resume: checkpoint {ckpt} was trained against another cache: {exc}") from None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (no space left on the device); the partial one was removed."""
+
+
 def _save(accelerator: Accelerator, output_dir: Path, step: int, keep: int, identity: CacheIdentity) -> None:
+    """Write checkpoint ``step`` (Accelerate state + the cache identity), then keep the newest ``keep``.
+
+    Raises:
+        CheckpointError: no space left on the device; the partial checkpoint is removed, so ``--resume`` picks
+            the last complete one.
+    """
     path = output_dir / CHECKPOINTS / f"step-{step:07d}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        atomic_write_bytes(path / CACHE_IDENTITY, json.dumps(identity.essential(), indent=2).encode("utf-8"))
+    try:
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            atomic_write_bytes(path / CACHE_IDENTITY, json.dumps(identity.essential(), indent=2).encode("utf-8"))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+        done = sorted(p.name for p in (output_dir / CHECKPOINTS).glob("step-*"))
+        raise CheckpointError(
+            f"no space left on the device writing checkpoint {path}: it was removed; "
+            + (f"the last complete one is {done[-1]}" if done else "no complete checkpoint yet")
+            + "; free space and rerun with --resume"
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and keep > 0:
         for old in sorted((output_dir / CHECKPOINTS).glob("step-*"))[:-keep]:

@@ -183,3 +183,34 @@ def test_training_never_imports_transformers():
     code = ("import sys, stage2_train_vision.train, stage2_train_vision.cli, stage2_train_vision.export; "
             "sys.exit(int(any(m.split('.')[0] in ('transformers', 'stage1_embed_text') for m in sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}).returncode == 0
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_complete_checkpoint(data, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import errno
+
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+    calls = []
+
+    def full_on_second(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_on_second)
+    out = tmp_path / "run"
+    rc = flame_main(["train", "--config", str(REPO / "configs" / "demo-cpu.toml"),
+                     *tiny_overrides(data / "m", data / "c", out, **{"train.save_every": 1, "train.stop_at_step": 3})])
+    captured = capsys.readouterr()
+    lines = captured.err.replace("\r", "\n").splitlines()  # the progress bar redraws with carriage returns
+    err = [line[line.index("flame train:"):] for line in lines if "flame train:" in line]
+    assert rc == 2 and err == [
+        f"flame train: no space left on the device writing checkpoint {out / 'checkpoints' / 'step-0000002'}: it was "
+        "removed; the last complete one is step-0000001; free space and rerun with --resume"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
+    assert not (out / "model").exists()
