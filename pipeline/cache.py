@@ -487,10 +487,6 @@ class CacheReader:
         """Row of each key, ``int64 [B]``; ``-1`` for keys not in the cache (exact, see :mod:`pipeline.key_lookup`)."""
         return self._lookup.rows(keys)
 
-    def iter_keys(self) -> Iterator[tuple[pa.Array, np.ndarray]]:
-        """Every ``(keys, rows)`` batch (up to 2^20 keys each), in index order."""
-        return iter(self._lookup.all_keys())
-
     def iter_index(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The index parts of the finished shards, one table per shard (:func:`pipeline.cache_files.index_schema`)."""
         missing = set(self.missing_shards)

@@ -54,6 +54,29 @@ def key_hashes(keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     return pd.util.hash_array(values, categorize=False)
 
 
+def take_chunked(array: pa.ChunkedArray, chunk_starts: np.ndarray, positions: np.ndarray) -> pa.Array:
+    """``array[positions]`` for a chunked array without combining its chunks (a copy of the whole array).
+
+    Args:
+        array: the chunked array; chunk_starts: ``int64 [C]`` global position of each chunk's first element.
+        positions: ``int64 [B]`` global positions, any order, repeats allowed.
+    """
+    positions = np.asarray(positions, np.int64)
+    if len(positions) == 0:
+        return pa.array([], array.type)
+    if array.num_chunks == 1:
+        return array.chunk(0).take(pa.array(positions))
+    chunk = np.searchsorted(chunk_starts, positions, side="right") - 1
+    pieces, where = [], []
+    for c in np.unique(chunk):
+        sel = np.flatnonzero(chunk == c)
+        pieces.append(array.chunk(int(c)).take(pa.array(positions[sel] - chunk_starts[c])))
+        where.append(sel)
+    inverse = np.empty(len(positions), np.int64)
+    inverse[np.concatenate(where)] = np.arange(len(positions))
+    return pa.concat_arrays(pieces).take(pa.array(inverse))
+
+
 def _map_random(path: Path) -> mmap.mmap:
     """A read-only memory map of ``path`` advised ``MADV_RANDOM``: a lookup maps the pages it reads and no
     neighbours (the kernel's default fault-around would make every random key cost 64 KiB of resident memory)."""
@@ -212,21 +235,7 @@ class KeyLookup:
 
     def _keys_at(self, positions: np.ndarray) -> pa.Array:
         """The stored keys at ``positions`` (``int64 [B]``, ``keys.arrow`` order), in that order."""
-        positions = np.asarray(positions, np.int64)
-        if len(positions) == 0:
-            return pa.array([], pa.string())
-        chunk = np.searchsorted(self._chunk_starts, positions, side="right") - 1
-        if len(self._chunk_starts) == 1:
-            return self.keys.chunk(0).take(pa.array(positions))
-        parts, where = [], []
-        for c in np.unique(chunk):
-            sel = np.flatnonzero(chunk == c)
-            parts.append(self.keys.chunk(int(c)).take(pa.array(positions[sel] - self._chunk_starts[c])))
-            where.append(sel)
-        gathered = pa.concat_arrays(parts)
-        inverse = np.empty(len(positions), np.int64)
-        inverse[np.concatenate(where)] = np.arange(len(positions))
-        return gathered.take(pa.array(inverse))
+        return take_chunked(self.keys, self._chunk_starts, positions)
 
     def rows(self, keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Cache row of each key, ``int64 [B]``; ``-1`` for keys not in the cache."""
@@ -255,10 +264,3 @@ class KeyLookup:
                     break
                 k += 1
         return out
-
-    def all_keys(self) -> Iterable[tuple[pa.Array, np.ndarray]]:
-        """``(keys, rows int64)`` batch by batch, in index order (up to 2^20 keys a batch)."""
-        start = 0
-        for chunk in self.keys.chunks:
-            yield chunk, np.asarray(self.key_rows[start : start + len(chunk)])
-            start += len(chunk)

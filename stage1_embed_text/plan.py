@@ -51,7 +51,8 @@ from manifests.schema import RowFetcher, iter_batches, read_manifest_info
 from pipeline.atomic import atomic_write_bytes
 from pipeline.cache import CacheError, CacheLayout
 from pipeline.cache_files import KEY, ROW, CacheFiles
-from stage1_embed_text.prompts import GROUPS, PromptSet, clean_caption
+from pipeline.key_lookup import take_chunked
+from stage1_embed_text.prompts import PromptSet, clean_caption
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,6 @@ DIGEST_BYTES = 20  # SHA-1 of a cleaned text
 SAMPLE = "sample"  # plan column: manifest position of a row's first sample
 _ABSENT = bytes(DIGEST_BYTES)
 _BATCH_ROWS = 16_384
-
-
-def text_sha1(text: str | None) -> str | None:
-    """Hex SHA-1 of a cleaned text's UTF-8 bytes (``None`` for an absent text)."""
-    return None if text is None else hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 def digest_column(group: str) -> str:
@@ -406,25 +402,9 @@ class _Planner:
         with pq.ParquetWriter(self.out / "keys.parquet", schema) as writer:
             for s in range(layout.n_shards):
                 sel = order[bounds[s] : bounds[s + 1]]
-                table = pa.table({KEY: _take(keys, chunk_starts, sel), ROW: pa.array(key_row[sel])}, schema=schema)
+                table = pa.table({KEY: take_chunked(keys, chunk_starts, sel), ROW: pa.array(key_row[sel])}, schema=schema)
                 writer.write_table(table, row_group_size=max(len(sel), 1))
         return lengths.digest() + data.digest() + rows.digest()
-
-
-def _take(array: pa.ChunkedArray, chunk_starts: np.ndarray, positions: np.ndarray) -> pa.Array:
-    """``array[positions]`` for a chunked array, without combining its chunks (``positions`` int64, any order)."""
-    if len(positions) == 0:
-        return pa.array([], array.type)
-    chunk = np.searchsorted(chunk_starts, positions, side="right") - 1
-    pieces, where = [], []
-    for c in np.unique(chunk):
-        sel = np.flatnonzero(chunk == c)
-        pieces.append(array.chunk(int(c)).take(pa.array(positions[sel] - chunk_starts[c])))
-        where.append(sel)
-    gathered = pa.concat_arrays(pieces)
-    inverse = np.empty(len(positions), np.int64)
-    inverse[np.concatenate(where)] = np.arange(len(positions))
-    return gathered.take(pa.array(inverse))
 
 
 class _Growing:
@@ -599,7 +579,3 @@ class StoredPlan:
             out[g] = [None if values[j] is None else values[j].hex() for j in local_rows.tolist()]
         return out
 
-
-__all__ = [
-    "CAPTION_COLUMNS", "GROUPS", "PlanInfo", "StoredPlan", "make_plan", "plan_inputs", "text_sha1",
-]
