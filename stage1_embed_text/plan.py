@@ -516,6 +516,7 @@ class StoredPlan:
         self.info = info
         self._rows = pq.ParquetFile(self.files.plan_rows)
         self._keys = pq.ParquetFile(self.files.plan_keys)
+        self._last: tuple[int, pa.Table] | None = None  # the shard being worked on: read once, used by every step
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -529,7 +530,9 @@ class StoredPlan:
         """Shard ``shard``'s rows: ``row``, ``sample``, ``{g}_digest``, ``{g}_owner`` (see module docstring)."""
         if self.info.n_rows == 0:
             return _rows_schema(self.groups).empty_table()
-        return self._rows.read_row_group(shard)
+        if self._last is None or self._last[0] != shard:
+            self._last = (shard, self._rows.read_row_group(shard))
+        return self._last[1]
 
     def owner(self, shard: int) -> np.ndarray:
         """``int64 [n, G]``: owner row of each group's text of the shard's ``n`` rows (``-1`` if absent)."""
