@@ -20,11 +20,12 @@ from eval.plots import plot_classification, plot_language_bars, plot_retrieval_e
 from eval.report import build_results, write_results
 from eval.tasks import TaskResult, evaluate_task
 from eval.text_cache import default_root
+from pipeline.errors import FlameError
 
 log = logging.getLogger(__name__)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(FlameError, ValueError):
     """An exported model directory whose ``config.json`` lacks what eval needs (the cache identity)."""
 
 

@@ -141,7 +141,7 @@ def format_summary(info: ManifestInfo, out: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``flame manifest``: build, print the summary. Bad input (:class:`ManifestError`, a missing file) reaches
-    :func:`pipeline.cli.main`, which prints it as one line and exits 2, like every subcommand."""
+    :func:`pipeline.app.cli.main`, which prints it as one line and exits 2, like every subcommand."""
     info = build(args)
     print(format_summary(info, args.out))
     return 0

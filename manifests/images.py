@@ -58,6 +58,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from manifests.schema import ManifestError
+from pipeline.errors import FlameError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _INT32_MAX = 2**31 - 1
 
 
-class UndecodableImageError(ValueError):
+class UndecodableImageError(FlameError, ValueError):
     """Bytes that PIL cannot fully decode: not an image, an unknown format, or truncated data.
 
     Attributes:

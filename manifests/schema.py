@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.errors import FlameError
 from pipeline.key_lookup import key_hashes
 
 SCHEMA_VERSION = 1
@@ -61,7 +62,7 @@ SCHEMA = pa.schema(
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(FlameError, ValueError):
     """A manifest is missing, malformed, or of an unsupported schema version."""
 
 

@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from pipeline.errors import FlameError
 from pipeline.paths import flame_home
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ _CHUNK = 1 << 20
 _FILE_MODE = 0o644  # mkstemp creates 0600; cached models are meant to be readable like any download
 
 
-class AssetError(RuntimeError):
+class AssetError(FlameError, RuntimeError):
     """An embedded asset could not be fetched, verified or extracted; the message says what to do."""
 
 

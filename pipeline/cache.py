@@ -30,6 +30,7 @@ import zarr
 from pipeline import __version__
 from pipeline.atomic import atomic_write_bytes
 from pipeline.cache_files import KEY, META_JSON, ROW, CacheFiles
+from pipeline.errors import FlameError
 from pipeline.key_lookup import KeyLookup
 from pipeline.shard_files import ShardFiles
 
@@ -44,7 +45,7 @@ IDENTITY_KEYS = (
 )
 
 
-class CacheError(RuntimeError):
+class CacheError(FlameError, RuntimeError):
     """A cache is missing, unfinished, corrupt, or holds a vector that is not finite and unit-norm."""
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+
+from pipeline.errors import run_command
 
 DEFAULTS = {"llm": "gemma3-270m", "max_tokens": 1024, "context_tokens": 512, "shard_rows": 4096, "chunk_rows": 64}
 
@@ -71,7 +72,6 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Run the job; print its summary on rank 0. Returns 0, or 2 when ``--backend vllm`` cannot run here."""
     from stage1_embed_text.job import plan_job, run_embed
-    from stage1_embed_text.vllm_backend import VllmUnavailableError
 
     if args.plan_only:
         info = plan_job(config_from_args(args))
@@ -81,11 +81,7 @@ def run(args: argparse.Namespace) -> int:
             f"{info.n_empty} samples without captions -> {args.out}/plan"
         )
         return 0
-    try:
-        summary = run_embed(config_from_args(args))
-    except VllmUnavailableError as e:
-        print(f"flame embed: {e}", file=sys.stderr)
-        return 2
+    summary = run_embed(config_from_args(args))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -113,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run(args)
+    return run_command("python -m stage1_embed_text", lambda: run(args), verbose=args.verbose)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.errors import FlameError
 from stage1_embed_text.prompts import GROUPS, PromptSet, clean_caption
 
 POSITION_MODES = ("restart", "continuous")
@@ -68,7 +69,7 @@ PROBE_CAPTIONS = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FlameError, ValueError):
     """The tokenizer cannot give the guarantees of this module (fast tokenizer, caption text kept plain)."""
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import CacheIdentity
+from pipeline.errors import FlameError
 from stage1_embed_text.packing import POSITION_MODES, PackedText, group_templates, pack_samples
 from stage1_embed_text.prompts import FLAME, PromptSet
 
@@ -47,7 +48,7 @@ DTYPES = ("bfloat16", "float32", "float16")
 _NORM_NAMES = ("model.norm.weight", "norm.weight", "model.language_model.norm.weight", "language_model.model.norm.weight")
 
 
-class VllmUnavailableError(RuntimeError):
+class VllmUnavailableError(FlameError, RuntimeError):
     """vLLM is not importable in this environment (it lives in ``.venv-vllm``: ``make setup-vllm``)."""
 
 

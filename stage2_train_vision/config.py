@@ -17,11 +17,13 @@ from typing import Any
 
 import tomllib
 
+from pipeline.errors import FlameError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ConfigError(ValueError):
+class ConfigError(FlameError, ValueError):
     """A config file or override names an unknown key, has a value of the wrong type, or is inconsistent."""
 
 

@@ -36,6 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 from manifests.images import UndecodableImageError, load_image
 from manifests.schema import ManifestError, read_manifest, read_manifest_info
 from pipeline.cache import CacheReader
+from pipeline.errors import FlameError
 from stage2_train_vision.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ IMAGE_COLUMNS = ["key", "image_path", "image_member", "image_bytes", "split"]
 IMAGE_ERRORS = (UndecodableImageError, ManifestError, OSError)
 
 
-class DataError(ValueError):
+class DataError(FlameError, ValueError):
     """The manifest split is empty, or the manifest and the cache share no keys."""
 
 

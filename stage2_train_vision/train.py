@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_bytes
 from pipeline.cache import CacheIdentity, CacheIdentityError, CacheReader
-from pipeline.cli import is_user_error
+from pipeline.errors import FlameError, run_command
 from stage2_train_vision.cli import add_arguments, run
 from stage2_train_vision.config import Config, ConfigError, ModelConfig
 from stage2_train_vision.data import build_training_data, sample_seed
@@ -144,7 +144,7 @@ def check_checkpoint_cache(ckpt: Path, identity: CacheIdentity) -> None:
         raise CacheIdentityError(f"--resume: checkpoint {ckpt} was trained against another cache: {exc}") from None
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FlameError, RuntimeError):
     """A checkpoint could not be written (no space left on the device); the partial one was removed."""
 
 
@@ -392,17 +392,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point under ``accelerate launch``; returns the exit code: bad input or a refusal (the errors
-    ``flame`` maps, :func:`pipeline.cli.is_user_error`) ends in one line on stderr and exit code 2."""
+    ``flame`` maps, :func:`pipeline.errors.run_command`) ends in one line on stderr and exit code 2."""
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parser.parse_args(argv)
     try:
-        return run(args)
-    except Exception as exc:
-        if not is_user_error(exc):
-            raise
-        print(f"train.py: {exc}", file=sys.stderr)
-        return 2
+        return run_command("train.py", lambda: run(args))
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from pipeline.app.cli import build_parser, main
 
 
 @pytest.mark.parametrize("command", ["manifest", "embed", "train", "eval", "inspect", "demo", "import"])
@@ -36,7 +36,7 @@ def test_embed_refuses_a_missing_manifest_before_loading_the_llm(tmp_path, capsy
 
 
 def test_other_errors_keep_their_traceback(monkeypatch):
-    import pipeline.inspect_cli as inspect_cli
+    import pipeline.app.inspect_cli as inspect_cli
 
     def boom(args):
         raise RuntimeError("a bug, not bad input")
@@ -44,3 +44,39 @@ def test_other_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(inspect_cli, "run", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["inspect", "x"])
+
+
+def test_every_user_facing_error_is_one_flame_error():
+    """One base class: the CLI catches FlameError once, so each module's input error must derive from it."""
+    from eval.benchmarks.base import BenchmarkError
+    from eval.run import ModelConfigError
+    from manifests.common import DuplicateKeyError
+    from manifests.images import ImageTooLargeError, UndecodableImageError
+    from manifests.schema import ManifestError
+    from pipeline.assets import AssetError
+    from pipeline.cache import CacheError, CacheIdentityError
+    from pipeline.errors import FlameError, is_user_error
+    from stage1_embed_text.packing import TokenizerError
+    from stage1_embed_text.vllm_backend import VllmUnavailableError
+    from stage2_train_vision.config import ConfigError
+    from stage2_train_vision.data import DataError
+    from stage2_train_vision.import_checkpoint import CheckpointImportError
+    from stage2_train_vision.train import CheckpointError
+
+    classes = [BenchmarkError, ModelConfigError, DuplicateKeyError, ImageTooLargeError, UndecodableImageError,
+               ManifestError, AssetError, CacheError, CacheIdentityError, TokenizerError, VllmUnavailableError,
+               ConfigError, DataError, CheckpointImportError, CheckpointError]
+    assert [c.__name__ for c in classes if not issubclass(c, FlameError)] == []
+    assert is_user_error(FileNotFoundError("x")) and not is_user_error(RuntimeError("bug"))
+
+
+def test_a_refusal_inside_a_subcommand_is_one_line_exit_2(tmp_path, capsys):
+    """`flame eval` used to catch its own errors and `flame inspect` returned 1; now main() owns the policy."""
+    (tmp_path / "model").mkdir()
+    code = main(["eval", "--model", str(tmp_path / "model"), "--benchmark", "emoji", "--data", str(tmp_path),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("flame eval: ") and err.count("\n") == 1
+    assert main(["inspect", str(tmp_path / "no-cache")]) == 2
+    assert capsys.readouterr().err.startswith("flame inspect: ")

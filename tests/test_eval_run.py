@@ -122,7 +122,7 @@ def test_emoji_end_to_end(tmp_path):
 
 def test_run_benchmark_and_cli(tmp_path, monkeypatch):
     import eval.run as run_mod
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     write_emoji_manifest(tmp_path / "m")
     config = {"cache_identity": IDENTITY, "image": {"size": 8}, "model": {}}
@@ -176,7 +176,7 @@ def patch_color_eval(monkeypatch):
 
 
 def test_classfolder_skips_undecodable_images_and_scores_the_rest(tmp_path, monkeypatch, caplog):
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     patch_color_eval(monkeypatch)
     bad = bad_images()

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from manifests.schema import ManifestWriter
+from pipeline.app.cli import main as flame_main
 from pipeline.cache import CacheIdentity, CacheIdentityError, CacheMeta, CacheReader
 from pipeline.cache_files import index_schema
-from pipeline.cli import main as flame_main
 from stage1_embed_text.import_cache import import_cache, official_identity, pth_path
 from stage1_embed_text.prompts import FLAME, GROUPS
 

@@ -21,8 +21,8 @@ from test_stage2_fixtures import COLOURS, key, make_cache, make_manifest, tiny_o
 from torch import nn
 
 from eval.run import load_model
+from pipeline.app.cli import main as flame_main
 from pipeline.cache import CacheIdentity, CacheIdentityError
-from pipeline.cli import main as flame_main
 from stage1_embed_text.import_cache import official_identity
 from stage2_train_vision.config import ConfigError, load_config
 from stage2_train_vision.export import load_exported

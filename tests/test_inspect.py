@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from pipeline.app.cli import main
+from pipeline.app.inspect import inspect_cache, nearest_neighbours
 from pipeline.cache import CacheIdentity, CacheLayout, CacheMeta, CacheReader, CacheWriter
-from pipeline.cli import main
-from pipeline.inspect import inspect_cache, nearest_neighbours
 
 E = np.eye(4)
 

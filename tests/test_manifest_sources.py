@@ -23,7 +23,7 @@ from manifests.images import load_image, read_image_bytes
 from manifests.parquet_source import build_parquet_manifest
 from manifests.schema import ManifestError, iter_rows, read_manifest_info
 from manifests.webdataset_source import build_webdataset_manifest
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 LONG_TEXT = "word " * 10_000  # 50,000 characters
 QUOTE_TEXT = 'He said "hi" and then:" left; a "quoted: "value"'

@@ -19,7 +19,7 @@ from manifests.common import DuplicateKeyError
 from manifests.images import decode_image, load_image
 from manifests.schema import ManifestError, iter_rows, read_manifest_info
 from manifests.webdataset_source import build_webdataset_manifest, key_digests, recaption_buckets
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 HTML = b"<!DOCTYPE html><html><body>gone</body></html>"
 

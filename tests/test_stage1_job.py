@@ -204,7 +204,7 @@ def test_rerun_of_finished_cache_does_nothing(env, tmp_path):
 
 
 def test_cli_without_vllm_refuses_backend_vllm_cleanly(env, tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.app.cli import main
     from stage1_embed_text.vllm_backend import vllm_available
 
     if vllm_available()[0]:
@@ -280,7 +280,7 @@ def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
 def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, tmp_path, capsys):
     import socket
 
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
     cache = tmp_path / "cache"
@@ -303,8 +303,8 @@ def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, t
 def test_disk_full_is_one_line_and_a_rerun_finishes_the_same_cache(env, tmp_path, capsys, monkeypatch):
     import errno
 
+    from pipeline.app.cli import main
     from pipeline.cache import CacheWriter
-    from pipeline.cli import main
 
     manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
     ref, cache = tmp_path / "ref", tmp_path / "cache"

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_stage2_fixtures import COLOURS, key, make_cache, make_manifest, png_bytes, tiny_overrides
 
+from pipeline.app.cli import main as flame_main
 from pipeline.cache import CacheIdentity, CacheIdentityError
-from pipeline.cli import main as flame_main
 from stage2_train_vision.config import ConfigError, load_config
 from stage2_train_vision.data import DataError
 from stage2_train_vision.export import load_exported

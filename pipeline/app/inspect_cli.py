@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from tqdm import tqdm
 
+from pipeline.app.inspect import inspect_cache, nearest_neighbours, plot_facet_cosine
 from pipeline.cache import CacheError, CacheReader
-from pipeline.inspect import inspect_cache, nearest_neighbours, plot_facet_cosine
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,11 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        reader = CacheReader(args.cache, allow_incomplete=True)
-    except CacheError as e:
-        print(f"flame inspect: {e}", file=sys.stderr)
-        return 1
+    reader = CacheReader(args.cache, allow_incomplete=True)
     manifest_keys = None
     if args.manifest:
         from manifests.schema import iter_batches
@@ -45,13 +40,11 @@ def run(args: argparse.Namespace) -> int:
     if args.key or args.query:
         if args.key:
             if args.key not in reader:
-                print(f"flame inspect: key {args.key!r} not in the cache", file=sys.stderr)
-                return 1
+                raise CacheError(f"key {args.key!r} not in the cache")
             vec, mask = reader.get([args.key])
             i = reader.facets.index(facet)
             if not mask[0, i]:
-                print(f"flame inspect: facet {facet!r} is absent for key {args.key!r}", file=sys.stderr)
-                return 1
+                raise CacheError(f"facet {facet!r} is absent for key {args.key!r}")
             query = vec[0, i].astype("float32")
         else:
             from stage1_embed_text.api import TextEmbedder
