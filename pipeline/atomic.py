@@ -1,29 +1,85 @@
-"""Atomic file writes: a reader sees either the old file or the complete new one, never a partial write."""
+"""Atomic writes: a reader sees either the old file or folder or the complete new one, never a partial write.
+
+The one owner of "write under a temporary name beside the target, then rename": every module that publishes a
+file or a folder goes through :func:`atomic_file`, :func:`atomic_write_bytes` or :func:`atomic_directory`.
+The temporary name starts with ``.`` and lies in the target's folder, so the rename never crosses a file
+system, and it is removed when the writer fails.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, then ``os.replace``.
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
-    The file gets the usual permissions (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
+
+@contextmanager
+def atomic_file(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends normally it becomes ``path`` (``os.replace``).
+
+    The caller writes the temporary file by name (``pq.write_table(table, tmp)``). With ``fsync`` its bytes
+    reach the disk before the rename. The file gets the usual permissions (``0o666`` less the umask). On an
+    exception the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`, fsynced)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextmanager
+def atomic_directory(path: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a new empty folder beside ``path``; when the block ends normally it is renamed to ``path``.
+
+    Args:
+        path: the folder to publish.
+        keep_existing: what to do when ``path`` exists by then (another process published the same content
+            first): ``True`` keeps that one and drops ours; ``False`` (default) replaces it with ours.
+
+    The folder is readable like a download (``0o777`` less the umask, not ``mkdtemp``'s ``0o700``). On an
+    exception the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(mode=0o777 & ~_umask())
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:  # path exists and is not empty
+            if keep_existing:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
