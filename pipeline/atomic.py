@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,13 +55,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 @contextmanager
-def atomic_directory(path: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | Path, *, keep_existing: bool | Callable[[Path], bool] = False) -> Iterator[Path]:
     """Yield a new empty folder beside ``path``; when the block ends normally it is renamed to ``path``.
 
     Args:
         path: the folder to publish.
         keep_existing: what to do when ``path`` exists by then (another process published the same content
-            first): ``True`` keeps that one and drops ours; ``False`` (default) replaces it with ours.
+            first): ``True`` keeps that one and drops ours; ``False`` (default) replaces it with ours; a
+            function of the existing folder keeps it when it returns ``True`` (it is complete and usable) and
+            replaces it otherwise (a stale or broken copy).
 
     The folder is readable like a download (``0o777`` less the umask, not ``mkdtemp``'s ``0o700``). On an
     exception the temporary folder is removed and ``path`` is untouched.
@@ -75,7 +77,7 @@ def atomic_directory(path: str | Path, *, keep_existing: bool = False) -> Iterat
         try:
             os.rename(tmp, path)
         except OSError:  # path exists and is not empty
-            if keep_existing:
+            if keep_existing is True or (callable(keep_existing) and keep_existing(path)):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             shutil.rmtree(path, ignore_errors=True)

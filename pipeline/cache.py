@@ -15,10 +15,7 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,197 +24,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline import __version__
-from pipeline.atomic import atomic_write_bytes
+from pipeline.atomic import atomic_file, atomic_write_bytes
 from pipeline.cache_files import KEY, META_JSON, ROW, CacheFiles
-from pipeline.errors import FlameError
+from pipeline.cache_lock import CacheLock
+from pipeline.cache_meta import (
+    FORMAT_VERSION,
+    IDENTITY_KEYS,
+    NORM_TOLERANCE,
+    CacheError,
+    CacheIdentity,
+    CacheIdentityError,
+    CacheLayout,
+    CacheMeta,
+    check_unit_vectors,
+)
 from pipeline.key_lookup import KeyLookup
 from pipeline.shard_files import ShardFiles
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
-NORM_TOLERANCE = 1e-2  # |‖v‖ - 1| allowed for a stored float16 vector (float16 rounding is ~1e-3)
 
-# Identity fields that must match between a cache and its user (stage 2, eval); the rest are informative.
-IDENTITY_KEYS = (
-    "llm", "llm_fingerprint", "layer", "readout", "dim", "prompt_set", "prompt_set_hash", "position_mode",
-    "tokenization",
-)
-
-
-class CacheError(FlameError, RuntimeError):
-    """A cache is missing, unfinished, corrupt, or holds a vector that is not finite and unit-norm."""
-
-
-class CacheIdentityError(CacheError):
-    """A cache was built with a different LLM, layer, readout, D or prompt set than the caller expects."""
-
-
-@dataclass(frozen=True)
-class CacheIdentity:
-    """What produced the vectors of a cache; two caches with equal identities are interchangeable.
-
-    Attributes:
-        llm: model name or path as resolved (e.g. ``"gemma3-270m"``, ``"mistralai/Mistral-Nemo-Base-2407"``).
-        llm_fingerprint: hex digest of the weights actually loaded.
-        tokenizer: tokenizer name/path.
-        layer: Hugging Face ``hidden_states`` index read out (0 = embedding output), SPEC §2.3.
-        readout: ``"pre_norm"`` or ``"post_norm"`` (final norm applied).
-        dim: hidden size D.
-        prompt_set: prompt-set name (``"flame"``).
-        prompt_set_hash: content hash of the prompt-set definition.
-        facets: facet names in storage order (F of them).
-        position_mode: ``"restart"`` or ``"continuous"`` (SPEC §2.4).
-        bos_marker: what the official ``<s>`` marker became (``"drop"`` by default).
-        max_tokens: context length one packed sequence was cut to.
-        dtype_compute: dtype of the LLM forward (``"bfloat16"``/``"float32"``).
-        dtype_stored: dtype of the stored vectors (``"float16"``).
-        backend: ``"hf"`` or ``"vllm"``.
-        tokenization: how prompt text became token ids: ``"whole-prompt"`` (each single-facet prompt is the
-            tokenizer's tokenization of its whole text, caption special-token text kept plain) or
-            ``"split-segments"`` (template words and caption tokenized separately; what a cache written before
-            this field existed holds, so such a cache is refused by a reader expecting ``"whole-prompt"``).
-    """
-
-    llm: str
-    llm_fingerprint: str
-    tokenizer: str
-    layer: int
-    readout: str
-    dim: int
-    prompt_set: str
-    prompt_set_hash: str
-    facets: tuple[str, ...]
-    position_mode: str = "restart"
-    bos_marker: str = "drop"
-    max_tokens: int = 1024
-    dtype_compute: str = "bfloat16"
-    dtype_stored: str = "float16"
-    backend: str = "hf"
-    tokenization: str = "split-segments"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["facets"] = list(self.facets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CacheIdentity:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["facets"] = tuple(kw.get("facets", ()))
-        return cls(**kw)
-
-    def check(self, expected: dict[str, Any], what: str = "cache") -> None:
-        """Raise :class:`CacheIdentityError` if any field in ``expected`` differs from this identity.
-
-        The message names each differing field with both values, e.g.
-        ``layer: cache has 17, expected 12``.
-        """
-        mine = self.to_dict()
-        diffs = [
-            f"{k}: {what} has {mine.get(k)!r}, expected {v!r}"
-            for k, v in expected.items()
-            if k in mine and _norm(mine[k]) != _norm(v)
-        ]
-        if diffs:
-            raise CacheIdentityError(f"{what} identity mismatch: " + "; ".join(diffs))
-
-    def essential(self) -> dict[str, Any]:
-        """The fields a consumer must match (:data:`IDENTITY_KEYS`)."""
-        d = self.to_dict()
-        return {k: d[k] for k in IDENTITY_KEYS}
-
-
-def _norm(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
-
-@dataclass
-class CacheLayout:
-    """Row layout of a cache.
-
-    Attributes:
-        n_rows: N, number of unique rows (deduplicated texts).
-        shard_rows: rows per cache shard (= rows per Zarr shard); shard ``s`` holds rows
-            ``[s * shard_rows, min((s + 1) * shard_rows, N))``.
-        chunk_rows: rows per Zarr chunk inside a shard (the unit of a random read).
-        plan_hash: hash of the job plan (inputs, keys and their row assignment); a resumed job must match.
-    """
-
-    n_rows: int
-    shard_rows: int
-    chunk_rows: int
-    plan_hash: str
-
-    @property
-    def n_shards(self) -> int:
-        return max(1, -(-self.n_rows // self.shard_rows))
-
-    def shard_range(self, shard: int) -> range:
-        return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.n_rows))
-
-
-@dataclass
-class CacheMeta:
-    identity: CacheIdentity
-    layout: CacheLayout
-    format_version: int = FORMAT_VERSION
-    package_version: str = __version__
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format_version": self.format_version,
-                "identity": self.identity.to_dict(),
-                "layout": dataclasses.asdict(self.layout),
-                "package_version": self.package_version,
-                "created": self.created,
-                "extra": self.extra,
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
-
-    @classmethod
-    def read(cls, cache_dir: str | Path) -> CacheMeta:
-        path = Path(cache_dir) / META_JSON
-        if not path.exists():
-            raise CacheError(f"{cache_dir} is not a flame cache (no {META_JSON})")
-        d = json.loads(path.read_text(encoding="utf-8"))
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise CacheError(f"cache format {d['format_version']} is newer than this package's {FORMAT_VERSION}")
-        return cls(
-            identity=CacheIdentity.from_dict(d["identity"]),
-            layout=CacheLayout(**d["layout"]),
-            format_version=d["format_version"],
-            package_version=d.get("package_version", "?"),
-            created=d.get("created", ""),
-            extra=d.get("extra", {}),
-        )
-
-
-def check_unit_vectors(vectors: np.ndarray, mask: np.ndarray, tol: float = NORM_TOLERANCE) -> None:
-    """Raise :class:`CacheError` unless every present vector is finite and unit-norm (SPEC §2.3).
-
-    Args:
-        vectors: ``[n, F, D]`` float array.
-        mask: ``[n, F]`` bool; absent facets must be all zeros.
-        tol: allowed ``|‖v‖₂ − 1|``.
-    """
-    v = np.asarray(vectors, dtype=np.float32)
-    if not np.isfinite(v).all():
-        bad = np.argwhere(~np.isfinite(v).all(axis=-1))[:5].tolist()
-        raise CacheError(f"non-finite vectors at (row, facet) {bad}")
-    norms = np.linalg.norm(v, axis=-1)
-    off = mask & (np.abs(norms - 1.0) > tol)
-    if off.any():
-        bad = np.argwhere(off)[:5].tolist()
-        raise CacheError(f"vectors not unit-norm at (row, facet) {bad}: norms {norms[off][:5].tolist()}")
-    if (~mask & (norms != 0)).any():
-        raise CacheError("absent facets must be stored as zero vectors")
+# The cache's contract (identity, layout, meta, errors) is defined in pipeline.cache_meta and the writer lock in
+# pipeline.cache_lock; they are part of this module's interface too.
+__all__ = [
+    "FORMAT_VERSION", "IDENTITY_KEYS", "NORM_TOLERANCE", "CacheError", "CacheIdentity", "CacheIdentityError",
+    "CacheLayout", "CacheLock", "CacheMeta", "CacheReader", "CacheWriter", "build_key_lookup",
+    "check_unit_vectors",
+]
 
 
 class CacheWriter:
@@ -309,9 +141,8 @@ class CacheWriter:
             self.vectors[rows.start : rows.stop] = stored
             self.mask[rows.start : rows.stop] = mask
         part = self.files.index_part(shard)
-        tmp = part.with_name(f".{part.name}.tmp")
-        pq.write_table(index, tmp)
-        os.replace(tmp, part)
+        with atomic_file(part) as tmp:
+            pq.write_table(index, tmp)
         marker = {"shard": shard, "rows": [rows.start, rows.stop], "keys": index.num_rows}
         atomic_write_bytes(self._marker(shard), json.dumps(marker).encode())
 
@@ -354,68 +185,6 @@ def build_key_lookup(files: CacheFiles, meta: CacheMeta, mask: np.ndarray | None
     parts = (pq.read_table(files.index_part(s), columns=[KEY, ROW]) for s in shards if files.index_part(s).exists())
     log.info("building the key lookup of %s", files.root)
     return KeyLookup.build(parts, mask, lay.plan_hash, files.lookup_dir if persist else None)
-
-
-class CacheLock:
-    """At most one writing job per cache directory: ``writer.lock``, created exclusively by the job's rank 0.
-
-    The file names the holder (host, pid, start time). A second job finds it and stops with a one-line
-    :class:`CacheError` instead of recomputing shards or deleting the first job's temporary files. A lock whose
-    holder is a dead process on this host (a killed job) is taken over; one from another host is only reported
-    (its liveness cannot be checked from here): delete the file if that job is gone.
-
-    Args:
-        files: the cache's paths.
-    """
-
-    def __init__(self, files: CacheFiles):
-        self.path = files.lock
-        self.mine = {"host": socket.gethostname(), "pid": os.getpid(),
-                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-    def acquire(self) -> None:
-        """Take the lock. Raises :class:`CacheError` if another live job holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder.get("host") == self.mine["host"] and not _pid_alive(holder.get("pid")):
-                    log.warning("taking over %s from process %s, which is no longer running", self.path, holder.get("pid"))
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise CacheError(
-                    f"cache {self.path.parent} is being written by process {holder.get('pid')} on "
-                    f"{holder.get('host')} since {holder.get('started')}; wait for that job, or delete {self.path} "
-                    "if it is dead"
-                ) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.mine, f)
-            return
-
-    def release(self) -> None:
-        """Remove the lock if this process holds it."""
-        if self._holder() == self.mine:
-            self.path.unlink(missing_ok=True)
-
-    def _holder(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # unreadable: assume alive, never take over blindly
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CacheReader:

@@ -22,10 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import mmap
-import os
-import shutil
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -147,81 +146,32 @@ class KeyLookup:
         Raises:
             ValueError: a key occurs twice (in two index parts).
         """
-        tmp = None
-        if out_dir is not None:
-            tmp = out_dir.with_name(f".{out_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            tmp.mkdir(parents=True)
-        hashes, rows, batches, pending, n = [], [], [], [], 0
-        writer = None
-        try:
-            schema = pa.schema([pa.field("key", pa.string())])
-            if tmp is not None:
-                writer = pa.ipc.new_file(str(tmp / "keys.arrow"), schema)
-
-            def flush() -> None:
-                if not pending:
-                    return
-                batch = pa.record_batch([pa.concat_arrays(pending)], schema=schema)
-                pending.clear()
-                if writer is not None:
-                    writer.write_batch(batch)
-                else:
-                    batches.append(batch)
-
-            for part in parts:
-                key_col = part.column("key").combine_chunks().cast(pa.string())
-                hashes.append(key_hashes(key_col))
-                rows.append(part.column("row").to_numpy().astype(np.int64))
-                pending.append(key_col)
-                n += len(key_col)
-                if sum(len(a) for a in pending) >= KEYS_PER_BATCH:
-                    flush()
-            flush()
-            if writer is not None:
-                writer.close()
-            all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-            del hashes
-            order = np.argsort(all_hashes, kind="stable")
-            sorted_hashes = all_hashes[order]
-            del all_hashes
-            key_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-            info = {"format": FORMAT, "hash": HASH_FUNCTION, "keys": int(n), "rows": int(mask.shape[0]),
-                    "facets": int(mask.shape[1]) if mask.ndim == 2 else 0, "plan_hash": plan_hash}
-            if tmp is None:
-                keys = pa.chunked_array(batches and [b.column(0) for b in batches] or [pa.array([], pa.string())])
-                lookup = cls(sorted_hashes, order.astype(np.int64), key_rows, keys, np.asarray(mask, bool), info)
-                lookup._check_unique()
-                return lookup
-            first = None
-            if n:
-                reader = pa.ipc.open_file(pa.memory_map(str(tmp / "keys.arrow")))
-                first = reader.get_batch(0).column(0)[0].as_py()
-                info["probe"] = {"key": first, "hash": str(int(key_hashes([first])[0]))}
-            np.save(tmp / "hashes.npy", sorted_hashes)
-            np.save(tmp / "order.npy", order.astype(np.int64))
-            np.save(tmp / "rows.npy", key_rows)
-            np.save(tmp / "mask.npy", np.asarray(mask, bool))
-            (tmp / LOOKUP_JSON).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-            del sorted_hashes, order, key_rows
-            try:
-                os.rename(tmp, out_dir)
-                tmp = None
-            except OSError:  # another process stored it first (or a stale one is in the way)
-                if (out_dir / LOOKUP_JSON).exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    tmp = None
-                else:
-                    shutil.rmtree(out_dir, ignore_errors=True)
-                    os.rename(tmp, out_dir)
-                    tmp = None
-            lookup = cls.open(out_dir, plan_hash)
-            if lookup is None:
-                raise ValueError(f"the key lookup just written to {out_dir} does not open")
+        info = {"format": FORMAT, "hash": HASH_FUNCTION, "rows": int(mask.shape[0]),
+                "facets": int(mask.shape[1]) if mask.ndim == 2 else 0, "plan_hash": plan_hash}
+        if out_dir is None:
+            batches: list[pa.RecordBatch] = []
+            sorted_hashes, order, key_rows = _hash_keys(parts, batches.append)
+            keys = pa.chunked_array([b.column(0) for b in batches] or [pa.array([], pa.string())])
+            lookup = cls(sorted_hashes, order, key_rows, keys, np.asarray(mask, bool), info | {"keys": len(keys)})
             lookup._check_unique()
             return lookup
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+        # another process may publish the same lookup first: a copy that opens for this plan is kept
+        with atomic_directory(out_dir, keep_existing=lambda d: cls.open(d, plan_hash) is not None) as tmp:
+            with pa.ipc.new_file(str(tmp / "keys.arrow"), _KEY_SCHEMA) as writer:
+                sorted_hashes, order, key_rows = _hash_keys(parts, writer.write_batch)
+            info["keys"] = len(key_rows)
+            if len(key_rows):
+                first = pa.ipc.open_file(pa.memory_map(str(tmp / "keys.arrow"))).get_batch(0).column(0)[0].as_py()
+                info["probe"] = {"key": first, "hash": str(int(key_hashes([first])[0]))}
+            for name, array in (("hashes", sorted_hashes), ("order", order), ("rows", key_rows), ("mask", mask)):
+                np.save(tmp / f"{name}.npy", array if name != "mask" else np.asarray(array, bool))
+            (tmp / LOOKUP_JSON).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+            del sorted_hashes, order, key_rows
+        lookup = cls.open(out_dir, plan_hash)
+        if lookup is None:
+            raise ValueError(f"the key lookup just written to {out_dir} does not open")
+        lookup._check_unique()
+        return lookup
 
     def _check_unique(self) -> None:
         """Raise ``ValueError`` if a key occurs twice (equal hashes whose key strings are equal)."""
@@ -264,3 +214,43 @@ class KeyLookup:
                     break
                 k += 1
         return out
+
+
+_KEY_SCHEMA = pa.schema([pa.field("key", pa.string())])
+
+
+def _hash_keys(
+    parts: Iterable[pa.Table], emit: Callable[[pa.RecordBatch], None]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hash the keys of index parts and hand them on in batches of up to :data:`KEYS_PER_BATCH` keys.
+
+    Args:
+        parts: tables with ``key`` (string) and ``row`` (integer) columns, in shard order.
+        emit: receives each ``RecordBatch`` of keys (schema ``key: string``), in order.
+
+    Returns:
+        ``(sorted_hashes uint64 [n], order int64 [n], rows int64 [n])``: the 64-bit key hashes sorted, the
+        stable argsort that sorts them (positions in key order), and each key's cache row in key order.
+    """
+    hashes, rows, pending = [], [], []
+
+    def flush() -> None:
+        if pending:
+            emit(pa.record_batch([pa.concat_arrays(pending)], schema=_KEY_SCHEMA))
+            pending.clear()
+
+    for part in parts:
+        key_col = part.column("key").combine_chunks().cast(pa.string())
+        hashes.append(key_hashes(key_col))
+        rows.append(part.column("row").to_numpy().astype(np.int64))
+        pending.append(key_col)
+        if sum(len(a) for a in pending) >= KEYS_PER_BATCH:
+            flush()
+    flush()
+    all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    del hashes
+    order = np.argsort(all_hashes, kind="stable")
+    sorted_hashes = all_hashes[order]
+    del all_hashes
+    key_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return sorted_hashes, order.astype(np.int64), key_rows

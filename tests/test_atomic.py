@@ -43,3 +43,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_atomic_directory_replaces_an_existing_folder_that_the_check_rejects(tmp_path):
+    target = tmp_path / "lookup"
+    target.mkdir()
+    (target / "stale").write_text("from another plan")
+    with atomic_directory(target, keep_existing=lambda d: (d / "ok").exists()) as tmp:
+        (tmp / "ok").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["ok"]
+    with atomic_directory(target, keep_existing=lambda d: (d / "ok").exists()) as tmp:
+        (tmp / "ok").write_text("newer")
+    assert (target / "ok").read_text() == "new"  # a usable one is kept

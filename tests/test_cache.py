@@ -97,3 +97,22 @@ def test_reopen_with_other_identity_or_plan_is_refused(tmp_path):
     replan = CacheMeta(_identity(), CacheLayout(n_rows=11, shard_rows=4, chunk_rows=2, plan_hash="q"))
     with pytest.raises(CacheIdentityError, match="planned differently"):
         CacheWriter.create(tmp_path, replan)
+
+
+def test_a_stale_key_lookup_is_rebuilt_not_kept(tmp_path):
+    """A lookup/ folder that does not open for this cache (other plan, other hash function) is replaced; the
+    old code kept any folder with a lookup.json and then failed with 'does not open'."""
+    import json
+
+    from pipeline.cache_files import CacheFiles
+
+    _fill(tmp_path)
+    files = CacheFiles(tmp_path)
+    CacheReader(tmp_path)  # stores lookup/
+    info_path = files.lookup_dir / "lookup.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps(info | {"plan_hash": "another plan"}))
+    reader = CacheReader(tmp_path)
+    assert reader.rows(["k7", "k0"]).tolist() == [7, 0]
+    assert json.loads(info_path.read_text())["plan_hash"] == "p"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lookup")) == []
