@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.cache import CacheIdentity, CacheLayout, CacheMeta, CacheReader, CacheWriter
+from pipeline.machine import cpu_summary
 
 log = logging.getLogger("bench.cache_read")
 
@@ -97,7 +98,8 @@ def main() -> None:
             ours = time_reads(reader.get, batches)
             rows.append((f"flame cache (chunk_rows={chunk_rows})", str(chunk_rows), ours, ours / baseline))
 
-    print(f"\nN={args.n} F={args.facets} D={args.dim} float16, {args.reads} reads x {args.batch} random keys\n")
+    print(f"\nCPU {cpu_summary()}")
+    print(f"N={args.n} F={args.facets} D={args.dim} float16, {args.reads} reads x {args.batch} random keys\n")
     print("| layout | chunk rows | samples/s | vs .pth |")
     print("|---|---|---|---|")
     for name, chunk, rate, ratio in rows:

@@ -61,6 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pipeline.machine import cpu_summary  # noqa: E402  (after the project root is on sys.path)
+
 log = logging.getLogger("fidelity")
 
 GEMMA, SMOLLM = "gemma3-270m", "smollm2-135m"
@@ -383,7 +385,7 @@ def build_document(cfg: StudyConfig, variants: list[Variant], records: dict[tupl
     base = load_config(cfg.train_config, list(cfg.overrides))
     out: dict[str, Any] = {
         "config": {
-            "seeds": list(cfg.seeds), "steps": cfg.steps, "batch_size": base.train.batch_size,
+            "cpu": cpu_summary(), "seeds": list(cfg.seeds), "steps": cfg.steps, "batch_size": base.train.batch_size,
             "images_per_run": cfg.steps * base.train.batch_size, "train_config": str(cfg.train_config),
             "overrides": list(cfg.overrides), "model": dataclasses.asdict(base.model), "optim": dataclasses.asdict(base.optim),
             "loss": base.loss.kind, "mixed_precision": base.train.mixed_precision, "threads": cfg.threads,
@@ -429,7 +431,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     c = doc["config"]
     names = list(doc["variants"])
     lines = [f"Emoji test split (unseen concepts); {len(c['seeds'])} seeds ({', '.join(map(str, c['seeds']))}), "
-             f"{c['steps']} steps x {c['batch_size']} images per run; mean ± std over seeds, %.", "",
+             f"{c['steps']} steps x {c['batch_size']} images per run; mean ± std over seeds, %. "
+             f"CPU: {c.get('cpu', 'not recorded')}.", "",
              "| variant | " + " | ".join(col for col, _ in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
     for name in names:
         m = doc["variants"][name]["metrics"]

@@ -66,6 +66,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.machine import cpu_summary
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("manifest", "plan", "embed", "cache_open", "first_batch", "lookup")
 MANIFEST_READERS = STAGES[1:]  # stages that read the full-N synthetic manifest
@@ -751,19 +753,6 @@ def baseline_checkout(rev: str) -> Path:
     return path
 
 
-def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` prints it (``/proc/cpuinfo`` without ``lscpu``)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        text = Path("/proc/cpuinfo").read_text()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "model name":
-            return value.strip()
-    return "unknown"
-
-
 def describe(result: dict[str, Any]) -> str:
     """A stage result as one progress line."""
     if "skipped" in result:
@@ -851,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     paths = Paths(Path(args.workdir), "ours")
     paths.logs.mkdir(parents=True, exist_ok=True)
-    cpu = cpu_model()
+    cpu = cpu_summary()
     print(f"bench/scale.py: {args.samples:,} samples, stages {', '.join(args.stages)}; CPU {cpu}; "
           f"workdir {paths.workdir}", flush=True)
     prepare_data(args, paths)

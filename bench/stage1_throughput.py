@@ -40,6 +40,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pipeline.machine import cpu_summary
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import DTYPES, EMBEDDED, LoadedLLM, embedded_folder, load_llm
 from stage1_embed_text.packing import PackedSequence, collate, facet_mask, group_templates, pack
@@ -220,12 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "mfu": round(flops / t / peak, 4)})
     result = {
         "llm": llm.name, "dtype": args.dtype, "layer": llm.layer, "samples": len(samples), "texts": len(seqs),
-        "useful_tokens": tokens, "useful_gflop": round(flops / 1e9, 2), "threads": torch.get_num_threads(),
+        "cpu": cpu_summary(), "useful_tokens": tokens, "useful_gflop": round(flops / 1e9, 2), "threads": torch.get_num_threads(),
         "matmul_peak_gflops": {d: round(v / 1e9, 1) for d, v in peaks.items()},
         "min_cosine_ours_vs_naive": round(cos, 5), "methods": rows,
     }
     print(f"\nstage-1 throughput: {llm.name} ({args.dtype}, layer {llm.layer}), {len(samples)} samples = "
-          f"{len(seqs)} texts, {tokens} useful tokens, {torch.get_num_threads()} threads")
+          f"{len(seqs)} texts, {tokens} useful tokens, {torch.get_num_threads()} threads; CPU {cpu_summary()}")
     print(f"matmul peak: bf16 {result['matmul_peak_gflops']['bfloat16']} GFLOP/s, "
           f"fp32 {result['matmul_peak_gflops']['float32']} GFLOP/s; min cosine ours vs naive {cos:.5f}\n")
     print("| method | s | captions/s | tokens/s | ours is x faster | MFU |")

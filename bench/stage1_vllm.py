@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pipeline.machine import cpu_summary  # noqa: E402
+
 log = logging.getLogger("bench.stage1_vllm")
 
 
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     for res in results.values():
         res["speedup_vs_hf"] = results["hf"]["seconds"] / res["seconds"]
 
-    print(f"\nstage 1, {args.llm}, {args.dtype}, {len(samples)} samples = {n_texts} captions, {n_tokens} packed tokens"
+    print(f"\nCPU {cpu_summary()}")
+    print(f"stage 1, {args.llm}, {args.dtype}, {len(samples)} samples = {n_texts} captions, {n_tokens} packed tokens"
           f" ({'manifest ' + args.manifest if args.manifest else 'synthetic captions'}), best of {args.rounds}")
     print(f"(tokens/s counts packed tokens; effective tok/s counts the {n_separate} tokens of separate "
           f"prefix+facet passes)")
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<16}{r['captions_per_s']:>12.1f}{r['samples_per_s']:>11.2f}{r['tokens_per_s']:>10.0f}"
               f"{r['effective_tokens_per_s']:>11.0f}{r['speedup_vs_hf']:>7.2f}x{r['startup_s']:>9.1f}{cos:>10}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_summary(), "results": results}, indent=2))
     for enc in engines.values():
         enc.close()
     return 0

@@ -59,6 +59,7 @@ def _identity_args(p: argparse.ArgumentParser) -> None:
 
 def run_checkpoint(args: argparse.Namespace) -> int:
     """Run `flame import checkpoint`; prints the imported architecture."""
+    # torch and open_clip load only when an import runs, not for `flame --help`
     from stage1_embed_text.import_cache import resolve_identity
     from stage2_train_vision.import_checkpoint import import_checkpoint
 

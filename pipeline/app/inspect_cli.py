@@ -7,6 +7,7 @@ import json
 
 from tqdm import tqdm
 
+from manifests.schema import iter_batches
 from pipeline.app.inspect import inspect_cache, nearest_neighbours, plot_facet_cosine
 from pipeline.cache import CacheError, CacheReader
 
@@ -30,8 +31,6 @@ def run(args: argparse.Namespace) -> int:
     reader = CacheReader(args.cache, allow_incomplete=True)
     manifest_keys = None
     if args.manifest:
-        from manifests.schema import iter_batches
-
         manifest_keys = (batch.column(0) for _, batch in iter_batches(args.manifest, ["key"]))
     with tqdm(total=reader.meta.layout.n_rows, unit="row", desc="checking rows", disable=args.json) as bar:
         report = inspect_cache(reader, manifest_keys=manifest_keys, progress=bar.update)
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                 raise CacheError(f"facet {facet!r} is absent for key {args.key!r}")
             query = vec[0, i].astype("float32")
         else:
-            from stage1_embed_text.api import TextEmbedder
+            from stage1_embed_text.api import TextEmbedder  # torch: only for --query
 
             query = TextEmbedder.from_identity(reader.identity).embed([args.query], mode="single")[0]
         out["neighbours"] = [
