@@ -9,12 +9,16 @@ identity is refused). Text vectors are cached under ``--text-cache`` (default
 ``$FLAME_HOME/eval-text-cache``) by identity, text mode and text, and reused by later runs.
 """
 
+# This module only registers the subcommand (``flame --help`` imports it): it imports light modules only; the
+# command itself is :func:`eval.run.main`.
+
 from __future__ import annotations
 
 import argparse
 import logging
 
 from eval.benchmarks import BENCHMARKS
+from eval.text_modes import TEXT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="benchmark name")
     p.add_argument("--data", required=True, help="benchmark files (for emoji: the manifest directory)")
     p.add_argument("--out", required=True, help="output directory for results.json, results.md and PNGs")
-    p.add_argument("--text-mode", choices=("single", "multi"), default=None,
+    p.add_argument("--text-mode", choices=TEXT_MODES, default=None,
                    help="text mode for every task (default: multi for English/long-caption retrieval and "
                         "compositionality, single for classification and multilingual)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
@@ -50,17 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `flame eval`; exit code 0 on success, 2 on refused input."""
-    from eval.report import render_markdown
-    from eval.run import run_benchmark
+    """`flame eval`: :func:`eval.run.main`; exit code 0 on success (the ``flame`` entry point answers refused
+    input with exit code 2)."""
+    # the one deferred import: eval.run pulls in torch, transformers and the stage-1/2 code (seconds), which
+    # `flame --help` and every other subcommand never need
+    from eval.run import main
 
-    doc = run_benchmark(
-            args.model, args.benchmark, args.data, args.out, text_mode=args.text_mode, split=args.split,
-            batch_size=args.batch_size, text_batch_size=args.text_batch_size, text_cache=args.text_cache,
-            device=args.device, strict=args.strict, image_root=args.image_root,
-            languages=args.languages.split(",") if args.languages else None,
-            linear_probe=not args.no_linear_probe, backend=args.ranking, workers=args.workers,
-            plots=not args.no_plots,
-        )
-    print(render_markdown(doc))
-    return 0
+    return main(args)

@@ -22,15 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from eval.text_cache import TextVectorCache
+from eval.text_modes import check_text_mode
 from manifests.images import UndecodableImageError
 from manifests.schema import ManifestError
-from pipeline.cache import IDENTITY_KEYS, CacheIdentityError
+from pipeline.cache import IDENTITY_KEYS, NORM_TOLERANCE, CacheIdentityError
+from stage1_embed_text.api import TextEmbedder
+from stage2_train_vision.text_tower import TEXT_SIDE_KIND, TextTowerConfig, TowerTextEncoder
 
 log = logging.getLogger(__name__)
-
-TEXT_MODES = ("single", "multi")
-_NORM_TOL = 1e-2
-
 
 #: What opening a benchmark image may raise; each is a counted, logged skip (:func:`image_skip_reason`).
 IMAGE_ERRORS = (UndecodableImageError, ManifestError, OSError)
@@ -148,6 +147,8 @@ def check_identity(expected: dict[str, Any], loaded: dict[str, Any]) -> None:
 
     Compares the fields of :data:`pipeline.cache.IDENTITY_KEYS` present in both dicts; ``llm`` (a name or a
     path, which may legitimately differ) is skipped when both carry an ``llm_fingerprint`` of the weights.
+    (:meth:`pipeline.cache.CacheIdentity.check` compares every field and always the ``llm``, so it cannot
+    stand in here.)
 
     Raises:
         CacheIdentityError: naming each differing field with both values.
@@ -214,10 +215,9 @@ class TextEncoder:
 
         Raises:
             ValueError: unknown mode, or the embedder returned vectors of the wrong shape, not finite or not
-                unit norm.
+                unit norm (``|‖v‖ - 1|`` over :data:`pipeline.cache.NORM_TOLERANCE`).
         """
-        if mode not in TEXT_MODES:
-            raise ValueError(f"unknown text mode {mode!r} (single, multi)")
+        check_text_mode(mode)
         uniq = list(dict.fromkeys(texts))
         cache = self._cache(mode)
         cached, missing = cache.get(uniq)
@@ -247,7 +247,8 @@ class TextEncoder:
         dim = self.identity.get("dim")
         if vec.ndim != 2 or vec.shape[0] != n or (dim is not None and vec.shape[1] != dim):
             raise ValueError(f"text embedder returned {vec.shape}, expected [{n}, {dim}]")
-        if not np.isfinite(vec).all() or np.abs(np.linalg.norm(vec, axis=1) - 1).max(initial=0) > _NORM_TOL:
+        if (not np.isfinite(vec).all()
+                or np.abs(np.linalg.norm(vec, axis=1) - 1).max(initial=0) > NORM_TOLERANCE):
             raise ValueError("text embedder returned vectors that are not finite and unit-norm")
 
 
@@ -258,8 +259,6 @@ def load_model_text_encoder(model: torch.nn.Module, config: dict[str, Any], devi
     Raises:
         ValueError: ``config["text_side"]`` names an unknown kind.
     """
-    from stage2_train_vision.text_tower import TEXT_SIDE_KIND, TextTowerConfig, TowerTextEncoder
-
     side = config["text_side"]
     if side.get("kind") != TEXT_SIDE_KIND:
         raise ValueError(f"unknown text_side kind {side.get('kind')!r} (known: {TEXT_SIDE_KIND})")
@@ -269,6 +268,4 @@ def load_model_text_encoder(model: torch.nn.Module, config: dict[str, Any], devi
 
 def load_text_encoder(identity: dict[str, Any], cache_root: str | Path, batch_size: int = 32) -> TextEncoder:
     """Build the stage-1 text embedder named by ``identity`` and wrap it in a cached :class:`TextEncoder`."""
-    from stage1_embed_text.api import TextEmbedder
-
     return TextEncoder(TextEmbedder.from_identity(identity), identity, cache_root, batch_size)

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eval.metrics import ClassificationOutcome, RetrievalOutcome  # noqa: E402
+from pipeline.atomic import atomic_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,12 @@ def plot_classification(outcome: ClassificationOutcome, classnames: Sequence[str
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Write ``fig`` at 110 dpi to ``path`` atomically (format from its suffix), close it, return ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:  # the temporary name has no image suffix: name the format
+            fig.savefig(tmp, dpi=110, format=path.suffix[1:] or None)
+    finally:
+        plt.close(fig)
     log.info("wrote %s", path)
     return path

@@ -34,6 +34,7 @@ import numpy as np
 
 from eval.tasks import TaskResult
 from pipeline import __version__
+from pipeline.atomic import atomic_write_bytes
 
 _RET_COLS = [("text_retrieval_recall@1", "I→T R@1"), ("text_retrieval_recall@5", "I→T R@5"),
              ("text_retrieval_recall@10", "I→T R@10"), ("image_retrieval_recall@1", "T→I R@1"),
@@ -152,10 +153,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
 
 def write_results(doc: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns both paths."""
+    """Write ``results.json`` and ``results.md`` (UTF-8) into ``out_dir`` (created); returns both paths.
+
+    Each file is published atomically (:func:`pipeline.atomic.atomic_write_bytes`): a reader sees the previous
+    run's file or the complete new one.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "results.json", out / "results.md"
-    js.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    md.write_text(render_markdown(doc), encoding="utf-8")
+    atomic_write_bytes(js, json.dumps(doc, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
+    atomic_write_bytes(md, render_markdown(doc).encode("utf-8"))
     return js, md

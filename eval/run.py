@@ -1,11 +1,12 @@
 """Run a benchmark end to end: load the model and its text side, embed, score, write results and plots.
 
-:func:`run_benchmark` is what ``flame eval`` and the demo call. :func:`evaluate_benchmark` does the work on
-already-loaded parts (tests pass small fakes to it).
+:func:`run_benchmark` is what ``flame eval`` (:func:`main`) and the demo call. :func:`evaluate_benchmark` does
+the work on already-loaded parts (tests pass small fakes to it).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections import Counter
 from pathlib import Path
@@ -17,10 +18,12 @@ from eval.benchmarks import Benchmark, BenchmarkError, load_benchmark
 from eval.benchmarks.base import ClassificationTask, LinearProbeTask, RetrievalTask
 from eval.embedding import TextEncoder, embed_images, load_model_text_encoder, load_text_encoder
 from eval.plots import plot_classification, plot_language_bars, plot_retrieval_examples
-from eval.report import build_results, write_results
+from eval.report import build_results, render_markdown, write_results
 from eval.tasks import TaskResult, evaluate_task
 from eval.text_cache import default_root
 from pipeline.errors import FlameError
+from stage2_train_vision.export import load_exported
+from stage2_train_vision.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,6 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any], 
         FileNotFoundError: not an exported model directory.
         ModelConfigError: the config names neither a ``cache_identity`` nor its own ``text_side``.
     """
-    from stage2_train_vision.export import load_exported
-    from stage2_train_vision.transforms import eval_transform
-
     model, config = load_exported(model_dir)
     if not config.get("cache_identity") and not config.get("text_side"):
         raise ModelConfigError(f"{model_dir}/config.json has no cache_identity; export the model with flame train")
@@ -173,3 +173,19 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
     js, md = write_results(doc, out_dir)
     log.info("wrote %s and %s", js, md)
     return doc
+
+
+def main(args: argparse.Namespace) -> int:
+    """`flame eval` with the options parsed by :func:`eval.cli.add_parser`: :func:`run_benchmark`, then print
+    ``results.md`` to stdout. Returns the exit code 0; refused input raises (the ``flame`` entry point turns a
+    :class:`pipeline.errors.FlameError` into exit code 2)."""
+    doc = run_benchmark(
+        args.model, args.benchmark, args.data, args.out, text_mode=args.text_mode, split=args.split,
+        batch_size=args.batch_size, text_batch_size=args.text_batch_size, text_cache=args.text_cache,
+        device=args.device, strict=args.strict, image_root=args.image_root,
+        languages=args.languages.split(",") if args.languages else None,
+        linear_probe=not args.no_linear_probe, backend=args.ranking, workers=args.workers,
+        plots=not args.no_plots,
+    )
+    print(render_markdown(doc))
+    return 0

@@ -30,6 +30,7 @@ from eval.compositionality import (
 )
 from eval.linear_probe import linear_probe
 from eval.metrics import class_prototypes, classification_metrics, duplicate_text_ceiling, retrieval_metrics
+from eval.text_modes import SINGLE
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def evaluate_task(task: Task, image_emb: np.ndarray, features: np.ndarray | None
         text_mode: overrides the task's default mode.
         backend: ranking backend for retrieval (:func:`eval.ranking.topk`).
     """
-    mode = text_mode or getattr(task, "text_mode", None) or "single"
+    mode = text_mode or getattr(task, "text_mode", None) or SINGLE
     if isinstance(task, RetrievalTask):
         txt = text_encoder.encode(task.texts, mode, desc=task.name)
         out = retrieval_metrics(image_emb[task.image_ids], txt, task.pairs, backend=backend)

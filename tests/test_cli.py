@@ -56,8 +56,8 @@ def test_every_user_facing_error_is_one_flame_error():
     from pipeline.assets import AssetError
     from pipeline.cache import CacheError, CacheIdentityError
     from pipeline.errors import FlameError, is_user_error
-    from stage1_embed_text.packing import TokenizerError
-    from stage1_embed_text.vllm_backend import VllmUnavailableError
+    from stage1_embed_text.tokenization import TokenizerError
+    from stage1_embed_text.vllm_settings import VllmUnavailableError
     from stage2_train_vision.config import ConfigError
     from stage2_train_vision.data import DataError
     from stage2_train_vision.import_checkpoint import CheckpointImportError
@@ -80,3 +80,17 @@ def test_a_refusal_inside_a_subcommand_is_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("flame eval: ") and err.count("\n") == 1
     assert main(["inspect", str(tmp_path / "no-cache")]) == 2
     assert capsys.readouterr().err.startswith("flame inspect: ")
+
+
+def test_demo_defaults_point_at_real_files_and_help_does_not_load_torch():
+    import subprocess
+    import sys
+
+    from pipeline.app.demo_cli import DemoConfig
+    from pipeline.asset_list import DEFAULT_LLM
+
+    assert DemoConfig().train_config.is_file() and DemoConfig().llm == DEFAULT_LLM
+    code = ("import sys; from pipeline.app.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'timm', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -175,7 +175,7 @@ def patch_color_eval(monkeypatch):
                         lambda ident, root, bs: TextEncoder(ColorEmbedder(), ident, root, bs))
 
 
-def test_classfolder_skips_undecodable_images_and_scores_the_rest(tmp_path, monkeypatch, caplog):
+def test_classfolder_skips_undecodable_images_and_scores_the_rest(tmp_path, monkeypatch, caplog, capsys):
     from pipeline.app.cli import main
 
     patch_color_eval(monkeypatch)
@@ -206,9 +206,9 @@ def test_classfolder_skips_undecodable_images_and_scores_the_rest(tmp_path, monk
     assert "classfolder: 3 of 6 images skipped (image_too_large 1, undecodable_image 2)" in caplog.text
     for name in ("green/e.png", "red/c.png", "red/d.png"):
         (tmp_path / "cls" / name).unlink()
-    caplog.clear()
+    capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "o2")]) == 2  # nothing left to score: a one-line error
-    assert "flame eval: classfolder: none of the 3 images opens" in caplog.text
+    assert "flame eval: classfolder: none of the 3 images opens" in capsys.readouterr().err  # pipeline.errors
 
 
 def test_retrieval_drops_an_undecodable_image_with_its_pairs(tmp_path, monkeypatch):

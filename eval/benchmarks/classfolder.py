@@ -38,6 +38,8 @@ from eval.benchmarks.base import (
     LinearProbeTask,
     read_list,
 )
+from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
+from eval.text_modes import SINGLE
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def class_folder(data: str | Path, split: str = "test", name: str = "classfolder
     if not images:
         raise BenchmarkError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
     tasks: list = [ClassificationTask("zeroshot_classification", np.arange(len(images)), np.array(labels),
-                                      classnames, templates, text_mode="single")]
+                                      classnames, templates, text_mode=SINGLE)]
     counts = {"images": len(images), "classes": len(class_dirs)}
     if linear_probe and root != data and (data / "train").is_dir():
         train_images, train_labels = _scan(data / "train", class_dirs)
@@ -152,3 +154,13 @@ def class_folder(data: str | Path, split: str = "test", name: str = "classfolder
                                      np.arange(n), np.array(labels), classnames))
         counts["train_images"] = len(train_images)
     return Benchmark(name, split, images, tasks, str(data), counts)
+
+
+def _load_class_folder(request: BenchmarkRequest) -> Benchmark:
+    return class_folder(request.data, request.split, name=request.name, linear_probe=request.linear_probe)
+
+
+# ImageNet's published size is its validation set.
+register_benchmark("imagenet", _load_class_folder, expected={"images": 50000, "classes": IMAGENET_CLASSES},
+                   published_split="val")
+register_benchmark("classfolder", _load_class_folder)

@@ -22,16 +22,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from eval.benchmarks.base import Benchmark, BenchmarkError, ImageRef, SugarCrepeTask, WinogroundTask
+from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
+from eval.text_modes import MULTI
 
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 
 
 def _winoground_parquet(files: list[Path]) -> tuple[list[ImageRef], np.ndarray, list[tuple[str, str]]]:
     """Images (encoded bytes), ``int64 [E, 2]`` pool ids and caption pairs from the Hugging Face parquet files."""
-    import pyarrow.parquet as pq
-
     images: list[ImageRef] = []
     ids, caps = [], []
     for f in files:
@@ -111,8 +112,13 @@ def winoground(data: str | Path, split: str = "test") -> Benchmark:
         raise BenchmarkError(f"{data}: no Winoground data ({split}-*.parquet or examples.jsonl, here or in data/)")
     if not caps:
         raise BenchmarkError(f"{source}: no Winoground examples")
-    task = WinogroundTask("winoground", ids, caps, text_mode="multi")
+    task = WinogroundTask("winoground", ids, caps, text_mode=MULTI)
     return Benchmark("winoground", split, images, [task], str(source), {"examples": len(caps), "images": len(images)})
+
+
+@register_benchmark("winoground", expected={"examples": 400, "images": 800})
+def _load_winoground(request: BenchmarkRequest) -> Benchmark:
+    return winoground(request.data, request.split)
 
 
 def sugarcrepe(data: str | Path, split: str = "test", image_root: str | Path | None = None) -> Benchmark:
@@ -161,7 +167,16 @@ def sugarcrepe(data: str | Path, split: str = "test", image_root: str | Path | N
                 pool[name] = len(images)
                 images.append(ImageRef(path=str(root / name), name=name))
             ids.append(pool[name])
-        tasks.append(SugarCrepeTask(subset, np.array(ids, np.int64), pos, neg, text_mode="multi"))
+        tasks.append(SugarCrepeTask(subset, np.array(ids, np.int64), pos, neg, text_mode=MULTI))
         counts[subset] = len(items)
     counts["images"] = len(images)
     return Benchmark("sugarcrepe", split, images, tasks, str(ann), counts)
+
+
+# Published sizes: Hsieh et al. 2023, table 1, except swap_obj, whose released file has 245 since one wrong
+# case was removed upstream. Only the subset files present are checked.
+@register_benchmark("sugarcrepe", present_only=True, expected={
+    "add_att": 692, "add_obj": 2062, "replace_att": 788, "replace_obj": 1652, "replace_rel": 1406, "swap_att": 666,
+    "swap_obj": 245})
+def _load_sugarcrepe(request: BenchmarkRequest) -> Benchmark:
+    return sugarcrepe(request.data, request.split, request.image_root)

@@ -36,6 +36,8 @@ from eval.benchmarks.base import (
     RetrievalTask,
     pairs_from_captions,
 )
+from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
+from eval.text_modes import MULTI, SINGLE
 from manifests.schema import read_manifest
 
 LANGUAGES = ("de", "fr", "es", "ja", "zh", "ar", "hi")
@@ -84,7 +86,7 @@ def emoji(data: str | Path, split: str = "test", linear_probe: bool = False,
     images = [_ref(r, base) for r in rows]
     ids = np.arange(len(rows))
     tasks: list = []
-    for field, mode in (("raw_caption", "single"), ("long_caption", "multi")):
+    for field, mode in (("raw_caption", SINGLE), ("long_caption", MULTI)):
         texts, pairs = pairs_from_captions([[r.get(field)] for r in rows], dedupe=True)
         if len(pairs):
             tasks.append(RetrievalTask(f"retrieval_en_{field.split('_')[0]}", ids, texts, pairs, text_mode=mode))
@@ -97,7 +99,7 @@ def emoji(data: str | Path, split: str = "test", linear_probe: bool = False,
         have = [i for i, r in enumerate(rows) if (r.get("labels") or {}).get(field) in index]
         labels = np.array([index[rows[i]["labels"][field]] for i in have], np.int64)
         tasks.append(ClassificationTask(f"classification_{field}", np.array(have, np.int64), labels,
-                                        [classname(field, v) for v in values], TEMPLATES, text_mode="single"))
+                                        [classname(field, v) for v in values], TEMPLATES, text_mode=SINGLE))
         if linear_probe and field == "category":
             train = [r for r in _rows(base, "train", _COLUMNS[:3] + ["labels"])
                      if (r.get("labels") or {}).get(field) in index]
@@ -111,9 +113,15 @@ def emoji(data: str | Path, split: str = "test", linear_probe: bool = False,
     for lang in langs:
         texts, pairs = pairs_from_captions([[(r.get("names") or {}).get(lang)] for r in rows], dedupe=True)
         if len(pairs):
-            tasks.append(RetrievalTask(f"multilingual_{lang}", ids, texts, pairs, text_mode="single",
+            tasks.append(RetrievalTask(f"multilingual_{lang}", ids, texts, pairs, text_mode=SINGLE,
                                        kind="multilingual", lang=lang))
     counts = {"images": len(rows)}
     if linear_probe:
         counts["train_images"] = len(images) - len(rows)
     return Benchmark("emoji", split, images, tasks, str(base), counts)
+
+
+@register_benchmark("emoji")
+def _load_emoji(request: BenchmarkRequest) -> Benchmark:
+    """``emoji`` (no published sizes: the embedded default is this project's own set)."""
+    return emoji(request.data, request.split, linear_probe=request.linear_probe, languages=request.languages)

@@ -48,6 +48,8 @@ from eval.benchmarks.base import (
     read_list,
     resolve_file,
 )
+from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
+from eval.text_modes import MULTI, SINGLE
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 
@@ -55,8 +57,8 @@ IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 def _retrieval(name: str, split: str, images: list[ImageRef], captions: list[list[str]], source: Path,
                kind: str = "retrieval", dedupe: bool = False) -> Benchmark:
     texts, pairs = pairs_from_captions(captions, dedupe=dedupe)
-    mode = "multi"  # SPEC §6: English and long-caption retrieval use the multi-facet text mode by default
-    task = RetrievalTask(f"{kind}_en", np.arange(len(images)), texts, pairs, text_mode=mode, kind=kind)
+    # SPEC §6: English and long-caption retrieval use the multi-facet text mode by default
+    task = RetrievalTask(f"{kind}_en", np.arange(len(images)), texts, pairs, text_mode=MULTI, kind=kind)
     return Benchmark(name, split, images, [task], str(source), {"images": len(images), "texts": len(texts)})
 
 
@@ -155,7 +157,7 @@ def clip_benchmark_wds(data: str | Path, split: str = "test", name: str = "wds",
     if labels.min() < 0 or labels.max() >= len(classnames):
         raise BenchmarkError(f"{data}/{split}: class index {labels.max()} outside the {len(classnames)} class names")
     tasks: list = [ClassificationTask("zeroshot_classification", np.arange(len(rows)), labels, classnames, templates,
-                                      text_mode="single")]
+                                      text_mode=SINGLE)]
     counts = {"images": len(rows), "classes": len(classnames)}
     if linear_probe and split != "train" and (data / "train").is_dir():
         train = _wds_samples(data, "train")
@@ -171,6 +173,25 @@ def clip_benchmark_wds(data: str | Path, split: str = "test", name: str = "wds",
                                      classnames))
         counts["train_images"] = len(train)
     return Benchmark(name, split, images, tasks, str(data), counts)
+
+
+def _load_karpathy(request: BenchmarkRequest) -> Benchmark:
+    """COCO / Flickr30k: CLIP_benchmark's webdataset layout when ``data/<split>/`` holds tar shards, else a
+    Karpathy JSON (:func:`karpathy`)."""
+    data, split = request.data, request.split
+    if data.is_dir() and (data / split).is_dir() and any((data / split).glob("*.tar")):
+        return clip_benchmark_wds(data, split, name=request.name)
+    return karpathy(request.name, data, split, request.image_root)
+
+
+# Published sizes of the Karpathy test split.
+register_benchmark("coco", _load_karpathy, expected={"images": 5000, "texts": 25010})
+register_benchmark("flickr30k", _load_karpathy, expected={"images": 1000, "texts": 5000})
+
+
+@register_benchmark("wds")
+def _load_wds(request: BenchmarkRequest) -> Benchmark:
+    return clip_benchmark_wds(request.data, request.split, linear_probe=request.linear_probe)
 
 
 def urban1k(data: str | Path, split: str = "test") -> Benchmark:
@@ -196,6 +217,11 @@ def urban1k(data: str | Path, split: str = "test") -> Benchmark:
     return _retrieval("urban1k", split, images, captions, data, kind="long_caption")
 
 
+@register_benchmark("urban1k", expected={"images": 1000, "texts": 1000})
+def _load_urban1k(request: BenchmarkRequest) -> Benchmark:
+    return urban1k(request.data, request.split)
+
+
 def sharegpt4v(data: str | Path, split: str = "test", image_root: str | Path | None = None, n: int = 1000) -> Benchmark:
     """ShareGPT4V-1k: the first ``n`` entries of the share-captioner JSON."""
     path = resolve_file(data, "share-captioner_coco_lcs_sam_1246k_1107.json")
@@ -209,6 +235,11 @@ def sharegpt4v(data: str | Path, split: str = "test", image_root: str | Path | N
         images.append(ImageRef(path=e["image"], base_dir=str(root), name=e["image"]))
         captions.append([gpt[0].replace("\n", " ").strip()])
     return _retrieval("sharegpt4v-1k", split, images, captions, path, kind="long_caption")
+
+
+@register_benchmark("sharegpt4v-1k", expected={"images": 1000, "texts": 1000})
+def _load_sharegpt4v(request: BenchmarkRequest) -> Benchmark:
+    return sharegpt4v(request.data, request.split, request.image_root)
 
 
 #: What FLAME's DCI evaluation splits a caption at before re-joining the pieces with ". ".
@@ -262,6 +293,12 @@ def dci(data: str | Path, split: str = "test") -> Benchmark:
     return _retrieval("dci", split, images, captions, root, kind="long_caption")
 
 
+# Published size: every split together (FLAME's protocol), which the adapter reports as split ``all``.
+@register_benchmark("dci", expected={"images": 7805, "texts": 7805}, published_split="all")
+def _load_dci(request: BenchmarkRequest) -> Benchmark:
+    return dci(request.data, request.split)
+
+
 def docci(data: str | Path, split: str = "test") -> Benchmark:
     """DOCCI: descriptions of the given split from ``docci_descriptions.jsonlines``, newlines as spaces.
 
@@ -277,3 +314,8 @@ def docci(data: str | Path, split: str = "test") -> Benchmark:
     images = [ImageRef(path=str(img_dir / r["image_file"]), name=r["image_file"]) for r in rows]
     captions = [[r["description"].replace("\n", " ").strip()] for r in rows]
     return _retrieval("docci", split, images, captions, path, kind="long_caption")
+
+
+@register_benchmark("docci", expected={"images": 5000, "texts": 5000})
+def _load_docci(request: BenchmarkRequest) -> Benchmark:
+    return docci(request.data, request.split)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from eval.benchmarks.base import Benchmark, BenchmarkError, ImageRef, RetrievalTask, pairs_from_captions
+from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
+from eval.text_modes import SINGLE
 
 #: Images in the published set; on it every language must have one text per image.
 XM3600_IMAGES = 3600
@@ -112,7 +114,14 @@ def xm3600(data: str | Path, split: str = "test", languages: list[str] | None = 
             raise BenchmarkError(f"{data}: language {lang} has {len(texts)} first captions for {len(keys)} images; "
                                  f"the protocol needs one per image ({XM3600_IMAGES})")
         tasks.append(RetrievalTask(f"multilingual_{lang}", np.arange(len(keys)), texts, pairs,
-                                   text_mode="single", kind="multilingual", lang=lang))
+                                   text_mode=SINGLE, kind="multilingual", lang=lang))
     counts = {"images": len(images), "languages": len(tasks),
               "texts_per_language": min(len(t.texts) for t in tasks)}
     return Benchmark("xm3600", split, images, tasks, str(data), counts)
+
+
+# Published sizes: one (the first) caption per image and language.
+@register_benchmark("xm3600",
+                    expected={"images": XM3600_IMAGES, "languages": 36, "texts_per_language": XM3600_IMAGES})
+def _load_xm3600(request: BenchmarkRequest) -> Benchmark:
+    return xm3600(request.data, request.split, request.languages)

@@ -23,7 +23,7 @@ _SUBCOMMANDS = (
     "eval.cli",
     "pipeline.app.inspect_cli",
     "pipeline.app.import_cli",
-    "pipeline.app.demo",
+    "pipeline.app.demo_cli",
 )
 
 

@@ -17,49 +17,33 @@ holds the evaluation, the plots and the report.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from eval.run import run_benchmark
+from manifests.emoji import build_emoji_manifest
+from manifests.schema import ManifestWriter, iter_rows, read_manifest_info
 from pipeline import __version__
 from pipeline.app.artifacts import StageResult, run_stage
+from pipeline.app.demo_cli import DemoConfig
+from pipeline.app.demo_report import key_numbers, write_report_md
+from pipeline.app.inspect import inspect_cache, plot_facet_cosine
+from pipeline.assets import EMBEDDED_LLMS, fetch_all
+from pipeline.cache import CacheReader
+from pipeline.machine import cpu_summary
 from pipeline.paths import flame_home
+from stage1_embed_text.job import EmbedConfig, run_embed
+from stage2_train_vision.config import load_config
+from stage2_train_vision.train import train
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-@dataclass
-class DemoConfig:
-    """What `flame demo` runs.
-
-    Attributes:
-        runs: root of run outputs; artifacts are reused from ``runs/demo-artifacts``.
-        out: this run's directory (default ``runs/demo-<timestamp>``).
-        full: all 7,572 images and every concept instead of the subset.
-        train_bases / test_bases: base emoji kept from the train / test split in the subset.
-        seed: split and subset seed.
-        llm: stage-1 LLM (embedded name or path).
-        train_config: stage-2 TOML; ``train_overrides`` are applied on top (``section.key=value``).
-    """
-
-    runs: Path = Path("runs")
-    out: Path | None = None
-    full: bool = False
-    train_bases: int = 300
-    test_bases: int = 150
-    seed: int = 0
-    llm: str = "gemma3-270m"
-    train_config: Path = CONFIG_DIR / "demo-cpu.toml"
-    train_overrides: tuple[str, ...] = ()
 
 
 def _file_digest(path: Path) -> str:
@@ -75,8 +59,6 @@ def build_subset(manifest_dir: Path, out_dir: Path, train_bases: int, test_bases
     Returns:
         ``{"counts": {split: rows}, "bases": {split: concepts}}``.
     """
-    from manifests.schema import ManifestWriter, iter_rows, read_manifest_info
-
     keep = {"train": train_bases, "val": 0, "test": test_bases}
     rows = [r for r in iter_rows(manifest_dir) if r["labels"]["base"] == r["key"].split("/", 1)[1]]
     by_split: dict[str, set[str]] = {}
@@ -98,12 +80,6 @@ def build_subset(manifest_dir: Path, out_dir: Path, train_bases: int, test_bases
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns the report dict (also written as ``report.json``/``report.md``)."""
-    from eval.run import run_benchmark
-    from manifests.emoji import build_emoji_manifest
-    from pipeline.assets import fetch_all
-    from stage1_embed_text.job import EmbedConfig, run_embed
-    from stage2_train_vision.config import load_config
-    from stage2_train_vision.train import train
 
     run_dir = Path(cfg.out or cfg.runs / f"demo-{datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     print("== assets ==", flush=True)
-    fetch_all(llms=(cfg.llm,)) if cfg.llm in ("gemma3-270m", "smollm2-135m") else fetch_all(llms=())
+    fetch_all(llms=(cfg.llm,) if cfg.llm in EMBEDDED_LLMS else ())
     stages.append(StageResult("assets", flame_home(), False, time.perf_counter() - t0, {}))
     print(f"== assets: {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -147,9 +123,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     eval_s = time.perf_counter() - t_eval
     print(f"== eval: {eval_s:.1f} s", flush=True)
 
-    from pipeline.app.inspect import inspect_cache, plot_facet_cosine
-    from pipeline.cache import CacheReader
-
     reader = CacheReader(cache_dir)
     cache_report = inspect_cache(reader)
     plot_facet_cosine(cache_report, reader.facets, run_dir / "facet_cosine.png")
@@ -160,6 +133,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "stages": {s.name: {"path": str(s.path), "reused": s.reused, "seconds": round(s.seconds, 1)} for s in stages}
         | {"eval": {"path": str(run_dir / "eval"), "reused": False, "seconds": round(eval_s, 1)}},
         "total_seconds": round(time.perf_counter() - t0, 1),
+        "cpu": cpu_summary(),
         "data": data.info,
         "cache": cache.info,
         "train": trained.info,
@@ -167,30 +141,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "results": results,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str, ensure_ascii=False))
-    from pipeline.app.demo_report import key_numbers, write_report_md
-
     write_report_md(report, run_dir / "report.md")
     print("\n" + key_numbers(report))
     print(f"\nreport: {run_dir / 'report.md'}")
     return report
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `flame demo`."""
-    p = sub.add_parser("demo", help="Run the whole pipeline on the embedded emoji default",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--full", action="store_true", help="all 7,572 images instead of the ~10-minute subset")
-    p.add_argument("--out", type=Path, help="run directory (default runs/demo-<timestamp>)")
-    p.add_argument("--runs", type=Path, default=Path("runs"), help="root of runs and reusable artifacts")
-    p.add_argument("--train-bases", type=int, default=DemoConfig.train_bases, help="train concepts in the subset")
-    p.add_argument("--test-bases", type=int, default=DemoConfig.test_bases, help="test concepts in the subset")
-    p.add_argument("--llm", default=DemoConfig.llm, help="stage-1 LLM (embedded name, folder or hub id)")
-    p.add_argument("overrides", nargs="*", help="stage-2 config overrides, e.g. train.epochs=5")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    run_demo(DemoConfig(runs=args.runs, out=args.out, full=args.full, train_bases=args.train_bases,
-                        test_bases=args.test_bases, llm=args.llm, train_overrides=tuple(args.overrides)))
-    return 0

@@ -50,7 +50,7 @@ def key_numbers(report: dict[str, Any]) -> str:
     timing = ", ".join(
         f"{name} {_took(s)}" for name, s in report["stages"].items()
     )
-    lines.append(f"\nstages: {timing}; total {report['total_seconds']:.0f} s")
+    lines.append(f"\nstages: {timing}; total {report['total_seconds']:.0f} s on {report.get('cpu', 'an unrecorded CPU')}")
     return "\n".join(lines)
 
 
@@ -72,7 +72,7 @@ def write_report_md(report: dict[str, Any], path: Path) -> Path:
     for name, s in report["stages"].items():
         lines.append(f"| {name} | {_took(s)} | `{s['path']}` |")
     lines += [
-        f"| **total** | {report['total_seconds']:.1f} s | |",
+        f"| **total** | {report['total_seconds']:.1f} s | CPU: {report.get('cpu', 'not recorded')} |",
         "",
         f"Data: {data.get('counts')}. Cache: {cache.get('rows')} rows for {cache.get('keys')} keys, "
         f"{cache.get('tokens_per_s', 0):.0f} tokens/s. Training: {train.get('steps')} steps, loss "

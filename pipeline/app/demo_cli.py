@@ -1,0 +1,64 @@
+"""`flame demo`: its options (:class:`DemoConfig`) and the subcommand; the run itself is :mod:`pipeline.app.demo`.
+
+Kept apart from the runner so that `flame --help` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.asset_list import DEFAULT_LLM
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+
+
+@dataclass
+class DemoConfig:
+    """What `flame demo` runs.
+
+    Attributes:
+        runs: root of run outputs; artifacts are reused from ``runs/demo-artifacts``.
+        out: this run's directory (default ``runs/demo-<timestamp>``).
+        full: all 7,572 images and every concept instead of the subset.
+        train_bases / test_bases: base emoji kept from the train / test split in the subset.
+        seed: split and subset seed.
+        llm: stage-1 LLM (embedded name or path).
+        train_config: stage-2 TOML; ``train_overrides`` are applied on top (``section.key=value``).
+    """
+
+    runs: Path = Path("runs")
+    out: Path | None = None
+    full: bool = False
+    train_bases: int = 300
+    test_bases: int = 150
+    seed: int = 0
+    llm: str = DEFAULT_LLM
+    train_config: Path = CONFIG_DIR / "demo-cpu.toml"
+    train_overrides: tuple[str, ...] = ()
+
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `flame demo`."""
+    p = sub.add_parser("demo", help="Run the whole pipeline on the embedded emoji default",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="all 7,572 images instead of the ~10-minute subset")
+    p.add_argument("--out", type=Path, help="run directory (default runs/demo-<timestamp>)")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="root of runs and reusable artifacts")
+    p.add_argument("--train-bases", type=int, default=DemoConfig.train_bases, help="train concepts in the subset")
+    p.add_argument("--test-bases", type=int, default=DemoConfig.test_bases, help="test concepts in the subset")
+    p.add_argument("--llm", default=DemoConfig.llm, help="stage-1 LLM (embedded name, folder or hub id)")
+    p.add_argument("overrides", nargs="*", help="stage-2 config overrides, e.g. train.epochs=5")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `flame demo` with the parsed options; exit code 0."""
+    from pipeline.app.demo import run_demo  # torch: only when the demo runs
+
+    run_demo(DemoConfig(runs=args.runs, out=args.out, full=args.full, train_bases=args.train_bases,
+                        test_bases=args.test_bases, llm=args.llm, train_overrides=tuple(args.overrides)))
+    return 0
