@@ -25,7 +25,8 @@ from eval.text_cache import TextVectorCache
 from eval.text_modes import check_text_mode
 from manifests.images import UndecodableImageError
 from manifests.schema import ManifestError
-from pipeline.cache import IDENTITY_KEYS, NORM_TOLERANCE, CacheIdentityError
+from pipeline.cache import NORM_TOLERANCE, CacheIdentityError
+from pipeline.cache_meta import identity_differences
 from stage1_embed_text.api import TextEmbedder
 from stage2_train_vision.text_tower import TEXT_SIDE_KIND, TextTowerConfig, TowerTextEncoder
 
@@ -146,20 +147,14 @@ def check_identity(expected: dict[str, Any], loaded: dict[str, Any]) -> None:
     """Refuse a text side whose identity differs from the one the model was trained against.
 
     Compares the fields of :data:`pipeline.cache.IDENTITY_KEYS` present in both dicts; ``llm`` (a name or a
-    path, which may legitimately differ) is skipped when both carry an ``llm_fingerprint`` of the weights.
-    (:meth:`pipeline.cache.CacheIdentity.check` compares every field and always the ``llm``, so it cannot
-    stand in here.)
+    path, which may legitimately differ) is skipped when both carry an ``llm_fingerprint`` of the weights
+    (:func:`pipeline.cache_meta.identity_differences`).
 
     Raises:
         CacheIdentityError: naming each differing field with both values.
     """
-    def norm(v: Any) -> Any:
-        return list(v) if isinstance(v, tuple) else v
-
-    keys = [k for k in IDENTITY_KEYS
-            if not (k == "llm" and expected.get("llm_fingerprint") and loaded.get("llm_fingerprint"))]
-    diffs = [f"{k}: model was trained against {expected[k]!r}, text embedder has {loaded[k]!r}"
-             for k in keys if k in expected and k in loaded and norm(expected[k]) != norm(loaded[k])]
+    diffs = [f"{k}: model was trained against {want!r}, text embedder has {got!r}"
+             for k, want, got in identity_differences(expected, loaded, llm_by_fingerprint=True)]
     if diffs:
         raise CacheIdentityError("text side does not match the model's cache identity: " + "; ".join(diffs))
 

@@ -39,6 +39,7 @@ other check (so "first" really is the first occurrence, even when that copy is t
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,6 +52,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from manifests.images import ImageTooLargeError, UndecodableImageError, decode_image
+from manifests.registry import register_options
 from manifests.schema import CAPTION_COLUMNS, SCHEMA, ManifestError, ManifestInfo, ManifestWriter
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,28 @@ def check_columns(available: Sequence[str], wanted: Mapping[str, str | None], wh
     missing = [f"{col!r} ({flag})" for flag, col in wanted.items() if col is not None and col not in available]
     if missing:
         raise ManifestError(f"{where}: no column {', '.join(missing)}; its columns are {list(available)}")
+
+
+@register_options("parquet / csv", rank=30)
+def add_column_options(group: argparse._ArgumentGroup) -> None:
+    """The column flags of the table sources (parquet, csv): ``--image-column`` ... ``--key-column``."""
+    group.add_argument("--image-column", help="image column (default: image for parquet, filepath for csv)")
+    group.add_argument("--raw-column", help="raw caption column (default: text for parquet, title for csv)")
+    group.add_argument("--short-column", help="short caption column")
+    group.add_argument("--long-column", help="long caption column")
+    group.add_argument("--key-column", help="key column (default: see the source's docs)")
+
+
+def column_options(args: argparse.Namespace, image: str, raw: str) -> dict[str, str | None]:
+    """The builder arguments of :func:`add_column_options`'s flags; ``image``/``raw`` are the source's defaults
+    for ``--image-column``/``--raw-column``."""
+    return {
+        "image_column": args.image_column or image,
+        "raw_column": args.raw_column or raw,
+        "short_column": args.short_column,
+        "long_column": args.long_column,
+        "key_column": args.key_column,
+    }
 
 
 def decode_text(data: bytes) -> tuple[str, bool]:

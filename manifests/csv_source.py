@@ -17,6 +17,7 @@ Outcomes (besides those in :mod:`manifests.common`): missing file or empty path 
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import csv
 import logging
@@ -25,7 +26,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from manifests.common import CAPTION_FLAGS, ManifestBuilder, check_columns, file_image_problem, reference_path
+from manifests.common import (
+    CAPTION_FLAGS,
+    ManifestBuilder,
+    check_columns,
+    column_options,
+    file_image_problem,
+    reference_path,
+)
+from manifests.registry import common_options, register_options, register_source
 from manifests.schema import ManifestError, ManifestInfo
 
 log = logging.getLogger(__name__)
@@ -150,3 +159,14 @@ def _read_csv(
             else:
                 skip = "no_image"
             builder.add(row, where, skip=skip)
+
+
+@register_options("parquet / csv", rank=40)  # after the column flags (manifests.common.add_column_options)
+def _add_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--sep", help="csv field separator (default: tab for .tsv, else sniffed)")
+
+
+@register_source("csv", rank=40, inputs="CSV/TSV files (open_clip ``filepath``/``title``)")
+def _build_from_args(args: argparse.Namespace) -> ManifestInfo:
+    columns = column_options(args, "filepath", "title")
+    return build_csv_manifest(args.inputs, args.out, sep=args.sep, **columns, **common_options(args))

@@ -29,6 +29,7 @@ missing), name fallbacks, and emoji a vendor has no image for.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -38,12 +39,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from manifests.cldr import CldrEntry, CldrNames
 from manifests.emoji_captions import emoji_captions
+from manifests.images import composite_on_white
+from manifests.registry import no_inputs, register_options, register_source
 from manifests.schema import ManifestInfo, ManifestWriter
 from pipeline.assets import NPM_PACKAGES, npm_package_dir
 
@@ -147,8 +149,12 @@ def split_of(base: str, seed: int, splits: tuple[float, float, float]) -> str:
     return "val" if u < splits[0] + splits[1] else "test"
 
 
-def composite_on_white(png: bytes) -> bytes:
+def png_on_white(png: bytes) -> bytes:
     """Decode an image, composite it over white and re-encode it as an RGB PNG.
+
+    Unlike :func:`manifests.images.decode_image` (which also composites with
+    :func:`manifests.images.composite_on_white`), no EXIF orientation or bit-depth rule is applied: the vendor
+    PNGs are stored as the emoji data sets ship them.
 
     Args:
         png: encoded image bytes (any mode Pillow reads: RGBA, P with transparency, RGB, ...).
@@ -159,11 +165,8 @@ def composite_on_white(png: bytes) -> bytes:
     Raises:
         PIL.UnidentifiedImageError: undecodable bytes.
     """
-    rgba = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"), dtype=np.uint32)
-    alpha = rgba[..., 3:4]
-    rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
     out = io.BytesIO()
-    Image.fromarray(rgb.astype(np.uint8), "RGB").save(out, format="PNG")
+    composite_on_white(Image.open(io.BytesIO(png))).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -180,7 +183,7 @@ def _check_args(vendors: tuple[str, ...], splits: tuple[float, float, float], li
 
 
 def _read(path: Path) -> bytes | None:
-    return composite_on_white(path.read_bytes()) if path.is_file() else None
+    return png_on_white(path.read_bytes()) if path.is_file() else None
 
 
 def _row(entry: EmojiEntry, vendor: str, image: bytes, cldr: CldrNames, split: str) -> dict:
@@ -203,6 +206,34 @@ def _row(entry: EmojiEntry, vendor: str, image: bytes, cldr: CldrNames, split: s
             "vendor": vendor,
         },
         "names": {loc: e.name for loc, e in found.items() if e is not None},
+    }
+
+
+def _jobs(entries: list[EmojiEntry], vendors: tuple[str, ...], coverage: Counter
+          ) -> list[tuple[EmojiEntry, str]]:
+    """The ``(entry, vendor)`` pairs ``emoji.json`` marks an image for, in row order.
+
+    Counts the others under ``no_image_<vendor>`` in ``coverage``.
+    """
+    jobs = []
+    for entry in entries:
+        for vendor in vendors:
+            if vendor in entry.vendors:
+                jobs.append((entry, vendor))
+            else:
+                coverage[f"no_image_{vendor}"] += 1
+    return jobs
+
+
+def _source(vendors: tuple[str, ...], seed: int, splits: tuple[float, float, float], limit: int | None
+            ) -> dict:
+    """The ``source`` of ``manifest.json``: the arguments and the npm package versions read."""
+    packages = ["emoji-datasource", "cldr-annotations-full", "cldr-annotations-derived-full"]
+    packages += [VENDOR_PACKAGES[v] for v in vendors]
+    return {
+        "name": "emoji",
+        "args": {"vendors": list(vendors), "seed": seed, "splits": list(splits), "limit": limit},
+        "packages": {p: NPM_PACKAGES[p].version for p in packages},
     }
 
 
@@ -245,23 +276,8 @@ def build_emoji_manifest(
     image_dirs = {v: npm_package_dir(VENDOR_PACKAGES[v]) / "img" / v / "64" for v in vendors}
     coverage: Counter = Counter({"name_fallback_emoji_json": 0})
     coverage.update({f"no_image_{v}": 0 for v in vendors} | {f"missing_image_file_{v}": 0 for v in vendors})
-    jobs = []
-    for entry in entries:
-        for vendor in vendors:
-            if vendor in entry.vendors:
-                jobs.append((entry, vendor))
-            else:
-                coverage[f"no_image_{vendor}"] += 1
-    jobs = jobs[:limit]
-
-    packages = ["emoji-datasource", "cldr-annotations-full", "cldr-annotations-derived-full"]
-    packages += [VENDOR_PACKAGES[v] for v in vendors]
-    source = {
-        "name": "emoji",
-        "args": {"vendors": list(vendors), "seed": seed, "splits": list(splits), "limit": limit},
-        "packages": {p: NPM_PACKAGES[p].version for p in packages},
-    }
-    writer = ManifestWriter(out_dir, source)
+    jobs = _jobs(entries, vendors, coverage)[:limit]
+    writer = ManifestWriter(out_dir, _source(vendors, seed, splits, limit))
     per_vendor: Counter = Counter()
     names_present: Counter = Counter()
     bases: dict[str, set[str]] = {s: set() for s in SPLITS}
@@ -289,3 +305,16 @@ def build_emoji_manifest(
     info = writer.close()
     logger.info("emoji manifest: %d rows %s in %s", rows, info.counts, out_dir)
     return info
+
+
+@register_options("emoji", rank=90)  # listed last: the built-in data set, after the formats' flags
+def _add_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--vendors", default="google,twitter", help="comma-separated emoji vendors")
+    group.add_argument("--seed", type=int, default=0, help="split hash seed")
+
+
+@register_source("emoji", rank=10, inputs="none (the embedded emoji data set, SPEC §9)",
+                 check_inputs=no_inputs)
+def _build_from_args(args: argparse.Namespace) -> ManifestInfo:
+    vendors = tuple(v.strip() for v in args.vendors.split(",") if v.strip())
+    return build_emoji_manifest(args.out, vendors=vendors, seed=args.seed, limit=args.limit)

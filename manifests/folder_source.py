@@ -23,6 +23,7 @@ line names are counted as ``unlisted_images`` (not counted when ``--limit`` stop
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -37,6 +38,7 @@ from manifests.common import (
     file_image_problem,
     reference_path,
 )
+from manifests.registry import common_options, register_options, register_source
 from manifests.schema import ManifestError, ManifestInfo
 
 log = logging.getLogger(__name__)
@@ -133,3 +135,20 @@ def _count_unlisted(folder: Path, listed: set[Path]) -> int:
         for path in folder.rglob("*")
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.resolve() not in listed
     )
+
+
+def _one_folder(name: str, inputs: list[str]) -> None:
+    if len(inputs) != 1:
+        raise ManifestError(f"source {name!r} takes exactly one folder, got {len(inputs)} inputs")
+
+
+@register_options("folder", rank=50)
+def _add_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--captions-file", default=CAPTIONS_FILE, help="captions JSONL inside the folder")
+
+
+@register_source("folder", rank=50, inputs="one image folder with ``captions.jsonl``",
+                 check_inputs=_one_folder)
+def _build_from_args(args: argparse.Namespace) -> ManifestInfo:
+    return build_folder_manifest(args.inputs[0], args.out, captions_file=args.captions_file,
+                                 **common_options(args))

@@ -34,7 +34,8 @@ What decoding normalises (every image ends as 8-bit RGB, upright):
 
   16-bit RGB, RGBA and gray+alpha PNGs arrive from Pillow already reduced to 8 bits (it keeps each
   sample's high byte, ``v // 256``, at most 1 below ``round(v / 257)``) and need nothing more.
-* **Transparency** (an alpha channel, palette transparency) is composited on white.
+* **Transparency** (an alpha channel, palette transparency) is composited on white
+  (:func:`composite_on_white`).
 * **Decompression bombs**: an image over Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS`` x 2, about
   179 megapixels by default) is refused before its pixels are read, with :class:`ImageTooLargeError`.
 """
@@ -133,8 +134,23 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     has_alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
-    if not has_alpha:
-        return image.convert("RGB")
+    return composite_on_white(image) if has_alpha else image.convert("RGB")
+
+
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """The project's one alpha compositing: ``image`` over a white background, as an RGB image.
+
+    Args:
+        image: any mode Pillow converts to ``RGBA`` (RGBA, LA, P with transparency; a mode without alpha
+            counts as opaque).
+
+    Returns:
+        a new mode ``"RGB"`` image (uint8), same size; per channel ``round((c*a + 255*(255-a)) / 255)``
+        exactly (Pillow's masked paste rounds this way for every ``c`` and ``a`` in 0..255).
+
+    Raises:
+        ValueError: a mode Pillow cannot convert to RGBA.
+    """
     rgba = image.convert("RGBA")
     background = Image.new("RGB", rgba.size, WHITE)
     background.paste(rgba, mask=rgba.getchannel("A"))

@@ -23,6 +23,7 @@ non-string caption raises :class:`~manifests.schema.ManifestError`.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,12 @@ from manifests.common import (
     ManifestBuilder,
     caption_value,
     check_columns,
+    column_options,
     file_image_problem,
     image_problem,
     reference_path,
 )
+from manifests.registry import common_options, register_source
 from manifests.schema import ManifestInfo
 
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json")
@@ -194,3 +197,10 @@ def _read_table(
             else:
                 skip = "no_image"
             builder.add(row, where, skip=skip)
+
+
+@register_source("parquet", rank=30,
+                 inputs="Parquet files, folders of them, or ``datasets`` ``save_to_disk`` folders")
+def _build_from_args(args: argparse.Namespace) -> ManifestInfo:
+    return build_parquet_manifest(args.inputs, args.out, **column_options(args, "image", "text"),
+                                  **common_options(args))

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_write_bytes
+from pipeline.atomic import atomic_file, atomic_write_bytes
 from pipeline.errors import FlameError
 from pipeline.key_lookup import key_hashes
 
@@ -144,10 +143,6 @@ class ManifestWriter:
         if len(self._buffer) >= self.rows_per_part:
             self._flush()
 
-    def add_all(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            self.add(row)
-
     def count(self, reason: str, n: int = 1) -> None:
         """Count one outcome of bad or unmatched input under ``coverage[reason]``."""
         self.info.coverage[reason] = int(self.info.coverage.get(reason, 0)) + n
@@ -158,18 +153,16 @@ class ManifestWriter:
         cols = {name: [_cell(r.get(name), name) for r in self._buffer] for name in SCHEMA.names}
         table = pa.table(cols, schema=SCHEMA)
         name = f"{DATA_DIR}/part-{len(self.info.parts):05d}.parquet"
-        tmp = self.out_dir / DATA_DIR / ".part.tmp"
         try:
-            pq.write_table(table, tmp, compression="zstd")
+            with atomic_file(self.out_dir / name, fsync=False) as tmp:  # only manifest.json is fsynced
+                pq.write_table(table, tmp, compression="zstd")
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:
                 raise ManifestError(
-                    f"no space left on the device writing {self.out_dir / name}: the manifest is unfinished (no "
-                    f"{MANIFEST_JSON}); free space and run the same command again"
+                    f"no space left on the device writing {self.out_dir / name}: the manifest is unfinished "
+                    f"(no {MANIFEST_JSON}); free space and run the same command again"
                 ) from exc
             raise
-        os.replace(tmp, self.out_dir / name)
         self.info.parts.append(name)
         self._hashes.append(key_hashes(table.column("key")))
         self._buffer = []
@@ -182,7 +175,6 @@ class ManifestWriter:
         self.info.counts["total"] = self.n_rows
         atomic_write_bytes(self.out_dir / MANIFEST_JSON, self.info.to_json().encode("utf-8"))
         return self.info
-
 
     def _check_unique_keys(self) -> None:
         hashes = np.concatenate(self._hashes) if self._hashes else np.zeros(0, np.uint64)

@@ -100,12 +100,8 @@ class CacheIdentity:
         The message names each differing field with both values, e.g.
         ``layer: cache has 17, expected 12``.
         """
-        mine = self.to_dict()
-        diffs = [
-            f"{k}: {what} has {mine.get(k)!r}, expected {v!r}"
-            for k, v in expected.items()
-            if k in mine and _norm(mine[k]) != _norm(v)
-        ]
+        diffs = [f"{k}: {what} has {mine!r}, expected {theirs!r}"
+                 for k, theirs, mine in identity_differences(expected, self.to_dict(), keys=list(expected))]
         if diffs:
             raise CacheIdentityError(f"{what} identity mismatch: " + "; ".join(diffs))
 
@@ -117,6 +113,29 @@ class CacheIdentity:
 
 def _norm(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
+
+
+def identity_differences(
+    expected: dict[str, Any], actual: dict[str, Any], keys: list[str] | None = None, *,
+    llm_by_fingerprint: bool = False,
+) -> list[tuple[str, Any, Any]]:
+    """The identity fields whose values differ: ``[(field, expected value, actual value)]``, in ``keys`` order.
+
+    The one comparison of identities (stage-1 writers, stage-2 resume, eval's text side). A field counts only when
+    both dicts carry it (an older identity without a newer field is not refused for it); tuples and lists compare
+    equal.
+
+    Args:
+        expected / actual: identity dicts (:meth:`CacheIdentity.to_dict` or partial ones).
+        keys: the fields to compare; default :data:`IDENTITY_KEYS`.
+        llm_by_fingerprint: skip ``llm`` (a name or a path, which may legitimately differ) when both sides
+            carry an ``llm_fingerprint`` of the weights, which is then compared instead.
+    """
+    keys = list(IDENTITY_KEYS) if keys is None else keys
+    if llm_by_fingerprint and expected.get("llm_fingerprint") and actual.get("llm_fingerprint"):
+        keys = [k for k in keys if k != "llm"]
+    return [(k, expected[k], actual[k]) for k in keys
+            if k in expected and k in actual and _norm(expected[k]) != _norm(actual[k])]
 
 
 @dataclass

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import manifests.webdataset_source as wds
+import manifests.wds.recaptions as recaption_store
 from manifests.common import DuplicateKeyError
 from manifests.images import decode_image, load_image
 from manifests.schema import ManifestError, iter_rows, read_manifest_info
-from manifests.webdataset_source import build_webdataset_manifest, key_digests, recaption_buckets
+from manifests.wds.digests import key_digests
+from manifests.wds.recaptions import recaption_buckets
+from manifests.webdataset_source import build_webdataset_manifest
 from pipeline.app.cli import main
 
 HTML = b"<!DOCTYPE html><html><body>gone</body></html>"
@@ -78,7 +80,7 @@ def write_json(path: Path, entries, *, bom: bool = False, lines: bool = False) -
 
 
 def test_recaption_join_over_many_buckets_pairs_every_key(tmp_path, three_shards, monkeypatch):
-    monkeypatch.setattr(wds, "RECAPTION_BUCKET_BYTES", 256)
+    monkeypatch.setattr(recaption_store, "RECAPTION_BUCKET_BYTES", 256)
     entries = [{"__key__": key(i), "minicpm": f"long {key(i)}"} for i in range(120) if i % 7]  # 102
     entries += [{"__key__": f"ghost{g}", "minicpm": "no such sample"} for g in range(15)]
     entries += [
@@ -120,7 +122,7 @@ def test_recaption_join_over_many_buckets_pairs_every_key(tmp_path, three_shards
 
 
 def test_recaption_duplicates_first_skip_error(tmp_path, three_shards, monkeypatch):
-    monkeypatch.setattr(wds, "RECAPTION_BUCKET_BYTES", 64)
+    monkeypatch.setattr(recaption_store, "RECAPTION_BUCKET_BYTES", 64)
     path = tmp_path / "long.json"
     a, b = "k010", "k050"
     entries = [
@@ -204,7 +206,7 @@ def test_recaption_files_with_bom_in_json_lines_and_bad_values(tmp_path, three_s
 
 
 def test_workers_give_byte_identical_manifests(tmp_path, monkeypatch):
-    monkeypatch.setattr(wds, "RECAPTION_BUCKET_BYTES", 128)
+    monkeypatch.setattr(recaption_store, "RECAPTION_BUCKET_BYTES", 128)
     shards = []
     for s in range(5):
         members = samples(range(20 * s, 20 * s + 20))
