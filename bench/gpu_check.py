@@ -35,7 +35,7 @@ Sections, in this order (the JSON is rewritten after each one, so a run cut shor
    grad clip 1.0, bf16 through Accelerate) at its per-GPU batch (3072 / 8 = 384), built with the project's
    :class:`FlameVisionModel`, :func:`build_optimizer`, :func:`build_scheduler` and :func:`contrastive_loss`, fed
    synthetic images ``float32 [B, 3, 224, 224]`` and unit cache vectors ``float32 [B, P, D]`` from host memory
-   through the same step as ``stage2_train_vision/train.py``; then plain ``timm`` (the same ViT, timm's defaults)
+   through the training loop's own step (:func:`stage2_train_vision.step.train_step`); then plain ``timm`` (the same ViT, timm's defaults)
    + the same :class:`Projector` with a one-positive sigmoid loss, ``torch.optim.AdamW`` and ``torch.autocast``,
    on the same batch in the same run. Reported: images/s for both, ours / plain, and MFU::
 
@@ -395,37 +395,23 @@ def timed_steps(step: Callable[[dict], None], batch: dict, warmup: int, steps: i
 
 
 def ours_step(cfg, model_cfg, device: torch.device, total_steps: int):
-    """``(step, model, accelerator)``: the recipe's model/optimizer/scheduler under Accelerate, and one micro-step
-    exactly as ``stage2_train_vision/train.py``'s loop runs it (with one process and no accumulation)."""
+    """``(step, model, accelerator)``: the recipe's model/optimizer/scheduler under Accelerate
+    (:func:`stage2_train_vision.step.prepare_step`), and ``step(batch)`` = the shipped micro-step,
+    :func:`stage2_train_vision.step.train_step`, the one ``stage2_train_vision/train.py``'s loop runs (here with
+    one process and no accumulation)."""
     from accelerate import Accelerator
 
-    from stage2_train_vision.loss import contrastive_loss
     from stage2_train_vision.model import FlameVisionModel
-    from stage2_train_vision.optim import build_optimizer, build_scheduler
+    from stage2_train_vision.step import prepare_step, train_step
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
-    model = FlameVisionModel(model_cfg)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
-    model.train()
+    parts = prepare_step(cfg, accelerator, FlameVisionModel(model_cfg), total_steps)
+    parts.model.train()
 
     def step(b: dict) -> None:
-        images = b["images"].to(accelerator.device, non_blocking=True)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                emb = model(images)
-            loss = contrastive_loss(cfg.loss.kind, emb, b["texts"].to(emb.device), b["text_valid"].to(emb.device),
-                                    core.temperature(), core.logit_bias, b["image_valid"].to(emb.device))
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        train_step(parts, b)
 
-    return step, model, accelerator
+    return step, parts.model, accelerator
 
 
 def plain_step(cfg, model_cfg, device: torch.device):

@@ -1,7 +1,9 @@
 """Benchmark: stage-2 training images/s with the real loader vs the same model fed from in-memory tensors.
 
-SPEC §10 / issue 4. Both runs use the model, optimizer, loss and batch size of ``--config`` (default: the CPU
-demo) and the same step function; the only difference is where batches come from: the real
+SPEC §10 / issue 4. Both runs use the model, optimizer, schedule, loss and batch size of ``--config`` (default:
+the CPU demo) and time the shipped training step, :func:`stage2_train_vision.step.train_step` (forward, loss,
+backward, clip, optimizer and scheduler step under an Accelerate ``Accelerator`` on the CPU, mixed precision per
+``train.mixed_precision``); the only difference is where batches come from: the real
 :func:`stage2_train_vision.data.build_training_data` loader (decode, crop, facet draw, cache reads; per
 ``--workers``) or one batch of tensors built beforehand and reused. The ratio is loader / in-memory (target
 >= 0.9). Data: ``--manifest`` (e.g. the emoji manifest) or a synthetic manifest of 64 px PNGs, with a
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from cache_read import write_cache  # bench/ is on sys.path when run as a script
 from PIL import Image
 
@@ -29,9 +32,8 @@ from manifests.schema import ManifestWriter, read_manifest
 from pipeline.cache import CacheReader
 from stage2_train_vision.config import load_config
 from stage2_train_vision.data import build_training_data
-from stage2_train_vision.loss import contrastive_loss
 from stage2_train_vision.model import FlameVisionModel
-from stage2_train_vision.optim import build_optimizer
+from stage2_train_vision.step import prepare_step, train_step
 from stage2_train_vision.train import resolve_model_config
 from stage2_train_vision.transforms import train_transform
 
@@ -78,27 +80,18 @@ def main() -> None:
         cache = random_cache(Path(tmp) / "cache", keys, 11, args.dim)
         reader = CacheReader(cache)
         model_cfg = resolve_model_config(cfg.model, reader.dim)
-        model = FlameVisionModel(model_cfg).train()
-        optimizer = build_optimizer(model, cfg.optim)
-        autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
-
-        def step(b: dict) -> None:
-            with torch.autocast(**autocast):
-                emb = model(b["images"])
-            loss = contrastive_loss(cfg.loss.kind, emb, b["texts"], b["text_valid"], model.temperature(),
-                                    model.logit_bias, b["image_valid"])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        accelerator = Accelerator(cpu=True, mixed_precision=cfg.train.mixed_precision)
+        total_steps = (len(args.workers) + 2) * (args.steps + 2)  # every run below, so the schedule never ends
+        parts = prepare_step(cfg, accelerator, FlameVisionModel(model_cfg), total_steps)
+        parts.model.train()
 
         def run(batches, n_images: int) -> float:
             it = iter(batches)
             for _ in range(2):
-                step(next(it))
+                train_step(parts, next(it))
             t = time.perf_counter()
             for _ in range(args.steps):
-                step(next(it))
+                train_step(parts, next(it))
             return args.steps * n_images / (time.perf_counter() - t)
 
         batch = cfg.train.batch_size

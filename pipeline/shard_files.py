@@ -11,9 +11,8 @@ Pages a memory map has touched stay in the process's resident set until they are
 run would count the whole cache as its RSS (page cache, shared and reclaimable, but counted). The reader therefore
 tells the kernel to drop its mapped pages (``madvise(MADV_DONTNEED)``; the data stays in the page cache) each
 time it has read :attr:`ShardFiles.RELEASE_BYTES` (256 MiB) since the last time, counting for every row the 64 KiB the
-kernel maps around a fault (``fault_around_bytes``; measured: +630 MiB of mapped pages for one batch of 3,072
-random rows spread over 3,589 shards). Resident memory stays bounded by that budget, and reads stay as fast as plain memory-map reads (positioned
-reads per row measured ~3x slower).
+kernel maps around a fault (``fault_around_bytes``). Resident memory stays bounded by that budget, and reads stay
+as fast as plain memory-map reads (the measurements behind this choice: ``bench/README.md``, section Scale).
 """
 
 from __future__ import annotations

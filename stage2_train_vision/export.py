@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import atomic_file, atomic_write_bytes
 from stage2_train_vision.config import DataConfig, ImageConfig, ModelConfig
 from stage2_train_vision.model import FlameVisionModel
+from stage2_train_vision.text_tower import TextTowerConfig, attach_text_tower
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -36,6 +38,9 @@ def export_model(
 ) -> Path:
     """Write the model's weights (float32, contiguous) and its config to ``out_dir``; returns ``out_dir``.
 
+    Each file is written atomically (:mod:`pipeline.atomic`: weights first, then ``config.json``), so a reader
+    never sees a partial file; other files in ``out_dir`` are left alone.
+
     ``text_side``: for a model that carries its own text tower (``model.text_tower``,
     :func:`stage2_train_vision.text_tower.text_side_config`) the config gets ``"text_side"`` and
     ``"cache_identity": null`` (eval embeds texts with the tower). ``None`` (FLAME models): unchanged format.
@@ -48,7 +53,8 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+    with atomic_file(out / WEIGHTS) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
     image = ImageConfig(
         model_cfg.img_size, tuple(data_cfg.mean), tuple(data_cfg.std), data_cfg.interpolation, tuple(data_cfg.crop_scale)
     )
@@ -61,7 +67,7 @@ def export_model(
     if text_side is not None:
         config["cache_identity"] = None
         config["text_side"] = dict(text_side)
-    (out / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False, default=list), encoding="utf-8")
+    atomic_write_bytes(out / CONFIG, json.dumps(config, indent=2, ensure_ascii=False, default=list).encode("utf-8"))
     return out
 
 
@@ -80,8 +86,6 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> 
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     model = FlameVisionModel(ModelConfig(**{k: v for k, v in config["model"].items() if k in names}))
     if config.get("text_side"):  # a model with its own text tower (stage2_train_vision.text_tower)
-        from stage2_train_vision.text_tower import TextTowerConfig, attach_text_tower
-
         attach_text_tower(model, TextTowerConfig.from_dict(config["text_side"]), config["text_side"]["out_dim"])
     model.load_state_dict(load_file(d / WEIGHTS), strict=True)
     return model.to(device).eval(), config

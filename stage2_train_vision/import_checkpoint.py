@@ -42,6 +42,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.cache import CacheIdentity
+from stage1_embed_text.import_cache import official_identity, refused_message
 from stage2_train_vision.config import ConfigError, DataConfig, ModelConfig
 from stage2_train_vision.export import export_model
 from stage2_train_vision.model import FlameVisionModel
@@ -72,8 +73,6 @@ def _wanted(name: str) -> str | None:
 
 
 def _refused(path: Path, exc: BaseException) -> CheckpointImportError:
-    from stage1_embed_text.import_cache import refused_message
-
     return CheckpointImportError(f"{path}: refused, the pickle holds objects that weights_only loading does not "
                                  f"allow ({refused_message(exc)}); only tensors, numbers and containers are read")
 
@@ -357,8 +356,6 @@ def import_checkpoint(src: str | Path, out: str | Path, identity: CacheIdentity 
         CheckpointImportError: see :func:`read_checkpoint`, :func:`infer_model_config`, :func:`build_model`.
         ConfigError: ``identity.dim`` differs from the projector's D.
     """
-    from stage1_embed_text.import_cache import official_identity
-
     identity = identity or official_identity()
     state, info = read_checkpoint(src, file, revision)
     cfg = infer_model_config(state, quick_gelu)

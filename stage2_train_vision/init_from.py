@@ -68,10 +68,10 @@ def apply_init_from(cfg: Config, identity: CacheIdentity) -> Config:
         raise CacheIdentityError(f"model.init_from={cfg.model.init_from} projects to D={saved.get('out_dim')} but "
                                  f"the cache's D is {identity.dim}: use a cache of the text side it was trained with")
     theirs = doc.get("cache_identity") or {}
-    differ = [f"{k}: model {theirs.get(k)!r}, cache {v!r}" for k, v in identity.essential().items()
-              if k in IDENTITY_KEYS and k in theirs and theirs.get(k) != v and k != "dim"]
-    if differ:
-        log.warning("model.init_from was trained against another text side than this cache (%s)", "; ".join(differ))
+    try:  # the essential fields the model recorded (D was checked above), compared as a reader compares them
+        identity.check({k: theirs[k] for k in IDENTITY_KEYS if k in theirs and k != "dim"})
+    except CacheIdentityError as exc:
+        log.warning("model.init_from was trained against another text side than this cache (%s)", exc)
     image = doc.get("image", {})
     for name in ("mean", "std", "interpolation"):
         if name in image and _plain(image[name]) != _plain(getattr(cfg.data, name)):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage2_train_vision.config import ModelConfig
+from stage2_train_vision.text_tower import encode_tokens
 
 
 def projector_hidden(cfg: ModelConfig, out_dim: int) -> int:
@@ -79,8 +80,6 @@ class FlameVisionModel(nn.Module):
         """
         pooled = self.projector(self.tokens(images)).mean(dim=1)
         if text is not None:
-            from stage2_train_vision.text_tower import encode_tokens
-
             return F.normalize(pooled, dim=-1), encode_tokens(self.text_tower, text)
         return F.normalize(pooled, dim=-1)
 

@@ -18,8 +18,8 @@ Pieces:
 The exported ``config.json`` of such a model carries ``"text_side": {"kind": "text_tower", ...}`` and
 ``"cache_identity": null``: eval embeds texts with the tower, never with an LLM.
 
-Nothing here is imported by the FLAME training path (``open_clip`` imports ``transformers``); ``train.py``
-imports this module only when a text tower is requested.
+``open_clip`` (which imports ``transformers``) is imported only when a tower or its tokenizer is built, so the
+FLAME training path, which imports this module, never loads it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from manifests.schema import read_manifest
 
 TEXT_SIDE_KIND = "text_tower"
 CAPTION_COLUMNS = ("raw_caption", "short_caption", "long_caption")
@@ -118,8 +120,6 @@ class CaptionSampler:
     """
 
     def __init__(self, cfg: TextTowerConfig, manifest_dir: str | Path, split: str):
-        from manifests.schema import read_manifest
-
         rows = read_manifest(manifest_dir, columns=["key", *cfg.captions], split=split).to_pylist()
         tok = get_tokenizer(cfg)
         self.tokens: dict[str, torch.Tensor] = {}

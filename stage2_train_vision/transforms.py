@@ -29,8 +29,8 @@ def _interpolation(name: str) -> InterpolationMode:
 class TrainTransform:
     """RandomResizedCrop to ``size`` (area ``crop_scale``, aspect 3/4-4/3, torchvision's sampling rule), then
     ``(x / 255 - mean) / std``. Crop parameters come from a numpy ``Generator`` passed per call, so the data
-    pipeline can seed each sample without touching torch's global RNG (and it is ~4x cheaper than
-    ``v2.RandomResizedCrop`` under ``torch.random.fork_rng``)."""
+    pipeline can seed each sample without touching torch's global RNG (cheaper than ``v2.RandomResizedCrop``
+    under ``torch.random.fork_rng``)."""
 
     def __init__(self, cfg: ImageConfig):
         self.cfg = cfg

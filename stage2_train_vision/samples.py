@@ -1,0 +1,125 @@
+"""The pieces both training-data sources share (SPEC §5): one sample's facet draw and augmentation, the batch
+format, image decoding and the split checks.
+
+Every random choice of a sample (crop, facet draw) comes from one numpy generator seeded by :func:`sample_seed`
+of integers such as ``(seed, epoch, index)``, never from process-global state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from manifests.images import UndecodableImageError, load_image
+from manifests.schema import ManifestError, read_manifest, read_manifest_info
+from pipeline.errors import FlameError
+
+IMAGE_COLUMNS = ["key", "image_path", "image_member", "image_bytes", "split"]
+IMAGE_ERRORS = (UndecodableImageError, ManifestError, OSError)
+
+
+class DataError(FlameError, ValueError):
+    """The manifest split is empty, or the manifest and the cache share no keys."""
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (e.g. ``seed, epoch, index``), independent of call order."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def draw_facets(mask: np.ndarray, positives: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Choose up to ``positives`` distinct present facets of one sample.
+
+    Args:
+        mask: ``bool [F]`` facet presence.
+        positives: P.
+        rng: the sample's generator.
+
+    Returns:
+        ``int64 [P]`` facet indices (padding slots repeat facet 0) and ``bool [P]`` validity.
+    """
+    present = np.flatnonzero(mask)
+    k = min(positives, len(present))
+    idx = np.zeros(positives, np.int64)
+    idx[:k] = rng.choice(present, size=k, replace=False)
+    valid = np.zeros(positives, bool)
+    valid[:k] = True
+    return idx, valid
+
+
+@dataclass
+class Sample:
+    """One training example (before collation)."""
+
+    key: str
+    image: torch.Tensor  # float32 [3, S, S]
+    texts: torch.Tensor  # float32 [P, D]
+    text_valid: torch.Tensor  # bool [P]
+    image_valid: bool = True
+    skip_reason: str | None = None
+
+
+def make_sample(
+    key: str,
+    image: torch.Tensor | None,
+    vectors: np.ndarray,
+    mask: np.ndarray,
+    transform: Callable,
+    positives: int,
+    seed: int,
+    size: int,
+    skip_reason: str | None = None,
+) -> Sample:
+    """Draw P facets of ``vectors`` (``[F, D]``, ``mask [F]``) and augment ``image`` (``uint8 [3, H, W]``, or
+    ``None`` for a failed decode) with ``transform(image, rng)``, one generator seeded by ``seed`` for both. A
+    failed image gives a zero image marked invalid."""
+    rng = np.random.default_rng(seed)
+    idx, valid = draw_facets(mask, positives, rng)
+    texts = torch.from_numpy(np.asarray(vectors[idx], np.float32))
+    if image is None:
+        return Sample(key, torch.zeros(3, size, size), texts, torch.zeros(positives, dtype=torch.bool), False, skip_reason)
+    return Sample(key, transform(image, rng), texts, torch.from_numpy(valid))
+
+
+def collate(samples: list[Sample]) -> dict[str, Any]:
+    """Batch of samples: ``images float32 [B, 3, S, S]``, ``texts float32 [B, P, D]``, ``text_valid bool [B, P]``,
+    ``image_valid bool [B]``, ``keys list[str]``, ``skipped dict[str, int]`` (reasons of invalid slots)."""
+    return {
+        "images": torch.stack([s.image for s in samples]),
+        "texts": torch.stack([s.texts for s in samples]),
+        "text_valid": torch.stack([s.text_valid for s in samples]),
+        "image_valid": torch.tensor([s.image_valid for s in samples]),
+        "keys": [s.key for s in samples],
+        "skipped": dict(Counter(s.skip_reason for s in samples if s.skip_reason)),
+    }
+
+
+def decode(row: dict[str, Any], manifest_dir: str | Path) -> torch.Tensor:
+    """A manifest row's image as ``uint8 [3, H, W]``. Raises one of :data:`IMAGE_ERRORS` if it fails."""
+    return TF.pil_to_tensor(load_image(row, manifest_dir))
+
+
+def split_keys(manifest_dir: str | Path, split: str) -> list[str]:
+    """Keys of ``split`` in manifest order. Raises :class:`DataError` naming the splits there are if empty."""
+    keys = read_manifest(manifest_dir, columns=["key"], split=split).column("key").to_pylist()
+    if not keys:
+        counts = read_manifest_info(manifest_dir).counts
+        raise DataError(f"manifest {manifest_dir} has no rows in split {split!r} (rows per split: {counts})")
+    return keys
+
+
+def check_overlap(keys: list[str], rows: np.ndarray, manifest_dir: Any, cache_dir: Any) -> None:
+    """Raise :class:`DataError` if no manifest key has a cache row (``rows`` all ``-1``)."""
+    if len(rows) and (rows >= 0).any():
+        return
+    raise DataError(
+        f"manifest {manifest_dir} and cache {cache_dir} have no keys in common "
+        f"({len(keys)} manifest keys, e.g. {keys[:3]}); was the cache built from this manifest?"
+    )
