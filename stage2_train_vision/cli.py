@@ -11,8 +11,6 @@ import argparse
 
 from stage2_train_vision.arguments import add_arguments
 
-__all__ = ["add_arguments", "add_parser", "run"]
-
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `flame train`."""

@@ -40,22 +40,13 @@ from stage2_train_vision.samples import (
     check_overlap,
     collate,
     decode,
-    draw_facets,
     make_sample,
     sample_seed,
     split_keys,
 )
-from stage2_train_vision.stream import StreamPairs, StreamShard, _counts_from_cache, stream_shards
+from stage2_train_vision.stream import StreamPairs, stream_shards
 
 log = logging.getLogger(__name__)
-
-# The shared sample pieces (stage2_train_vision.samples) and the stream source (stage2_train_vision.stream) are
-# part of this module's interface too.
-__all__ = [
-    "IMAGE_COLUMNS", "IMAGE_ERRORS", "DataError", "EpochBatchSampler", "MemoryPairs", "Sample", "StreamPairs",
-    "StreamShard", "TrainingData", "_counts_from_cache", "build_training_data", "check_overlap", "collate",
-    "decode", "draw_facets", "load_memory_pairs", "make_sample", "sample_seed", "split_keys", "stream_shards",
-]
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):

@@ -43,9 +43,6 @@ from pipeline.cache import CacheIdentityError, CacheReader
 from pipeline.errors import run_command
 from stage2_train_vision.arguments import add_arguments
 from stage2_train_vision.checkpoint import (
-    CACHE_IDENTITY,
-    CHECKPOINTS,
-    CheckpointError,
     TrainState,
     check_checkpoint_cache,
     find_checkpoint,
@@ -67,12 +64,6 @@ from stage2_train_vision.text_tower import (
 from stage2_train_vision.transforms import train_transform
 
 log = logging.getLogger(__name__)
-
-# the checkpoint names and errors are part of this module's interface too (tests, pipeline.app)
-__all__ = [
-    "CACHE_IDENTITY", "CHECKPOINTS", "CheckpointError", "TrainRun", "TrainState", "build_run", "check_world",
-    "end_step", "finish", "main", "make_accelerator", "per_process_batch", "resolve_model_config", "run", "train",
-]
 
 
 def resolve_model_config(cfg: ModelConfig, cache_dim: int) -> ModelConfig:

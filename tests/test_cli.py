@@ -58,10 +58,10 @@ def test_every_user_facing_error_is_one_flame_error():
     from pipeline.errors import FlameError, is_user_error
     from stage1_embed_text.tokenization import TokenizerError
     from stage1_embed_text.vllm_settings import VllmUnavailableError
+    from stage2_train_vision.checkpoint import CheckpointError
     from stage2_train_vision.config import ConfigError
-    from stage2_train_vision.data import DataError
     from stage2_train_vision.import_checkpoint import CheckpointImportError
-    from stage2_train_vision.train import CheckpointError
+    from stage2_train_vision.samples import DataError
 
     classes = [BenchmarkError, ModelConfigError, DuplicateKeyError, ImageTooLargeError, UndecodableImageError,
                ManifestError, AssetError, CacheError, CacheIdentityError, TokenizerError, VllmUnavailableError,

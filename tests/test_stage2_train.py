@@ -20,9 +20,9 @@ from test_stage2_fixtures import COLOURS, key, make_cache, make_manifest, png_by
 from pipeline.app.cli import main as flame_main
 from pipeline.cache import CacheIdentity, CacheIdentityError
 from stage2_train_vision.config import ConfigError, load_config
-from stage2_train_vision.data import DataError
 from stage2_train_vision.export import load_exported
 from stage2_train_vision.model import FlameVisionModel
+from stage2_train_vision.samples import DataError
 from stage2_train_vision.train import main as train_main
 from stage2_train_vision.train import resolve_model_config, train
 from stage2_train_vision.transforms import eval_transform
