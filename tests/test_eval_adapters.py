@@ -17,7 +17,7 @@ from eval.benchmarks.retrieval_sets import dci_text
 from eval.metrics import duplicate_text_ceiling, retrieval_metrics
 from eval.report import build_results, render_markdown
 from eval.tasks import fill_template
-from tests.test_eval_benchmarks import png, write_png
+from tests.helpers.images import png, write_png
 
 
 # ---------------------------------------------------------------- ImageNet class names and templates (data files)
@@ -321,7 +321,7 @@ def test_duplicate_texts_reported_in_results(tmp_path):
     from eval.benchmarks.base import RetrievalTask
     from eval.embedding import TextEncoder
     from eval.tasks import evaluate_task
-    from tests.test_eval_run import IDENTITY, FakeEmbedder
+    from tests.helpers.eval_fakes import IDENTITY, FakeEmbedder
 
     task = RetrievalTask("retrieval_en", np.arange(4), ["a dog", "a cat", "a cow", "a cow"],
                          np.array([[0, 0], [1, 1], [2, 2], [3, 3]]), text_mode="single")

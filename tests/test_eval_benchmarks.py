@@ -7,22 +7,11 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from eval.benchmarks import BenchmarkError, load_benchmark
 from eval.benchmarks.base import pairs_from_captions
-from manifests.schema import ManifestWriter
-
-
-def png(color=(255, 0, 0), size=8) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_png(path, color=(255, 0, 0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png(color))
+from tests.helpers.eval_fakes import write_emoji_manifest
+from tests.helpers.images import png, write_png
 
 
 def test_pairs_from_captions_dedupe():
@@ -160,21 +149,6 @@ def test_winoground_and_sugarcrepe(tmp_path):
     b = load_benchmark("sugarcrepe", s)
     assert [t.name for t in b.tasks] == ["swap_obj"] and b.tasks[0].image_ids.tolist() == [0, 0]
     assert b.counts == {"swap_obj": 2, "images": 1}
-
-
-def write_emoji_manifest(d):
-    """4 test images = 2 emojis x 2 vendors sharing captions, 4 train images; names in de and fr."""
-    w = ManifestWriter(d, source={"name": "emoji", "args": {}})
-    cats = ["Animals & Nature", "Food & Drink"]
-    for i in range(8):
-        e = i // 2
-        split = "test" if e < 2 else "train"
-        cat = cats[e % 2]
-        w.add({"key": f"{e}-{i % 2}", "image_bytes": png((40 * e, 200 * (i % 2), 90)), "split": split,
-               "raw_caption": f"emoji {e}", "long_caption": f"a detailed emoji number {e}",
-               "labels": {"category": cat, "subcategory": f"sub-{e % 2}"},
-               "names": {"de": f"Emoji {e}", "fr": f"émoji {e}", "en": f"emoji {e}"}})
-    w.close()
 
 
 def test_emoji_manifest_tasks(tmp_path):

@@ -1,6 +1,5 @@
 """Text cache, identity refusal and an end-to-end eval run with small fakes (issue 5)."""
 
-import hashlib
 import io
 import json
 import logging
@@ -15,29 +14,13 @@ from eval.embedding import TextEncoder, embed_images
 from eval.report import build_results, write_results
 from eval.run import evaluate_benchmark
 from pipeline.cache import CacheIdentityError
-from tests.test_eval_benchmarks import png, write_emoji_manifest
-from tests.test_manifest_images import png_chunks
-
-D = 16
-IDENTITY = {"llm": "fake-llm", "llm_fingerprint": "abc", "layer": 3, "readout": "pre_norm", "dim": D,
-            "prompt_set": "flame", "prompt_set_hash": "h1", "position_mode": "restart"}
-
-
-class FakeEmbedder:
-    """Deterministic text -> unit vector (sha256-seeded Gaussian); counts embedded texts."""
-
-    def __init__(self, identity=IDENTITY):
-        self.identity = dict(identity)
-        self.calls = 0
-
-    def embed(self, texts, mode="single"):
-        self.calls += len(texts)
-        out = []
-        for t in texts:
-            seed = int.from_bytes(hashlib.sha256(f"{mode}:{t}".encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(D)
-            out.append(v / np.linalg.norm(v))
-        return np.array(out, np.float32)
+from tests.helpers.eval_fakes import (
+    IDENTITY,
+    D,
+    FakeEmbedder,
+    write_emoji_manifest,
+)
+from tests.helpers.images import png, png_chunks
 
 
 class FakeModel(torch.nn.Module):

@@ -27,7 +27,7 @@ from stage2_train_vision.config import ModelConfig
 from stage2_train_vision.loss import sigmoid_loss
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.text_tower import CaptionSampler, TextTowerConfig, attach_text_tower, get_tokenizer
-from tests.test_stage2_fixtures import COLOURS, png_bytes
+from tests.helpers.stage2_data import COLOURS, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
 from safetensors.torch import load_file, save_file
-from test_stage2_fixtures import COLOURS, key, make_cache, make_manifest, tiny_overrides
 from torch import nn
 
 from eval.run import load_model
@@ -28,6 +27,7 @@ from stage2_train_vision.config import ConfigError, load_config
 from stage2_train_vision.export import load_exported
 from stage2_train_vision.import_checkpoint import CheckpointImportError, import_checkpoint
 from stage2_train_vision.train import train
+from tests.helpers.stage2_data import COLOURS, key, make_cache, make_manifest, tiny_overrides
 
 # (width, depth, patch, image size, D): two shapes that differ in every inferred dimension
 SHAPES = [(128, 2, 8, 32, 48), (192, 3, 16, 48, 64)]

@@ -1,9 +1,7 @@
 """``manifests.images``: the one decoder and ``load_image`` for every way a row references its image."""
 
 import io
-import struct
 import tarfile
-import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from manifests.images import (
     load_image,
 )
 from manifests.schema import ManifestError
+from tests.helpers.images import png_chunks
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -102,20 +101,6 @@ def test_tar_handles_are_an_lru_and_not_shared_after_fork(tmp_path):
     reader._pid = -1  # as seen from a forked child
     reader.read(tars[1], "m.png")
     assert list(reader._open) == [str(tars[1])]
-
-
-def png_chunks(width: int, height: int, bit_depth: int, color_type: int, pixels: bytes = b"") -> bytes:
-    """A PNG written chunk by chunk, for what Pillow cannot save (16-bit RGB, a 20000x20000 header).
-
-    ``pixels`` are the raw big-endian samples, row after row; each row gets filter type 0.
-    """
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    row = len(pixels) // height if pixels else 0
-    raw = b"".join(b"\x00" + pixels[i : i + row] for i in range(0, len(pixels), row)) if pixels else b""
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 def gray_values(image: Image.Image) -> list[list[int]]:

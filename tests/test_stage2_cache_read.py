@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from test_stage2_fixtures import F, make_cache
 
 from pipeline.cache import CacheReader
+from tests.helpers.stage2_data import F, make_cache
 
 
 def test_direct_reads_equal_zarr_reads_across_shards_repeats_and_empty_chunks(tmp_path):

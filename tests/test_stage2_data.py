@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_stage2_fixtures import F, key, make_cache, make_manifest
 
 from pipeline.cache import CacheReader
 from stage2_train_vision.config import ConfigError, DataConfig, ImageConfig
 from stage2_train_vision.data import build_training_data
 from stage2_train_vision.samples import DataError, draw_facets
 from stage2_train_vision.transforms import train_transform
+from tests.helpers.stage2_data import F, key, make_cache, make_manifest
 
 N, N_TEST, BAD, NO_FACET, FEW_FACETS = 24, 4, 3, 5, 6
 

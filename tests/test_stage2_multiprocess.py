@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_stage2_fixtures import key, make_cache, make_manifest, tiny_overrides
+
+from tests.helpers.stage2_data import key, make_cache, make_manifest, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240  # a hung collective fails the test instead of hanging it

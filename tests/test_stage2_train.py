@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_stage2_fixtures
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
-from test_stage2_fixtures import COLOURS, key, make_cache, make_manifest, png_bytes, tiny_overrides
 
 from pipeline.app.cli import main as flame_main
 from pipeline.cache import CacheIdentity, CacheIdentityError
@@ -26,6 +24,8 @@ from stage2_train_vision.samples import DataError
 from stage2_train_vision.train import main as train_main
 from stage2_train_vision.train import resolve_model_config, train
 from stage2_train_vision.transforms import eval_transform
+from tests.helpers import stage2_data
+from tests.helpers.stage2_data import COLOURS, key, make_cache, make_manifest, png_bytes, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 N = 24  # 20 train + 4 test
@@ -119,9 +119,9 @@ def test_resume_refuses_a_checkpoint_of_another_cache_before_loading_it(data, tm
     would not even load), ends in one line naming both values, exit 2, and no export."""
     keys = [key(i) for i in range(N)]
     make_cache(tmp_path / "other-d", keys, dim=32)
-    monkeypatch.setattr(test_stage2_fixtures, "CacheIdentity",
+    monkeypatch.setattr(stage2_data, "CacheIdentity",
                         lambda **kw: CacheIdentity(**{**kw, "llm": "other-llm", "llm_fingerprint": "f1"}))
-    test_stage2_fixtures.make_cache(tmp_path / "other-llm", keys)
+    stage2_data.make_cache(tmp_path / "other-llm", keys)
     out = tmp_path / "run"
     part = train(_cfg(data, out, **{"train.save_every": 1, "train.stop_at_step": 2}))
     assert part["stopped"] and part["steps"] == 2
