@@ -1,4 +1,4 @@
-"""The package layers (README "Layout"): every import of the project's own code points down.
+"""The package layers (README "Layout"): every import of the project's own code points down; modules stay small.
 
 From the bottom: ``pipeline`` (the shared core) < ``manifests`` < ``stage1_embed_text`` < ``stage2_train_vision``
 < ``eval`` < ``pipeline.app`` (the ``flame`` command, demo, inspect, import). A module may import its own layer
@@ -58,3 +58,22 @@ def test_function_local_imports_of_our_own_packages_are_the_exception():
     local = [f"{name} -> {target}" for name, _, tree in _modules() for target, inside in _imports(tree)
              if inside and _layer(target) is not None]
     assert len(local) <= MAX_FUNCTION_LOCAL_IMPORTS, "\n".join(local)
+
+
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
+
+
+def test_modules_and_functions_stay_small():
+    """One job per file and a function you can read on one screen (issue 15); bench/ scripts are exempt."""
+    big = []
+    for name, path, tree in _modules():
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_MODULE_LINES:
+            big.append(f"{name}: {lines} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    big.append(f"{name}.{node.name}: {length} lines")
+    assert big == []
