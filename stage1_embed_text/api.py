@@ -60,7 +60,7 @@ class TextEmbedder:
             )
         llm = load_llm(ident.llm, dtype=dtype or ident.dtype_compute, layer=ident.layer)
         encoder = FacetEncoder(
-            llm, prompt_set, readout=ident.readout, position_mode=ident.position_mode, max_tokens=ident.max_tokens
+            llm, prompt_set, readout=ident.readout, position_mode=ident.position_mode, context_tokens=ident.max_tokens
         )
         encoder.identity().check(
             {"llm_fingerprint": ident.llm_fingerprint, "dim": ident.dim}, what=f"LLM loaded from {ident.llm!r}"

@@ -11,94 +11,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.cache import CacheIdentity
-from stage1_embed_text.llm import LoadedLLM
-from stage1_embed_text.packing import (
+from stage1_embed_text.batching import Batch, collate, facet_mask, plan_batches
+from stage1_embed_text.config import (
+    DEFAULT_CONTEXT_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
     POSITION_MODES,
-    TOKENIZATION,
-    Batch,
-    PackedSequence,
-    PackedText,
-    collate,
-    facet_mask,
-    group_templates,
-    pack_samples,
-    plan_batches,
+    READOUTS,
+    default,
 )
-from stage1_embed_text.prompts import FLAME, GROUPS, PromptSet
+from stage1_embed_text.encoded import EncodedSamples, check_template_room, text_identity
+from stage1_embed_text.llm import LoadedLLM
+from stage1_embed_text.packing import PackedSequence, pack_samples
+from stage1_embed_text.prompts import FLAME, PromptSet
+from stage1_embed_text.tokenization import group_templates
 
 log = logging.getLogger(__name__)
 
-READOUTS = ("pre_norm", "post_norm")
-
-
-@dataclass
-class EncodedBatch:
-    """Facet vectors of ``n`` samples.
-
-    Attributes:
-        vectors: ``float32 [n, F, D]``; unit-norm for present facets, zeros for absent ones.
-        mask: ``bool [n, F]`` facet presence (a group is absent when its caption is missing/None/blank).
-        tokens: ``int32 [n, 3]`` packed-sequence length of the raw/short/long sequence (0 if absent).
-        truncated: ``bool [n, 3]`` caption tokens of the raw/short/long sequence were cut to fit.
-    """
-
-    vectors: np.ndarray
-    mask: np.ndarray
-    tokens: np.ndarray
-    truncated: np.ndarray
-
-    @classmethod
-    def for_texts(cls, n: int, n_facets: int, dim: int, items: Sequence[PackedText], max_tokens: int) -> EncodedBatch:
-        """An all-absent batch of ``n`` rows with ``tokens``/``truncated`` filled from the packed ``items``.
-
-        Both backends start here and then write each facet's vector and presence.
-        """
-        out = cls(
-            vectors=np.zeros((n, n_facets, dim), np.float32),
-            mask=np.zeros((n, n_facets), bool),
-            tokens=np.zeros((n, len(GROUPS)), np.int32),
-            truncated=np.zeros((n, len(GROUPS)), bool),
-        )
-        for it in items:
-            out.tokens[it.row, it.group] = len(it.seq)
-            out.truncated[it.row, it.group] = it.seq.truncated
-        cut = int(out.truncated.sum())
-        if cut:
-            log.info("%d of %d sequences had their caption cut to max_tokens=%d", cut, len(items), max_tokens)
-        return out
-
-
-def text_identity(
-    *, name: str, fingerprint: str, layer: int, readout: str, dim: int, prompt_set: PromptSet,
-    position_mode: str, max_tokens: int, dtype: str, backend: str,
-) -> CacheIdentity:
-    """The cache identity (SPEC §3) of vectors from either backend; the tokenizer always comes from the model's
-    own source, so it is named by the model, and both backends pack with
-    :func:`~stage1_embed_text.packing.pack_samples` (``tokenization="whole-prompt"``)."""
-    return CacheIdentity(
-        llm=name,
-        llm_fingerprint=fingerprint,
-        tokenizer=name,
-        layer=layer,
-        readout=readout,
-        dim=dim,
-        prompt_set=prompt_set.name,
-        prompt_set_hash=prompt_set.content_hash,
-        facets=prompt_set.facets,
-        position_mode=position_mode,
-        bos_marker=prompt_set.bos_marker,
-        max_tokens=max_tokens,
-        dtype_compute=dtype,
-        dtype_stored="float16",
-        backend=backend,
-        tokenization=TOKENIZATION,
-    )
+EncodedBatch = EncodedSamples
+"""Former name of :class:`~stage1_embed_text.encoded.EncodedSamples`, kept for ``bench/scale.py``."""
 
 
 class FacetEncoder:
@@ -110,13 +45,15 @@ class FacetEncoder:
         readout: ``"pre_norm"`` (the block output, official recipe) or ``"post_norm"`` (final norm applied).
         position_mode: ``"restart"`` (each facet continues from the prefix end; equals separate passes) or
             ``"continuous"`` (official numbering).
-        max_tokens: longest packed sequence; longer captions are cut (SPEC §2.4).
-        max_batch_tokens: padded tokens per forward batch (1024 was 5x faster than 8192 on a 2-core CPU).
+        context_tokens: longest packed sequence in tokens; longer captions are cut (SPEC §2.4). Recorded as
+            the cache identity's ``max_tokens``.
+        max_batch_tokens: padded tokens per forward batch (the batch budget, not a context length).
         padding_side: ``"right"`` (default) or ``"left"``; results do not depend on it.
         max_batch_sequences: at most this many sequences per batch (``flame embed --batch-size``).
+        max_tokens: former name of ``context_tokens`` (``bench/`` scripts pass it); wins when given.
 
     Raises:
-        ValueError: unknown readout/position mode, or ``max_tokens`` too small for a template.
+        ValueError: unknown readout/position mode, or ``context_tokens`` too small for a template.
     """
 
     def __init__(
@@ -124,11 +61,12 @@ class FacetEncoder:
         llm: LoadedLLM,
         prompt_set: PromptSet = FLAME,
         readout: str = "pre_norm",
-        position_mode: str = "restart",
-        max_tokens: int = 512,
-        max_batch_tokens: int = 1024,
+        position_mode: str = default("position_mode"),
+        context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         padding_side: str = "right",
         max_batch_sequences: int | None = None,
+        max_tokens: int | None = None,
     ):
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
@@ -138,38 +76,38 @@ class FacetEncoder:
         self.prompt_set = prompt_set
         self.readout = readout
         self.position_mode = position_mode
-        self.max_tokens = int(max_tokens)
+        self.context_tokens = int(context_tokens if max_tokens is None else max_tokens)
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_sequences = max_batch_sequences
         self.padding_side = padding_side
         self.facets: tuple[str, ...] = prompt_set.facets
         self.dim: int = llm.hidden_size
         self.templates = group_templates(llm.tokenizer, prompt_set)
-        for name, t in self.templates.items():
-            if t.fixed_len >= self.max_tokens:
-                raise ValueError(
-                    f"max_tokens={self.max_tokens} leaves no room for a caption in group {name!r} "
-                    f"(template alone is {t.fixed_len} tokens)"
-                )
+        check_template_room(self.templates, self.context_tokens)
         tok = llm.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.device = next(llm.model.parameters()).device
         self.dtype = next(llm.model.parameters()).dtype
 
+    @property
+    def max_tokens(self) -> int:
+        """Former name of :attr:`context_tokens` (``bench/stage1_vllm.py`` reads it)."""
+        return self.context_tokens
+
     def identity(self) -> CacheIdentity:
         """The cache identity of vectors this encoder produces (every field filled)."""
         return text_identity(
             name=self.llm.name, fingerprint=self.llm.fingerprint, layer=self.llm.layer, readout=self.readout,
             dim=self.dim, prompt_set=self.prompt_set, position_mode=self.position_mode,
-            max_tokens=self.max_tokens, dtype=self.llm.dtype, backend="hf",
+            context_tokens=self.context_tokens, dtype=self.llm.dtype, backend="hf",
         )
 
     def encode(
         self,
         samples: Sequence[Mapping[str, str | None]],
         progress: Callable[[int, int], None] | None = None,
-    ) -> EncodedBatch:
+    ) -> EncodedSamples:
         """Embed every present text of ``samples``.
 
         Args:
@@ -179,10 +117,10 @@ class FacetEncoder:
                 after each forward batch.
 
         Returns:
-            :class:`EncodedBatch` with ``n = len(samples)`` rows in input order.
+            :class:`~stage1_embed_text.encoded.EncodedSamples` with ``n = len(samples)`` rows in input order.
         """
-        items = pack_samples(self.llm.tokenizer, self.templates, self.prompt_set, samples, self.max_tokens)
-        out = EncodedBatch.for_texts(len(samples), len(self.facets), self.dim, items, self.max_tokens)
+        items = pack_samples(self.llm.tokenizer, self.templates, self.prompt_set, samples, self.context_tokens)
+        out = EncodedSamples.for_texts(len(samples), len(self.facets), self.dim, items, self.context_tokens)
         done_seqs = done_tokens = 0
         for idx in plan_batches([len(it.seq) for it in items], self.max_batch_tokens, self.max_batch_sequences):
             batch_items = [items[i] for i in idx]

@@ -20,7 +20,8 @@ position ids and the literal ``<s>`` marker kept (:func:`official_identity`).
    from its files (read by a few threads), checked, and committed with
    :meth:`pipeline.cache.CacheWriter.write_shard`. Memory: one shard's vectors (``shard_rows x F x D`` float16,
    115 MB at the default 1024 rows and D = 5120). A file that does not load, is not a ``[F, D]`` floating
-   tensor, holds a non-finite value or a row that is not unit-norm (``|‖v‖ - 1| > 1e-2``) is counted by reason;
+   tensor, holds a non-finite value or a row that is not unit-norm (``|‖v‖ - 1| >``
+   :data:`pipeline.cache.NORM_TOLERANCE`) is counted by reason;
    its row stays empty (mask false) and its key is left out of the index.
 
 Files are only ever read with ``torch.load(..., weights_only=True, mmap=True)``: a file that needs arbitrary
@@ -69,6 +70,7 @@ from pipeline.cache_files import (
     tokens_column,
     truncated_column,
 )
+from stage1_embed_text.model_source import weights_fingerprint
 from stage1_embed_text.prompts import FLAME, GROUPS, get_prompt_set
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def official_identity(name: str = "official-nemo", llm_fingerprint: str | None =
 
     Args:
         name: a name of :data:`IDENTITIES`.
-        llm_fingerprint: the ``sha256:`` digest of the LLM weight files (:func:`stage1_embed_text.llm.
+        llm_fingerprint: the ``sha256:`` digest of the LLM weight files (:func:`stage1_embed_text.model_source.
             weights_fingerprint`); ``None`` records :data:`UNKNOWN_FINGERPRINT`.
 
     Raises:
@@ -131,8 +133,6 @@ def resolve_identity(spec: str, llm_fingerprint: str | None = None) -> CacheIden
         FileNotFoundError: ``"auto"`` and the LLM's weights are not on this machine.
     """
     if llm_fingerprint == "auto":
-        from stage1_embed_text.llm import weights_fingerprint
-
         base = resolve_identity(spec)
         return CacheIdentity.from_dict(base.to_dict() | {"llm_fingerprint": weights_fingerprint(base.llm)})
     if spec in IDENTITIES:

@@ -1,11 +1,7 @@
 """Load a frozen decoder LLM for stage 1, cut to the blocks the readout needs (SPEC §2.3, §2.5, §9).
 
-Sources, tried in this order:
-
-* an embedded name (``gemma3-270m``, ``smollm2-135m``): its GGUF (from :func:`pipeline.assets.llm_gguf`) is
-  converted once to a bf16 safetensors folder ``flame_home()/models/<name>-bf16/`` and loaded from there;
-* a ``.gguf`` file (transformers' GGUF loader, dequantized);
-* a local folder or a Hugging Face hub id (works where the user has a hub or a filled HF cache).
+Where the files come from (embedded name, ``.gguf`` file, local folder, hub id) is
+:mod:`stage1_embed_text.model_source`.
 
 The model returned is the *base* decoder (no LM head, so no vocabulary logits are ever computed) with its
 ``layers`` truncated to ``layer`` blocks and its final norm replaced by the identity: its
@@ -15,28 +11,28 @@ aside as :attr:`LoadedLLM.final_norm` for the ``post_norm`` readout.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.assets import default_readout  # noqa: F401  (the readout decision lives with the LLM list)
-from pipeline.paths import flame_home
+from pipeline.assets import DEFAULT_LLM, EMBEDDED_LLMS
+from stage1_embed_text.model_source import (  # noqa: F401  (embedded_folder: bench/stage1_throughput.py imports it here)
+    dequantize_kwargs,
+    embedded_folder,
+    resolve_source,
+    weights_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = ("gemma3-270m", "smollm2-135m")
-DEFAULT_LLM = "gemma3-270m"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+"""Compute dtypes of both backends, by name (the one owner of the list)."""
+EMBEDDED = tuple(EMBEDDED_LLMS)
+"""The embedded LLM names as a tuple, derived from :data:`pipeline.assets.EMBEDDED_LLMS` for
+``bench/stage1_throughput.py``, which imports it from here; stage 1 itself uses ``EMBEDDED_LLMS``."""
 
 
 @dataclass
@@ -99,94 +95,15 @@ def load_llm(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
-    folder, gguf = _resolve(name_or_path)
-    full, tokenizer = _load_model_and_tokenizer(folder, gguf, DTYPES[dtype], trust_remote_code)
-    fingerprint = weights_fingerprint(Path(folder) / gguf if gguf else folder)
-    llm = _prepare(full, tokenizer, _source_name(name_or_path), fingerprint, layer, dtype)
+    source = resolve_source(name_or_path)
+    full, tokenizer = _load_model_and_tokenizer(source.location, source.gguf, DTYPES[dtype], trust_remote_code)
+    fingerprint = weights_fingerprint(source.fingerprint_path)
+    llm = _prepare(full, tokenizer, source.name, fingerprint, layer, dtype)
     log.info(
         "loaded %s (%s, %d/%d blocks, D=%d, %s) in %.1f s",
         llm.name, llm.architecture, llm.layer, llm.num_layers, llm.hidden_size, dtype, time.perf_counter() - t0,
     )
     return llm
-
-
-def _resolve(name_or_path: str) -> tuple[str, str | None]:
-    """``(folder or hub id, gguf file name inside it or None)`` for a source."""
-    if name_or_path in EMBEDDED:
-        return str(embedded_folder(name_or_path)), None
-    p = Path(name_or_path).expanduser()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {p}")
-        return str(p.parent), p.name
-    if p.exists():
-        return str(p), None
-    if name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model path not found: {p}")
-    return name_or_path, None
-
-
-def _source_name(name_or_path: str) -> str:
-    """Embedded names and hub ids as given; local paths made absolute (so a cache identity can be reloaded)."""
-    p = Path(name_or_path).expanduser()
-    if name_or_path not in EMBEDDED and p.exists():
-        return str(p.resolve())
-    return name_or_path
-
-
-def embedded_folder(name: str) -> Path:
-    """The bf16 safetensors folder of embedded model ``name``, converting its GGUF once if needed (SPEC §9).
-
-    The conversion writes into a temporary directory beside the target and renames it into place, so a killed
-    conversion never leaves a half-written folder behind.
-    """
-    target = flame_home() / "models" / f"{name}-bf16"
-    if (target / "config.json").exists():
-        return target
-    from pipeline.assets import llm_gguf
-
-    gguf = Path(llm_gguf(name))
-    log.info("converting %s to a bf16 safetensors folder at %s (once)", gguf, target)
-    convert_gguf(gguf, target)
-    return target
-
-
-def convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF checkpoint and save it as a bf16 safetensors folder (model + tokenizer) at ``target``.
-
-    If another process finished the same conversion first, its folder is kept and this one discarded.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize_kwargs()
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is meant to be readable like a download
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
-            raise
-        log.info("%s was converted by another process meanwhile; using it", target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _dequantize_kwargs() -> dict:
-    """transformers >= 5 keeps GGUF weights packed (and refuses to save them) unless asked to dequantize;
-    older versions always dequantize."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _load_model_and_tokenizer(folder: str, gguf: str | None, dtype: torch.dtype, trust_remote_code: bool):
@@ -197,7 +114,7 @@ def _load_model_and_tokenizer(folder: str, gguf: str | None, dtype: torch.dtype,
         kw["gguf_file"] = gguf
     tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     if gguf:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw, **_dequantize_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw, **dequantize_kwargs())
     else:
         model = AutoModel.from_pretrained(folder, dtype=dtype, **kw)
     return model, tokenizer
@@ -273,47 +190,3 @@ def _layer_types(config, num_layers: int) -> tuple[str, ...]:
         return tuple(types)
     kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
     return (kind,) * num_layers
-
-
-def weights_fingerprint(source: str | Path) -> str:
-    """``sha256:<hex>`` over the weight files of a folder or a single file, cached in ``flame_home()``.
-
-    The digest covers each weight file's name and contents (sorted by name), so it does not depend on the
-    dtype the model is loaded in. The cache entry is keyed by the files' paths, sizes and mtimes; a hub id is
-    resolved to its local snapshot (the files already downloaded) first.
-
-    Raises:
-        FileNotFoundError: no weight files found.
-    """
-    files = _weight_files(source)
-    stat_key = hashlib.sha256(
-        json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]).encode()
-    ).hexdigest()
-    cache = flame_home() / "fingerprints" / f"{stat_key}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())["fingerprint"]
-    total = hashlib.sha256()
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-        total.update(f"{f.name}:{h.hexdigest()}\n".encode())
-    fingerprint = "sha256:" + total.hexdigest()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"fingerprint": fingerprint, "files": [str(f) for f in files]}))
-    return fingerprint
-
-
-def _weight_files(source: str | Path) -> list[Path]:
-    p = Path(source)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        from huggingface_hub import snapshot_download
-
-        p = Path(snapshot_download(str(source), local_files_only=True))  # the files from_pretrained fetched
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _WEIGHT_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no weight files in {p}")
-    return files

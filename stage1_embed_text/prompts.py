@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 GROUPS = ("raw", "short", "long")
 BOS_MARKERS = ("drop", "keep")
-CLEANUP_RULE = "spec-2.1-v1"  # bump if clean_caption changes; part of every prompt-set hash
+CLEANUP_RULE = "spec-2.1-v1"  # bump if clean_for_prompt changes; part of every prompt-set hash
 
 _ENDING = " means in just one word:\""
 _OFFICIAL_MARKER = "<s>"
@@ -34,12 +34,17 @@ SHORT_PREFIX = 'Image description : "{caption}" . After thinking step by step ,'
 LONG_PREFIX = 'Detailed Image description : "{caption}" . After thinking step by step ,'
 
 
-def clean_caption(text: str | None) -> str | None:
-    """Clean a caption before templating, exactly as SPEC §2.1 says.
+def clean_for_prompt(text: str | None) -> str | None:
+    """The caption as it goes between the prompt's quotes: SPEC §2.1's clean-up, exactly.
 
     1. strip surrounding whitespace; 2. append ``.`` unless it ends in ``.``, ``?``, ``"`` or ``'``;
     3. replace every ``"`` with ``'`` (the closing-quote token cannot occur inside the caption);
     4. a final ``?`` becomes ``.``.
+
+    Idempotent (a cleaned caption ends in ``.`` or ``'`` and holds no ``"``), so cleaning a cleaned text again
+    changes nothing. Stage 1 applies it to whatever a manifest holds (a manifest written by another tool may
+    keep surrounding whitespace or quotes); the manifest writers only turn blank captions into ``None``
+    (``manifests.common.clean_caption``) and store the text otherwise unchanged.
 
     Args:
         text: the caption, or ``None``.
@@ -62,6 +67,10 @@ def clean_caption(text: str | None) -> str | None:
     return s
 
 
+clean_caption = clean_for_prompt
+"""Former name of :func:`clean_for_prompt`, kept for ``bench/stage1_throughput.py``."""
+
+
 @dataclass(frozen=True)
 class PromptGroup:
     """One text kind of a sample (``raw``, ``short`` or ``long``) and its facet prompts.
@@ -77,10 +86,6 @@ class PromptGroup:
     prefix: str
     facet_names: tuple[str, ...]
     segments: tuple[str, ...]
-
-    def render(self, caption: str) -> tuple[str, tuple[str, ...]]:
-        """Prefix text with the (already cleaned) caption filled in, and the facet segments."""
-        return self.prefix.replace("{caption}", caption), self.segments
 
     def prefix_parts(self) -> tuple[str, str]:
         """The template words before and after ``{caption}`` (used to cut caption tokens, SPEC §2.4)."""
@@ -143,19 +148,6 @@ class PromptSet:
         if self.bos_marker == "keep":
             segs = (_OFFICIAL_MARKER + segs[0],) + segs[1:]
         return segs
-
-    def render(self, group: str, caption: str | None) -> tuple[str, tuple[str, ...]] | None:
-        """Clean ``caption`` (SPEC §2.1) and fill group ``group``'s template.
-
-        Returns:
-            ``(prefix, segments)`` with ``prefix + segments[i]`` the full prompt of facet ``i``, or ``None`` if
-            the caption is absent (``None``/empty/whitespace).
-        """
-        cleaned = clean_caption(caption)
-        if cleaned is None:
-            return None
-        prefix, _ = self.group(group).render(cleaned)
-        return prefix, self.segments(group)
 
     def definition(self) -> dict:
         """Canonical, JSON-serialisable form of the whole definition (what :attr:`content_hash` digests)."""

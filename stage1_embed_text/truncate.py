@@ -7,8 +7,9 @@ the final norm. The engine's output is then ``final_norm(hidden_states[L])``; th
 scale back out for the ``pre_norm`` readout. Everything else (tokenizer files, chat template, generation
 config) is copied unchanged. A separate ``lm_head`` is dropped: a pooling engine never computes logits.
 
-The copy is made once under ``$FLAME_HOME/models/truncated/`` and renamed into place when complete, so a killed
-run never leaves a half-written folder that looks finished.
+The copy is made once under ``$FLAME_HOME/models/truncated/`` and renamed into place when complete
+(:func:`pipeline.atomic.atomic_directory`), so a killed run never leaves a half-written folder that looks
+finished. :func:`final_norm_scale` reads the final norm's scale from such a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.atomic import atomic_directory
 from pipeline.paths import flame_home
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,7 @@ _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _LM_HEAD = re.compile(r"(?:^|\.)lm_head\.")
 _INDEX = "model.safetensors.index.json"
 MARKER = "flame_truncation.json"
+_NORM_NAMES = ("model.norm.weight", "norm.weight", "model.language_model.norm.weight", "language_model.model.norm.weight")
 
 
 def block_of(name: str) -> int | None:
@@ -89,9 +96,6 @@ def truncated_checkpoint(source: str | Path, n_layers: int, root: str | Path | N
         FileNotFoundError: ``source`` is not a folder with ``config.json`` and safetensors weights.
         ValueError: ``n_layers`` outside ``[1, num_hidden_layers]``.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     src = Path(source).expanduser().resolve()
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} is not a model folder (no config.json)")
@@ -108,49 +112,74 @@ def truncated_checkpoint(source: str | Path, n_layers: int, root: str | Path | N
         return target
 
     log.info("cutting %s to %d blocks at %s (once)", src, n_layers, target)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
-    try:
-        weight_map: dict[str, str] = {}
-        kept = dropped = 0
-        for wf in weights:
-            tensors = {}
-            with safe_open(str(wf), framework="pt") as f:
-                meta = f.metadata() or {}
-                for name in f.keys():
-                    if keep_tensor(name, n_layers):
-                        tensors[name] = f.get_tensor(name)
-                    else:
-                        dropped += 1
-            if tensors:
-                save_file(tensors, str(tmp / wf.name), metadata=meta or {"format": "pt"})
-                weight_map.update(dict.fromkeys(tensors, wf.name))
-                kept += len(tensors)
-        if (src / _INDEX).is_file():
-            index = json.loads((src / _INDEX).read_text(encoding="utf-8"))
-            index["weight_map"] = dict(sorted(weight_map.items()))
-            index.get("metadata", {}).pop("total_size", None)
-            (tmp / _INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-        for p in src.iterdir():
-            if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", _INDEX):
-                shutil.copy2(p, tmp / p.name)
-        (tmp / "config.json").write_text(json.dumps(new_config, indent=2), encoding="utf-8")
-        (tmp / MARKER).write_text(
-            json.dumps({"source": str(src), "num_hidden_layers": n_layers, "kept": kept, "dropped": dropped}),
-            encoding="utf-8",
-        )
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / MARKER).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            log.info("%s was cut by another process meanwhile; using it", target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(target, keep_existing=True) as tmp:
+        kept, dropped = _write_truncated(src, weights, n_layers, new_config, tmp)
+    if not (target / MARKER).is_file():
+        raise OSError(f"could not publish the truncated checkpoint at {target}")
     log.info("kept %d tensors, dropped %d", kept, dropped)
     return target
+
+
+def _write_truncated(src: Path, weights: list[Path], n_layers: int, new_config: dict, out: Path) -> tuple[int, int]:
+    """Write the checkpoint ``src`` cut to ``n_layers`` blocks into the empty folder ``out`` (files ``0o644``);
+    returns ``(tensors kept, tensors dropped)``."""
+    weight_map: dict[str, str] = {}
+    kept = dropped = 0
+    for wf in weights:
+        tensors = {}
+        with safe_open(str(wf), framework="pt") as f:
+            meta = f.metadata() or {}
+            for name in f.keys():
+                if keep_tensor(name, n_layers):
+                    tensors[name] = f.get_tensor(name)
+                else:
+                    dropped += 1
+        if tensors:
+            save_file(tensors, str(out / wf.name), metadata=meta or {"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, wf.name))
+            kept += len(tensors)
+    if (src / _INDEX).is_file():
+        index = json.loads((src / _INDEX).read_text(encoding="utf-8"))
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        index.get("metadata", {}).pop("total_size", None)
+        (out / _INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", _INDEX):
+            shutil.copy2(p, out / p.name)
+    (out / "config.json").write_text(json.dumps(new_config, indent=2), encoding="utf-8")
+    (out / MARKER).write_text(
+        json.dumps({"source": str(src), "num_hidden_layers": n_layers, "kept": kept, "dropped": dropped}),
+        encoding="utf-8",
+    )
+    for p in out.iterdir():
+        os.chmod(p, 0o644)
+    return kept, dropped
+
+
+def is_gemma(config: Mapping) -> bool:
+    """Whether the model's RMSNorm scales by ``1 + w`` (Gemma families) rather than ``w``."""
+    text = config.get("text_config") or config
+    return str(text.get("model_type", config.get("model_type", ""))).startswith("gemma")
+
+
+def final_norm_scale(folder: str | Path) -> np.ndarray:
+    """``float32 [D]``: the elementwise factor the final RMSNorm multiplies by (``w``, or ``1 + w`` for Gemma).
+
+    Raises:
+        KeyError: no final-norm tensor found (the message lists the candidates looked for).
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    found = None
+    for wf in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(wf), framework="pt") as f:
+            names = [n for n in f.keys() if block_of(n) is None]
+            for cand in _NORM_NAMES:
+                if cand in names:
+                    found = f.get_tensor(cand).float().numpy()
+                    break
+        if found is not None:
+            break
+    if found is None:
+        raise KeyError(f"no final norm weight in {folder} (looked for {_NORM_NAMES})")
+    return (1.0 + found if is_gemma(config) else found).astype(np.float32)

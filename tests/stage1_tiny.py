@@ -15,7 +15,7 @@ import functools
 import torch
 
 from stage1_embed_text.llm import LoadedLLM, prepare_llm
-from stage1_embed_text.prompts import FLAME, QUESTIONS
+from stage1_embed_text.prompts import FLAME, QUESTIONS, PromptSet, clean_for_prompt
 
 ARCHS = ("llama", "mistral", "gemma3")
 HIDDEN = 64
@@ -87,3 +87,14 @@ def tiny_llm(
     """:func:`tiny_causal_lm` wrapped as a stage-1 :class:`LoadedLLM` (default layer: the penultimate, 3)."""
     model = tiny_causal_lm(arch, attn, dtype, seed)
     return prepare_llm(model, tiny_tokenizer(), name=f"tiny-{arch}", fingerprint=f"sha256:tiny-{arch}-{seed}", layer=layer)
+
+
+def spec_prompts(prompt_set: PromptSet, group: str, caption: str | None) -> list[str] | None:
+    """Reference for tests: the single-facet prompt texts of ``caption`` written out from the prompt definition
+    (SPEC §2.1 clean-up, ``{caption}`` filled in, each facet segment appended), ``None`` if the caption is absent.
+    Independent of the packing code, which must feed the LLM exactly the tokens of these texts."""
+    cleaned = clean_for_prompt(caption)
+    if cleaned is None:
+        return None
+    prefix = prompt_set.group(group).prefix.replace("{caption}", cleaned)
+    return [prefix + s for s in prompt_set.segments(group)]

@@ -6,11 +6,20 @@ import torch
 
 from pipeline.cache import CacheIdentity, CacheIdentityError
 from stage1_embed_text.api import TextEmbedder
+from stage1_embed_text.batching import collate, facet_mask, plan_batches
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import load_llm
-from stage1_embed_text.packing import collate, facet_mask, pack, pack_caption, plan_batches
-from stage1_embed_text.prompts import FLAME, SINGLE, clean_caption
-from tests.stage1_tiny import ARCHS, WINDOW, tiny_causal_lm, tiny_config, tiny_llm, tiny_tokenizer
+from stage1_embed_text.packing import pack, pack_caption
+from stage1_embed_text.prompts import FLAME, SINGLE, clean_for_prompt
+from tests.stage1_tiny import (
+    ARCHS,
+    WINDOW,
+    spec_prompts,
+    tiny_causal_lm,
+    tiny_config,
+    tiny_llm,
+    tiny_tokenizer,
+)
 
 SAMPLE = {
     "raw": "a red apple",
@@ -33,9 +42,8 @@ def reference_vectors(arch: str, sample: dict, layer: int, attn: str = "sdpa", r
     tok = tiny_tokenizer()
     out = np.zeros((len(FLAME.facets), model.config.hidden_size), np.float32)
     for g in FLAME.group_names:
-        prefix, segments = FLAME.render(g, sample[g])
-        for i, seg in enumerate(segments):
-            ids = tok(prefix + seg, split_special_tokens=True, return_tensors="pt")["input_ids"]
+        for i, prompt in enumerate(spec_prompts(FLAME, g, sample[g])):
+            ids = tok(prompt, split_special_tokens=True, return_tensors="pt")["input_ids"]
             hs = model(input_ids=ids, output_hidden_states=True).hidden_states
             h = hs[layer][0, -1]
             if readout == "post_norm":
@@ -108,23 +116,23 @@ def test_bf16_batch_invariance_cosine():
         assert (mixed * alone).sum(-1).min() >= 0.999
 
 
-def _readout_tokens(enc: FacetEncoder, group: str, caption: str, max_tokens: int):
+def _readout_tokens(enc: FacetEncoder, group: str, caption: str, context_tokens: int):
     tok = enc.llm.tokenizer
-    seq = pack_caption(tok, enc.templates[group], clean_caption(caption), max_tokens)
+    seq = pack_caption(tok, enc.templates[group], clean_for_prompt(caption), context_tokens)
     return seq, [tok.decode([int(seq.ids[i])]) for i in seq.readout()]
 
 
 def test_readout_is_closing_quote_and_long_captions_are_cut():
-    enc = FacetEncoder(tiny_llm("gemma3"), max_tokens=160)
+    enc = FacetEncoder(tiny_llm("gemma3"), context_tokens=160)
     for g in FLAME.group_names:
         for caption in (SAMPLE[g], LONGER["long"] * 3):
-            seq, readouts = _readout_tokens(enc, g, caption, enc.max_tokens)
+            seq, readouts = _readout_tokens(enc, g, caption, enc.context_tokens)
             assert len(readouts) == len(FLAME.segments(g))
             assert all(r.endswith('"') for r in readouts), readouts
-            assert len(seq) <= enc.max_tokens
-    seq, _ = _readout_tokens(enc, "long", LONGER["long"] * 3, enc.max_tokens)
+            assert len(seq) <= enc.context_tokens
+    seq, _ = _readout_tokens(enc, "long", LONGER["long"] * 3, enc.context_tokens)
     t = enc.templates["long"]
-    assert seq.truncated and len(seq) == enc.max_tokens
+    assert seq.truncated and len(seq) == enc.context_tokens
     np.testing.assert_array_equal(seq.ids[-sum(seq.seg_lens):], np.concatenate(t.segments))
     assert seq.seg_lens == tuple(len(s) for s in t.segments)
     # the prefix ends in the template words after the caption: the cut caption text + tail, tokenized as one
@@ -137,7 +145,7 @@ def test_readout_is_closing_quote_and_long_captions_are_cut():
 
 
 def test_special_captions_behave_as_documented():
-    enc = FacetEncoder(tiny_llm("gemma3"), max_tokens=256)
+    enc = FacetEncoder(tiny_llm("gemma3"), context_tokens=256)
     tok = enc.llm.tokenizer
     samples = [
         {"raw": 'she said "hello" to the word:"apple"', "short": "🍎🚀🎉", "long": "قطة تجلس على الأريكة. 猫がソファに座っている。"},
@@ -148,7 +156,7 @@ def test_special_captions_behave_as_documented():
     out = enc.encode(samples)
     # quotes inside captions become ' (SPEC §2.1): no caption token can contain the closing quote
     t = enc.templates["raw"]
-    seq = pack_caption(tok, t, clean_caption(samples[0]["raw"]), 256)
+    seq = pack_caption(tok, t, clean_for_prompt(samples[0]["raw"]), 256)
     cap_ids = seq.ids[len(t.bos) + len(t.head) : seq.n_prefix - len(t.tail)]
     assert tok.decode(cap_ids) == "she said 'hello' to the word:'apple'"
     assert not any('"' in tok.decode([i]) for i in cap_ids)
@@ -159,7 +167,7 @@ def test_special_captions_behave_as_documented():
     # blank or missing captions: the group is absent (mask False, zero vectors, 0 tokens)
     assert out.mask[1].tolist() == [True] + [False] * 10
     assert not out.mask[2].any() and not out.vectors[2].any() and out.tokens[2].tolist() == [0, 0, 0]
-    # a 20k-token caption is cut to max_tokens, every facet kept, flagged
+    # a 20k-token caption is cut to context_tokens, every facet kept, flagged
     assert out.tokens[3].tolist() == [256, 0, 0] and out.truncated[3].tolist() == [True, False, False]
     assert out.mask[3, 0] and abs(np.linalg.norm(out.vectors[3, 0]) - 1) < 1e-5
 

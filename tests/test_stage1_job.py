@@ -22,8 +22,9 @@ from pipeline.cache import CacheIdentityError, CacheReader
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.job import EmbedConfig, run_embed
 from stage1_embed_text.llm import load_llm
-from stage1_embed_text.plan import StoredPlan, make_plan
+from stage1_embed_text.plan import make_plan
 from stage1_embed_text.prompts import FLAME
+from stage1_embed_text.stored_plan import StoredPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 160  # the tiny long template is 120 tokens, so the 200-token LONG_TEXT is cut to 40 caption tokens
@@ -153,7 +154,7 @@ def test_job_writes_deduplicated_cache_equal_to_encoder(env, tmp_path):
     cache = tmp_path / "cache"
     summary = run_embed(_config(env, manifest, cache))
 
-    enc = FacetEncoder(load_llm(str(env["model"]), dtype="float32"), max_tokens=CONTEXT)
+    enc = FacetEncoder(load_llm(str(env["model"]), dtype="float32"), context_tokens=CONTEXT)
     uniq = [SAMPLES[i] for i in (0, 4, 5, 6, 8)]  # the first sample of each row, in row order
     expected = enc.encode([{"raw": r, "short": s, "long": lg} for _, r, s, lg in uniq])
 
@@ -205,7 +206,7 @@ def test_rerun_of_finished_cache_does_nothing(env, tmp_path):
 
 def test_cli_without_vllm_refuses_backend_vllm_cleanly(env, tmp_path, capsys):
     from pipeline.app.cli import main
-    from stage1_embed_text.vllm_backend import vllm_available
+    from stage1_embed_text.vllm_settings import vllm_available
 
     if vllm_available()[0]:
         pytest.skip("vLLM is importable here")
@@ -329,7 +330,7 @@ def test_disk_full_is_one_line_and_a_rerun_finishes_the_same_cache(env, tmp_path
 
 def test_stage2_counts_rows_per_part_from_the_job_record_without_lookups(env, tmp_path):
     from stage2_train_vision.config import DataConfig
-    from stage2_train_vision.data import _counts_from_cache, stream_shards
+    from stage2_train_vision.stream import _counts_from_cache, stream_shards
 
     manifest = _write_manifest(tmp_path / "manifest", SAMPLES)  # parts k0-k3, k4-k7, k8
     cache = tmp_path / "cache"

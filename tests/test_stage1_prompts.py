@@ -1,8 +1,18 @@
-"""Prompt sets and caption clean-up: exact SPEC §2.1/§2.2 text, facet order, content hash."""
+"""Prompt sets and caption clean-up: exact SPEC §2.1/§2.2 text, facet order, content hash.
+
+The prompt texts are checked on the real path: the token ids :func:`stage1_embed_text.packing.pack_samples`
+feeds the LLM for each facet (what both backends run), decoded with the tiny byte-level tokenizer, which
+decodes to the exact text it encoded.
+"""
 
 import pytest
 
-from stage1_embed_text.prompts import FLAME, SINGLE, clean_caption, get_prompt_set
+from pipeline.assets import DEFAULT_LLM, EMBEDDED_LLMS, default_readout
+from stage1_embed_text.config import EmbedConfig
+from stage1_embed_text.packing import pack_samples
+from stage1_embed_text.prompts import FLAME, SINGLE, clean_for_prompt, get_prompt_set
+from stage1_embed_text.tokenization import group_templates
+from tests.stage1_tiny import tiny_tokenizer
 
 SPEC_RAW = (
     'Image description : "{caption}" . After thinking step by step , this image description means in just one word:"'
@@ -43,26 +53,36 @@ FLAME_HASH = "sha256:35349c672c64762171b375b9be32f53b80be8b9fd9b7d59ea2e6ae4f37e
     ],
 )
 def test_clean_caption_exact(text, expected):
-    assert clean_caption(text) == expected
+    assert clean_for_prompt(text) == expected
+    assert clean_for_prompt(expected) == expected  # idempotent: the plan and the encoder may both clean
 
 
 @pytest.mark.parametrize("text", [None, "", "   ", "\n\t "])
 def test_blank_caption_is_absent(text):
-    assert clean_caption(text) is None
-    assert FLAME.render("long", text) is None
+    assert clean_for_prompt(text) is None
+    tok = tiny_tokenizer()
+    assert pack_samples(tok, group_templates(tok, FLAME), FLAME, [{"long": text, "raw": text}], 512) == []
+
+
+def fed_prompts(group: str, caption: str) -> list[str]:
+    """The text of each facet prompt the LLM is fed for ``caption`` in ``group`` (BOS dropped)."""
+    tok = tiny_tokenizer()
+    (item,) = pack_samples(tok, group_templates(tok, FLAME), FLAME, [{group: caption}], 512)
+    return [
+        tok.decode(item.request(k), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        for k in range(len(item.seq.seg_lens))
+    ]
 
 
 def test_raw_prompt_is_spec_text():
-    prefix, segments = FLAME.render("raw", "A red apple?")
-    assert len(segments) == 1
-    assert prefix + segments[0] == SPEC_RAW.replace("{caption}", "A red apple.")
+    assert fed_prompts("raw", "A red apple?") == [SPEC_RAW.replace("{caption}", "A red apple.")]
 
 
 @pytest.mark.parametrize(("group", "prefix", "n"), [("short", SPEC_SHORT_PREFIX, 3), ("long", SPEC_LONG_PREFIX, 7)])
 def test_facet_prompts_are_spec_text(group, prefix, n):
-    got_prefix, segments = FLAME.render(group, "x")
-    assert got_prefix == prefix.replace("{caption}", "x.")
-    assert list(segments) == [" " + q + ' means in just one word:"' for q in SPEC_QUESTIONS[:n]]
+    assert fed_prompts(group, " x ") == [
+        prefix.replace("{caption}", "x.") + " " + q + ' means in just one word:"' for q in SPEC_QUESTIONS[:n]
+    ]
 
 
 def test_facet_names_and_slices():
@@ -94,12 +114,17 @@ def test_unknown_names_raise():
 
 
 def test_default_readout_is_the_measured_choice_of_embedded_llms():
-    from stage1_embed_text.job import EmbedConfig
-    from stage1_embed_text.llm import default_readout
-
     assert default_readout("gemma3-270m") == "post_norm"
     assert default_readout("smollm2-135m") == "pre_norm"
     assert default_readout("mistralai/Mistral-Nemo-Base-2407") == "pre_norm"
     assert EmbedConfig(manifest="m", out="c").readout == "post_norm"
     assert EmbedConfig(manifest="m", out="c", llm="/models/x", readout=None).readout == "pre_norm"
     assert EmbedConfig(manifest="m", out="c", readout="pre_norm").readout == "pre_norm"
+
+
+def test_embedded_llm_list_and_default_have_one_owner():
+    """pipeline.assets owns the embedded LLMs and the default; stage 1 reads them from there."""
+    import stage1_embed_text.llm as llm
+
+    assert EmbedConfig(manifest="m", out="c").llm == DEFAULT_LLM and DEFAULT_LLM in EMBEDDED_LLMS
+    assert llm.EMBEDDED == tuple(EMBEDDED_LLMS)  # a derived name kept for bench/

@@ -26,16 +26,10 @@ import torch
 from pipeline.cache import CacheIdentity, CacheIdentityError, CacheLayout, CacheMeta, CacheReader, CacheWriter
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import prepare_llm
-from stage1_embed_text.packing import (
-    TOKENIZATION,
-    GroupTemplate,
-    group_templates,
-    pack_caption,
-    pack_samples,
-    plain_encode,
-)
-from stage1_embed_text.prompts import FLAME, clean_caption, get_prompt_set
-from tests.stage1_tiny import tiny_config
+from stage1_embed_text.packing import pack_caption, pack_samples
+from stage1_embed_text.prompts import FLAME, clean_for_prompt, get_prompt_set
+from stage1_embed_text.tokenization import TOKENIZATION, GroupTemplate, group_templates, plain_encode
+from tests.stage1_tiny import spec_prompts, tiny_config
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -73,8 +67,7 @@ def _corpus() -> list[str]:
     lines = [WORDS * 3]
     for c in CAPTIONS + ["a red apple.", "'hi' there.", "two dogs play."] * 3:
         for g in FLAME.group_names:
-            prefix, segments = FLAME.render(g, c)
-            lines += [prefix + s for s in segments]
+            lines += spec_prompts(FLAME, g, c)
     return lines * 3
 
 
@@ -156,18 +149,17 @@ def family_tokenizer(family: str):
 def whole_prompt_ids(tok, group: str, caption: str) -> list[list[int]]:
     """Reference: the tokenizer's ids of each rendered single-facet prompt text, tokenized as one string with
     its own special-token handling (BOS), special-token text in the caption kept plain."""
-    prefix, segments = FLAME.render(group, caption)
-    return [tok(prefix + s, split_special_tokens=True)["input_ids"] for s in segments]
+    return [tok(prompt, split_special_tokens=True)["input_ids"] for prompt in spec_prompts(FLAME, group, caption)]
 
 
 def split_segment_ids(tok, t: GroupTemplate, group: str, caption: str) -> list[list[int]]:
     """What stage 1 did before: template words and caption tokenized separately, then concatenated."""
-    cap = tok(clean_caption(caption), add_special_tokens=False)["input_ids"]
+    cap = tok(clean_for_prompt(caption), add_special_tokens=False)["input_ids"]
     return [list(t.bos) + list(t.head) + cap + list(t.tail) + list(s) for s in t.segments]
 
 
-def _requests(tok, templates, samples, max_tokens=4096):
-    items = pack_samples(tok, templates, FLAME, samples, max_tokens)
+def _requests(tok, templates, samples, context_tokens=4096):
+    items = pack_samples(tok, templates, FLAME, samples, context_tokens)
     return {(it.row, FLAME.group_names[it.group]): it for it in items}
 
 
@@ -194,9 +186,9 @@ def test_boundary_merge_falls_back_to_whole_strings():
     tok = family_tokenizer("no-split")
     templates = group_templates(tok, FLAME)
     assert not any(t.separable for t in templates.values())
-    prefix, segments = FLAME.render("long", "a red apple.")
+    prefix = FLAME.group("long").prefix.replace("{caption}", "a red apple.")
     head = plain_encode(tok, [prefix])["input_ids"][0]
-    assert plain_encode(tok, [prefix + segments[0]])["input_ids"][0][: len(head)] != head
+    assert plain_encode(tok, spec_prompts(FLAME, "long", "a red apple.")[:1])["input_ids"][0][: len(head)] != head
     items = _requests(tok, templates, [{g: c for g in FLAME.group_names} for c in CAPTIONS])
     for (row, g), it in items.items():
         ref = whole_prompt_ids(tok, g, CAPTIONS[row])
@@ -226,7 +218,7 @@ def test_gemma_control_ids_stay_text():
     tok = family_tokenizer("gemma3")
     assert tok.convert_tokens_to_ids(["<pad>", "<eos>", "<bos>", "<start_of_turn>"]) == [0, 1, 2, 105]
     templates = group_templates(tok, FLAME)
-    caption = clean_caption("a cat <eos> on a <bos> mat <pad> <start_of_turn>")
+    caption = clean_for_prompt("a cat <eos> on a <bos> mat <pad> <start_of_turn>")
     seq = pack_caption(tok, templates["raw"], caption, 512)
     assert seq.ids[0] == 2 and not {0, 1, 2, 105} & set(seq.ids[1:].tolist())
     assert tok.decode(seq.ids[1:], skip_special_tokens=False).startswith(
@@ -238,7 +230,7 @@ def test_gemma_control_ids_stay_text():
 def test_long_caption_cut_keeps_template_and_every_facet(family):
     tok = family_tokenizer(family)
     templates = group_templates(tok, FLAME)
-    caption = clean_caption(WORDS * 1600 + "猫がソファに座っている")
+    caption = clean_for_prompt(WORDS * 1600 + "猫がソファに座っている")
     assert len(tok(caption, add_special_tokens=False)["input_ids"]) > 20_000
     max_tokens = 300
     for g in FLAME.group_names:
@@ -267,13 +259,12 @@ def test_kept_bos_marker_is_the_tokenizers_special(family):
     assert templates["short"].lead_special == (True, False, False)
     items = pack_samples(tok, templates, keep, [{"short": "a red apple <s> on a table."}], 512)
     it = items[0]
-    prefix, segments = keep.render("short", "a red apple <s> on a table.")
+    prefix = keep.group("short").prefix.replace("{caption}", "a red apple <s> on a table.")
     ref = tok(prefix, split_special_tokens=True)["input_ids"]
     assert it.request(0)[: len(ref)] == ref and it.request(0)[len(ref)] == tok.bos_token_id
     assert it.request(0).count(tok.bos_token_id) == 2  # BOS + the marker, none from the caption
     clean = pack_samples(tok, templates, keep, [{"short": "a red apple."}], 512)[0]
-    prefix, segments = keep.render("short", "a red apple.")
-    assert [clean.request(k) for k in range(3)] == [tok(prefix + s)["input_ids"] for s in segments]
+    assert [clean.request(k) for k in range(3)] == [tok(p)["input_ids"] for p in spec_prompts(keep, "short", "a red apple.")]
 
 
 @pytest.mark.parametrize(

@@ -19,14 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from stage1_embed_text.packing import group_templates, pack_samples
+from stage1_embed_text.packing import pack_samples
 from stage1_embed_text.prompts import FLAME, GROUPS
-from stage1_embed_text.truncate import block_of, keep_tensor, truncated_checkpoint, truncated_config
-from stage1_embed_text.vllm_backend import (
-    EngineSettings,
+from stage1_embed_text.tokenization import group_templates
+from stage1_embed_text.truncate import (
+    block_of,
     final_norm_scale,
-    vllm_available,
+    keep_tensor,
+    truncated_checkpoint,
+    truncated_config,
 )
+from stage1_embed_text.vllm_settings import EngineSettings, vllm_available
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,7 @@ def test_requests_are_packed_sequences_split_per_facet():
 
     tok = tiny_tokenizer()
     samples = emoji_samples()[:8]
-    items = pack_samples(tok, group_templates(tok, FLAME), FLAME, samples, max_tokens=512)
+    items = pack_samples(tok, group_templates(tok, FLAME), FLAME, samples, context_tokens=512)
     for it in items:
         seq = it.seq
         assert sum(len(it.request(k)) for k in range(len(seq.seg_lens))) == (
@@ -175,7 +178,7 @@ def test_settings_defaults_per_device():
     assert gpu.block_size == 16 and not gpu.enforce_eager and gpu.gpu_memory_utilization == 0.85
     with pytest.raises(ValueError, match="device"):
         EngineSettings(device="tpu").resolved()
-    from stage1_embed_text.vllm_backend import _count_cpus
+    from stage1_embed_text.vllm_settings import _count_cpus
 
     assert (_count_cpus("0,1"), _count_cpus("0-3,8"), _count_cpus("2")) == (2, 5, 1)
 

@@ -1,0 +1,97 @@
+"""The arguments of a stage-1 job, their defaults and their choices: :class:`EmbedConfig` is the one owner.
+
+``flame embed`` reads its option defaults from these fields (:func:`default`) and its choices from the tuples
+below; the encoders take their defaults and checks from the same constants; the embedded LLM list and default
+LLM come from :mod:`pipeline.assets`. This module is light (no torch): the ``flame`` command line imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.assets import DEFAULT_LLM, default_readout
+
+BACKENDS = ("hf", "vllm")
+"""Stage-1 backends: ``hf`` (transformers, the reference) and ``vllm`` (SPEC §2.5)."""
+DTYPE_CHOICES = ("bfloat16", "float32")
+"""Compute dtypes ``flame embed --dtype`` offers (the loaders accept ``float16`` as well)."""
+READOUTS = ("pre_norm", "post_norm")
+"""Where a facet vector is read: the block output ``hidden_states[L]`` (``pre_norm``, the official recipe) or
+that state passed through the model's final norm (``post_norm``)."""
+POSITION_MODES = ("restart", "continuous")
+"""Position ids of a packed sequence: every facet continues from the prefix end (``restart``, equals separate
+passes) or one running count (``continuous``, the official numbering)."""
+DEFAULT_CONTEXT_TOKENS = 512
+"""Longest packed sequence in tokens; longer captions are cut (SPEC §2.4). Stored as the identity's ``max_tokens``."""
+DEFAULT_MAX_BATCH_TOKENS = 1024
+"""Padded tokens per forward batch of the ``hf`` backend."""
+
+
+@dataclass
+class EmbedConfig:
+    """Arguments of a stage-1 job.
+
+    Attributes:
+        manifest: manifest directory (SPEC §4).
+        out: cache directory to create or resume (SPEC §3).
+        llm: embedded name (:data:`pipeline.assets.EMBEDDED_LLMS`), local folder, ``.gguf`` file or hub id
+            (:func:`stage1_embed_text.llm.load_llm`); default :data:`pipeline.assets.DEFAULT_LLM`.
+        layer: ``hidden_states`` index read out; ``None`` = penultimate block.
+        readout: ``"pre_norm"`` or ``"post_norm"``; ``None`` = the LLM's default
+            (:func:`pipeline.assets.default_readout`).
+        dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
+        backend: ``"hf"`` (reference, CPU/GPU) or ``"vllm"`` (needs vLLM importable, SPEC §2.5).
+        context_tokens: longest packed sequence in tokens; longer captions are cut (SPEC §2.4).
+        max_batch_tokens: padded tokens per forward batch (``hf`` backend).
+        batch_size: if set, at most this many sequences per batch (on top of the token budget).
+        limit: only the first ``limit`` manifest rows (after ``split``).
+        split: only rows of this split.
+        shard_rows: cache rows per shard (the unit of work, resume and multi-process split).
+        chunk_rows: rows per Zarr chunk (must divide ``shard_rows``).
+        position_mode: ``"restart"`` (default) or ``"continuous"``.
+        prompt_set: prompt set name (``"flame"``).
+        bos_marker: the official ``<s>`` marker, ``"drop"`` (default) or ``"keep"``.
+        progress: show a tqdm bar (rank 0 only).
+        vllm_settings: vLLM engine settings for ``backend="vllm"``, ``{name: value}``: a field of
+            :class:`stage1_embed_text.vllm_settings.EngineSettings` (``gpu_memory_utilization``,
+            ``max_num_seqs``, ``block_size``, ...) or any other ``vllm.LLM`` keyword argument
+            (``tensor_parallel_size``, ...). ``flame embed --vllm-setting KEY=VALUE``.
+    """
+
+    manifest: str
+    out: str
+    llm: str = DEFAULT_LLM
+    layer: int | None = None
+    readout: str | None = None
+    dtype: str = "bfloat16"
+    backend: str = "hf"
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    batch_size: int | None = None
+    limit: int | None = None
+    split: str | None = None
+    shard_rows: int = 4096
+    chunk_rows: int = 64
+    position_mode: str = "restart"
+    prompt_set: str = "flame"
+    bos_marker: str = "drop"
+    progress: bool = True
+    vllm_settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.readout is None:
+            self.readout = default_readout(self.llm)
+
+
+def default(name: str) -> Any:
+    """The default of :class:`EmbedConfig` field ``name`` (what ``flame embed`` shows and uses).
+
+    Raises:
+        KeyError: no such field, or a field without a default (``manifest``, ``out``).
+    """
+    for f in dataclasses.fields(EmbedConfig):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    raise KeyError(f"EmbedConfig has no field {name!r} with a default")
