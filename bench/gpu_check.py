@@ -282,12 +282,12 @@ def stage1_parity(device: torch.device, seed: int = 0) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         ref_llm = random_decoder(TINY_DECODER, TINY.layer, torch.device("cpu"), dtype, "sdpa", seed)
         samples = caption_sets(ref_llm.tokenizer, 4, seed=1)
-        ref = FacetEncoder(ref_llm, max_tokens=1024).encode(samples)
+        ref = FacetEncoder(ref_llm, context_tokens=1024).encode(samples)
         dev_llm = random_decoder(TINY_DECODER, TINY.layer, device, dtype, "sdpa", seed + 1)
         dev_llm.model.load_state_dict(ref_llm.model.state_dict())
         for attn in ("eager", "sdpa"):
             set_attention(dev_llm, attn)
-            out = FacetEncoder(dev_llm, max_tokens=1024).encode(samples)
+            out = FacetEncoder(dev_llm, context_tokens=1024).encode(samples)
             assert (out.mask == ref.mask).all()
             cos = (unit_rows(out.vectors, out.mask) * unit_rows(ref.vectors, ref.mask)).sum(-1)
             pairs.append({"dtype": str(dtype).removeprefix("torch."), "attn": attn, "vectors": int(cos.size),
@@ -307,8 +307,8 @@ def stage1_throughput(sizes: Sizes, device: torch.device, peak: float) -> dict:
     build_s = time.perf_counter() - t0
     samples = caption_sets(llm.tokenizer, sizes.samples)
     warm = caption_sets(llm.tokenizer, sizes.warmup_samples, seed=99)
-    enc = FacetEncoder(llm, max_tokens=1024, max_batch_tokens=sizes.max_batch_tokens)
-    seqs = packed_texts(llm, samples, enc.max_tokens)
+    enc = FacetEncoder(llm, context_tokens=1024, max_batch_tokens=sizes.max_batch_tokens)
+    seqs = packed_texts(llm, samples, enc.context_tokens)
     tokens = sum(len(s) for s in seqs)
     flops = useful_flops(llm, seqs)
     log.info("stage 1: %s built on %s in %.1f s; %d samples = %d texts, %d tokens, %.3g TFLOP",

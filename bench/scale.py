@@ -386,28 +386,28 @@ class DigestStandInEncoder:
 
     def identity(self):
         """The :class:`pipeline.cache.CacheIdentity` of these vectors (``llm="digest-stand-in"``)."""
-        from stage1_embed_text.encoder import text_identity
+        from stage1_embed_text.encoded import text_identity
 
         return text_identity(
             name="digest-stand-in", fingerprint="sha1-of-text", layer=0, readout="pre_norm", dim=self.dim,
-            prompt_set=self.prompt_set, position_mode="restart", max_tokens=512, dtype="float32",
+            prompt_set=self.prompt_set, position_mode="restart", context_tokens=512, dtype="float32",
             backend="digest-stand-in",
         )
 
     def encode(self, samples: Sequence[Mapping[str, str | None]],
                progress: Callable[[int, int], None] | None = None):
-        """The ``stage1_embed_text.encoder.EncodedBatch`` of ``samples`` (``{"raw"|"short"|"long": text}``; a
+        """The ``stage1_embed_text.encoded.EncodedSamples`` of ``samples`` (``{"raw"|"short"|"long": text}``; a
         missing, ``None`` or blank text is absent).
 
         Returns vectors ``float32 [n, 11, D]``, mask ``bool [n, 11]``, tokens ``int32 [n, 3]`` (a stand-in
         count, ``len(utf-8 bytes) // 4 + 20``; 0 if absent) and truncated ``bool [n, 3]`` (all False); calls
         ``progress(texts, tokens)`` once, at the end.
         """
-        from stage1_embed_text.encoder import EncodedBatch
+        from stage1_embed_text.encoded import EncodedSamples
         from stage1_embed_text.prompts import GROUPS
 
         n, f = len(samples), len(self.facets)
-        out = EncodedBatch(
+        out = EncodedSamples(
             vectors=np.zeros((n, f, self.dim), np.float32), mask=np.zeros((n, f), bool),
             tokens=np.zeros((n, len(GROUPS)), np.int32), truncated=np.zeros((n, len(GROUPS)), bool),
         )

@@ -40,11 +40,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pipeline.assets import EMBEDDED_LLMS
 from pipeline.machine import cpu_summary
+from stage1_embed_text.batching import collate, facet_mask
 from stage1_embed_text.encoder import FacetEncoder
-from stage1_embed_text.llm import DTYPES, EMBEDDED, LoadedLLM, embedded_folder, load_llm
-from stage1_embed_text.packing import PackedSequence, collate, facet_mask, group_templates, pack
-from stage1_embed_text.prompts import FLAME, GROUPS, clean_caption
+from stage1_embed_text.llm import DTYPES, LoadedLLM, load_llm
+from stage1_embed_text.model_source import embedded_folder
+from stage1_embed_text.packing import PackedSequence, pack_samples
+from stage1_embed_text.prompts import FLAME, GROUPS
+from stage1_embed_text.tokenization import group_templates
 
 log = logging.getLogger("bench.stage1_throughput")
 
@@ -77,17 +81,11 @@ def manifest_samples(path: str, n: int) -> list[dict[str, str | None]]:
     return [dict(zip(GROUPS, row)) for row in zip(*cols)]
 
 
-def packed_texts(llm: LoadedLLM, samples, max_tokens: int) -> list[PackedSequence]:
-    """Every present text of ``samples`` as a packed sequence (sample order, then raw/short/long)."""
-    templates = group_templates(llm.tokenizer, FLAME)
-    out = []
-    for s in samples:
-        for g in GROUPS:
-            c = clean_caption(s.get(g))
-            if c is not None:
-                ids = llm.tokenizer(c, add_special_tokens=False)["input_ids"]
-                out.append(pack(templates[g], ids, max_tokens))
-    return out
+def packed_texts(llm: LoadedLLM, samples, context_tokens: int) -> list[PackedSequence]:
+    """Every present text of ``samples`` packed exactly as stage 1 packs it (:func:`pack_samples`), in sample
+    order, then raw/short/long: the sequences every method runs."""
+    items = pack_samples(llm.tokenizer, group_templates(llm.tokenizer, FLAME), FLAME, samples, context_tokens)
+    return [item.seq for item in sorted(items, key=lambda item: (item.row, item.group))]
 
 
 def useful_flops(llm: LoadedLLM, seqs: list[PackedSequence]) -> float:
@@ -114,7 +112,7 @@ def matmul_peak(dtype: torch.dtype, size: int, reps: int = 5) -> float:
 
 
 def run_ours(llm: LoadedLLM, samples, max_tokens: int, max_batch_tokens: int) -> Callable[[], np.ndarray]:
-    enc = FacetEncoder(llm, max_tokens=max_tokens, max_batch_tokens=max_batch_tokens)
+    enc = FacetEncoder(llm, context_tokens=max_tokens, max_batch_tokens=max_batch_tokens)
     return lambda: enc.encode(samples).vectors
 
 
@@ -194,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     flops = useful_flops(llm, seqs)
     from transformers import AutoModelForCausalLM
 
-    folder = str(embedded_folder(args.llm)) if args.llm in EMBEDDED else args.llm
+    folder = str(embedded_folder(args.llm)) if args.llm in EMBEDDED_LLMS else args.llm
     full = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[args.dtype]).eval()
     log.info("%d samples, %d texts, %d useful tokens, %.3g useful GFLOP; threads=%d",
              len(samples), len(seqs), tokens, flops / 1e9, torch.get_num_threads())

@@ -52,7 +52,7 @@ def _separate_tokens(hf, samples) -> int:
     """Tokens of all ``prefix + facet_i`` requests (prefix counted once per facet) for ``samples``."""
     from stage1_embed_text.packing import pack_samples
 
-    items = pack_samples(hf.llm.tokenizer, hf.templates, hf.prompt_set, samples, hf.max_tokens)
+    items = pack_samples(hf.llm.tokenizer, hf.templates, hf.prompt_set, samples, hf.context_tokens)
     return sum(len(it.seq.seg_lens) * it.seq.n_prefix + sum(it.seq.seg_lens) for it in items)
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = _samples(None, 4) if args.manifest else _samples(None, args.n + 4)[args.n :]
 
     t0 = time.perf_counter()
-    hf = FacetEncoder(load_llm(args.llm, dtype=args.dtype, layer=args.layer), max_tokens=args.max_tokens)
+    hf = FacetEncoder(load_llm(args.llm, dtype=args.dtype, layer=args.layer), context_tokens=args.max_tokens)
     startup = {"hf": time.perf_counter() - t0}
 
     def vllm_encoder(cache: bool) -> VllmFacetEncoder:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
             enforce_eager=args.eager,
         )
-        return VllmFacetEncoder(args.llm, layer=args.layer, max_tokens=args.max_tokens, settings=settings)
+        return VllmFacetEncoder(args.llm, layer=args.layer, context_tokens=args.max_tokens, settings=settings)
 
     t0 = time.perf_counter()
     engines = {"vllm": vllm_encoder(True)}

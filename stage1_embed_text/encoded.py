@@ -77,26 +77,14 @@ def check_template_room(templates: Mapping[str, GroupTemplate], context_tokens: 
 
 def text_identity(
     *, name: str, fingerprint: str, layer: int, readout: str, dim: int, prompt_set: PromptSet,
-    position_mode: str, context_tokens: int | None = None, dtype: str, backend: str,
-    max_tokens: int | None = None,
+    position_mode: str, context_tokens: int, dtype: str, backend: str,
 ) -> CacheIdentity:
     """The cache identity (SPEC §3) of vectors from either backend.
 
     The tokenizer always comes from the model's own source, so it is named by the model, and both backends pack
     with :func:`~stage1_embed_text.packing.pack_samples` (``tokenization="whole-prompt"``). The context length
     ``context_tokens`` is stored under the identity's on-disk field name ``max_tokens``.
-
-    Args:
-        max_tokens: former name of ``context_tokens`` (``bench/scale.py`` passes it); used when
-            ``context_tokens`` is ``None``.
-
-    Raises:
-        TypeError: neither ``context_tokens`` nor ``max_tokens`` given.
     """
-    if context_tokens is None:
-        if max_tokens is None:
-            raise TypeError("text_identity() needs context_tokens")
-        context_tokens = max_tokens
     return CacheIdentity(
         llm=name,
         llm_fingerprint=fingerprint,

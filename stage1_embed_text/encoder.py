@@ -32,10 +32,6 @@ from stage1_embed_text.tokenization import group_templates
 
 log = logging.getLogger(__name__)
 
-EncodedBatch = EncodedSamples
-"""Former name of :class:`~stage1_embed_text.encoded.EncodedSamples`, kept for ``bench/scale.py``."""
-
-
 class FacetEncoder:
     """Embed samples' captions with a frozen LLM and a prompt set (SPEC §2.4).
 
@@ -50,7 +46,6 @@ class FacetEncoder:
         max_batch_tokens: padded tokens per forward batch (the batch budget, not a context length).
         padding_side: ``"right"`` (default) or ``"left"``; results do not depend on it.
         max_batch_sequences: at most this many sequences per batch (``flame embed --batch-size``).
-        max_tokens: former name of ``context_tokens`` (``bench/`` scripts pass it); wins when given.
 
     Raises:
         ValueError: unknown readout/position mode, or ``context_tokens`` too small for a template.
@@ -66,7 +61,6 @@ class FacetEncoder:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         padding_side: str = "right",
         max_batch_sequences: int | None = None,
-        max_tokens: int | None = None,
     ):
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
@@ -76,7 +70,7 @@ class FacetEncoder:
         self.prompt_set = prompt_set
         self.readout = readout
         self.position_mode = position_mode
-        self.context_tokens = int(context_tokens if max_tokens is None else max_tokens)
+        self.context_tokens = int(context_tokens)
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_sequences = max_batch_sequences
         self.padding_side = padding_side
@@ -89,11 +83,6 @@ class FacetEncoder:
         self.pad_id = int(pad) if pad is not None else 0
         self.device = next(llm.model.parameters()).device
         self.dtype = next(llm.model.parameters()).dtype
-
-    @property
-    def max_tokens(self) -> int:
-        """Former name of :attr:`context_tokens` (``bench/stage1_vllm.py`` reads it)."""
-        return self.context_tokens
 
     def identity(self) -> CacheIdentity:
         """The cache identity of vectors this encoder produces (every field filled)."""

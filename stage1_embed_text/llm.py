@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.assets import DEFAULT_LLM, EMBEDDED_LLMS
-from stage1_embed_text.model_source import (  # noqa: F401  (embedded_folder: bench/stage1_throughput.py imports it here)
+from pipeline.assets import DEFAULT_LLM
+from stage1_embed_text.model_source import (
     dequantize_kwargs,
-    embedded_folder,
     resolve_source,
     weights_fingerprint,
 )
@@ -30,9 +29,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 """Compute dtypes of both backends, by name (the one owner of the list)."""
-EMBEDDED = tuple(EMBEDDED_LLMS)
-"""The embedded LLM names as a tuple, derived from :data:`pipeline.assets.EMBEDDED_LLMS` for
-``bench/stage1_throughput.py``, which imports it from here; stage 1 itself uses ``EMBEDDED_LLMS``."""
 
 
 @dataclass

@@ -20,16 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# collate, facet_mask and group_templates are re-exported for bench/stage1_throughput.py, which imports them
-# from here; stage 1 itself imports them from their own modules.
-from stage1_embed_text.batching import collate, facet_mask  # noqa: F401
 from stage1_embed_text.config import POSITION_MODES
 from stage1_embed_text.prompts import GROUPS, PromptSet, clean_for_prompt
-from stage1_embed_text.tokenization import (  # noqa: F401
+from stage1_embed_text.tokenization import (
     GroupTemplate,
-    TokenizerError,
     assemble_ids,
-    group_templates,
     plain_encode,
 )
 
@@ -144,28 +139,6 @@ def pack_caption(
             f"max_tokens={context_tokens} cannot hold the prompt template ({template.fixed_len} tokens)"
         )
     return PackedSequence(np.asarray(best[0], dtype=np.int64), best[1], best[2], True)
-
-
-def pack(template: GroupTemplate, caption_ids: Sequence[int], context_tokens: int) -> PackedSequence:
-    """Pack caption ids tokenized *on their own* between the template words: not whole-string exact.
-
-    For benchmarks that only need realistic sequence lengths (within a token or two per caption edge);
-    stage 1 packs with :func:`pack_caption` (via :func:`pack_samples`), whose ids equal the tokenizer's ids
-    of the prompt text. Caption ids beyond the room the template leaves are dropped.
-
-    Raises:
-        ValueError: the template alone exceeds ``context_tokens``.
-    """
-    head = template.bos + template.head
-    room = context_tokens - (len(head) + len(template.tail) + sum(len(s) for s in template.segments))
-    if room < 0:
-        raise ValueError(f"max_tokens={context_tokens} cannot hold the prompt template")
-    ids = list(head) + list(caption_ids[:room]) + list(template.tail)
-    n_prefix = len(ids)
-    for seg in template.segments:
-        ids.extend(seg)
-    return PackedSequence(np.asarray(ids, dtype=np.int64), n_prefix, tuple(len(s) for s in template.segments),
-                          len(caption_ids) > room)
 
 
 @dataclass(frozen=True)

@@ -67,10 +67,6 @@ def clean_for_prompt(text: str | None) -> str | None:
     return s
 
 
-clean_caption = clean_for_prompt
-"""Former name of :func:`clean_for_prompt`, kept for ``bench/stage1_throughput.py``."""
-
-
 @dataclass(frozen=True)
 class PromptGroup:
     """One text kind of a sample (``raw``, ``short`` or ``long``) and its facet prompts.

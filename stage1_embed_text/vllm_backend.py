@@ -83,7 +83,6 @@ class VllmFacetEncoder:
         context_tokens: longest packed sequence in tokens (the same cut as the ``hf`` backend; also the
             engine's ``max_model_len``). The engine batches by ``settings.max_num_batched_tokens``.
         settings: :class:`EngineSettings` (device defaults filled in).
-        max_tokens: former name of ``context_tokens`` (``bench/stage1_vllm.py`` passes it); wins when given.
 
     Raises:
         VllmUnavailableError: vLLM cannot be imported here.
@@ -101,7 +100,6 @@ class VllmFacetEncoder:
         position_mode: str = default("position_mode"),
         context_tokens: int = DEFAULT_CONTEXT_TOKENS,
         settings: EngineSettings | None = None,
-        max_tokens: int | None = None,
     ):
         _check_modes(readout, position_mode)
         ok, why = vllm_available()
@@ -114,7 +112,7 @@ class VllmFacetEncoder:
         self.prompt_set = prompt_set
         self.readout = readout
         self.position_mode = position_mode
-        self.context_tokens = int(context_tokens if max_tokens is None else max_tokens)
+        self.context_tokens = int(context_tokens)
         self.facets: tuple[str, ...] = prompt_set.facets
 
         self.source = self._resolve_source(llm)
@@ -142,11 +140,6 @@ class VllmFacetEncoder:
             self.source.name, self.layer, n, self.dim, self.settings.dtype, self.settings.device,
             self.settings.block_size, self.kv_tokens, self.settings.enable_prefix_caching,
         )
-
-    @property
-    def max_tokens(self) -> int:
-        """Former name of :attr:`context_tokens`."""
-        return self.context_tokens
 
     # -- setup ------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from stage1_embed_text.api import TextEmbedder
 from stage1_embed_text.batching import collate, facet_mask, plan_batches
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import load_llm
-from stage1_embed_text.packing import pack, pack_caption
+from stage1_embed_text.packing import pack_caption
 from stage1_embed_text.prompts import FLAME, SINGLE, clean_for_prompt
 from tests.stage1_tiny import (
     ARCHS,
@@ -203,8 +203,11 @@ def test_plan_batches_respects_budget():
 
 
 def test_mask_hides_other_facets_and_padding():
-    t = FacetEncoder(tiny_llm("llama")).templates["short"]
-    a, b = pack(t, [5, 6], 512), pack(t, [5, 6, 7, 8, 9, 10], 512)
+    enc = FacetEncoder(tiny_llm("llama"))
+    t = enc.templates["short"]
+    a = pack_caption(enc.llm.tokenizer, t, "a cat", 512)
+    b = pack_caption(enc.llm.tokenizer, t, "a cat sitting on a red mat in the sun", 512)
+    assert len(b) > len(a)
     batch = collate([a, b], pad_id=0)
     m = facet_mask(batch.segments, batch.position_ids, torch.float32)[:, 0] == 0
     seg = batch.segments[0]
