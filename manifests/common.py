@@ -77,7 +77,7 @@ class DuplicateKeyError(ManifestError):
     """A key occurs more than once under ``on_duplicate="error"``; the message names both locations."""
 
 
-def clean_caption(text: str | None) -> str | None:
+def caption_or_none(text: str | None) -> str | None:
     """The caption as stored: ``None`` for missing, empty or whitespace-only text, else ``text`` unchanged."""
     if text is None or not text.strip():
         return None
@@ -256,7 +256,7 @@ class ManifestBuilder:
         staged = {name: row.get(name) for name in STAGED_COLUMNS}
         notes = list(notes)
         for name in CAPTION_COLUMNS:
-            if staged[name] is not None and clean_caption(staged[name]) is None:
+            if staged[name] is not None and caption_or_none(staged[name]) is None:
                 staged[name] = None
                 if "empty_caption_to_null" not in notes:
                     notes.append("empty_caption_to_null")
@@ -350,7 +350,7 @@ class ManifestBuilder:
             return
         for column, table in joins.items():
             if staged[column] is None:
-                staged[column] = clean_caption(table.get(staged["key"]))
+                staged[column] = caption_or_none(table.get(staged["key"]))
         if all(staged[c] is None for c in CAPTION_COLUMNS):
             self.count("skipped_no_caption")
             return

@@ -54,6 +54,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+class KeepExisting(Exception):
+    """Raise inside :func:`atomic_directory` to drop the new folder and leave ``path`` as it is.
+
+    The ``with`` block then ends quietly (the exception does not propagate): for a writer that finds, once
+    its work is done, that what is already published should stay (e.g. the same content, or content that
+    others already depend on).
+    """
+
+
 @contextmanager
 def atomic_directory(path: str | Path, *, keep_existing: bool | Callable[[Path], bool] = False) -> Iterator[Path]:
     """Yield a new empty folder beside ``path``; when the block ends normally it is renamed to ``path``.
@@ -66,7 +75,8 @@ def atomic_directory(path: str | Path, *, keep_existing: bool | Callable[[Path],
             replaces it otherwise (a stale or broken copy).
 
     The folder is readable like a download (``0o777`` less the umask, not ``mkdtemp``'s ``0o700``). On an
-    exception the temporary folder is removed and ``path`` is untouched.
+    exception the temporary folder is removed and ``path`` is untouched; :class:`KeepExisting` does the same
+    without propagating.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +92,8 @@ def atomic_directory(path: str | Path, *, keep_existing: bool | Callable[[Path],
                 return
             shutil.rmtree(path, ignore_errors=True)
             os.rename(tmp, path)
+    except KeepExisting:
+        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

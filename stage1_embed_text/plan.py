@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from manifests.schema import read_manifest_info
-from pipeline.atomic import atomic_directory, atomic_write_bytes
+from pipeline.atomic import KeepExisting, atomic_directory, atomic_write_bytes
 from pipeline.cache_files import CacheFiles
 from stage1_embed_text.config import EmbedConfig, default
 from stage1_embed_text.plan_files import PLAN_FORMAT, PlanInfo, read_plan_info
@@ -42,14 +42,6 @@ from stage1_embed_text.planner import Planner
 from stage1_embed_text.prompts import PromptSet, get_prompt_set
 
 log = logging.getLogger(__name__)
-
-
-class _KeepStored(Exception):
-    """Raised inside :func:`pipeline.atomic.atomic_directory` to drop a new plan and keep the stored one."""
-
-    def __init__(self, info: PlanInfo):
-        super().__init__("keep the stored plan")
-        self.info = info
 
 
 def plan_inputs(manifest_dir: str | Path, prompt_set: PromptSet, split: str | None, limit: int | None,
@@ -114,19 +106,16 @@ def make_plan(
     if stored is not None and stored.inputs == inputs:
         log.info("reusing the stored plan of %s (same manifest and arguments)", files.plan_dir)
         return stored
-    try:
-        with atomic_directory(files.plan_dir) as tmp:
-            info = Planner(manifest_dir, prompt_set, tmp, shard_rows, chunk_rows, split, limit, progress).run()
-            info.inputs = inputs
-            (tmp / files.plan_json.name).write_text(info.to_json(), encoding="utf-8")
-            if stored is not None and (stored.plan_hash == info.plan_hash or files.meta.exists()):
-                # same plan: keep its files; another plan while the cache has vectors: the caller's layout
-                # check names the difference, and the stored plan stays
-                raise _KeepStored(info)
-    except _KeepStored as keep:
-        info = keep.info
-        if stored.plan_hash == info.plan_hash:
-            atomic_write_bytes(files.plan_json, info.to_json().encode())  # same plan, newer inputs
+    with atomic_directory(files.plan_dir) as tmp:
+        info = Planner(manifest_dir, prompt_set, tmp, shard_rows, chunk_rows, split, limit, progress).run()
+        info.inputs = inputs
+        (tmp / files.plan_json.name).write_text(info.to_json(), encoding="utf-8")
+        if stored is not None and (stored.plan_hash == info.plan_hash or files.meta.exists()):
+            # same plan: keep its files; another plan while the cache has vectors: the caller's layout check
+            # names the difference, and the stored plan stays
+            raise KeepExisting
+    if stored is not None and stored.plan_hash == info.plan_hash:
+        atomic_write_bytes(files.plan_json, info.to_json().encode())  # same plan, newer inputs
     return info
 
 

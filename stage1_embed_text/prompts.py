@@ -44,7 +44,7 @@ def clean_for_prompt(text: str | None) -> str | None:
     Idempotent (a cleaned caption ends in ``.`` or ``'`` and holds no ``"``), so cleaning a cleaned text again
     changes nothing. Stage 1 applies it to whatever a manifest holds (a manifest written by another tool may
     keep surrounding whitespace or quotes); the manifest writers only turn blank captions into ``None``
-    (``manifests.common.clean_caption``) and store the text otherwise unchanged.
+    (``manifests.common.caption_or_none``) and store the text otherwise unchanged.
 
     Args:
         text: the caption, or ``None``.

@@ -55,3 +55,16 @@ def test_atomic_directory_replaces_an_existing_folder_that_the_check_rejects(tmp
     with atomic_directory(target, keep_existing=lambda d: (d / "ok").exists()) as tmp:
         (tmp / "ok").write_text("newer")
     assert (target / "ok").read_text() == "new"  # a usable one is kept
+
+
+def test_keep_existing_inside_the_block_drops_the_new_folder_quietly(tmp_path):
+    from pipeline.atomic import KeepExisting
+
+    target = tmp_path / "plan"
+    with atomic_directory(target) as tmp:
+        (tmp / "a").write_text("first")
+    with atomic_directory(target) as tmp:
+        (tmp / "a").write_text("second")
+        raise KeepExisting
+    assert (target / "a").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from manifests.common import DuplicateKeyError, clean_caption
+from manifests.common import DuplicateKeyError, caption_or_none
 from manifests.schema import ManifestError
 from manifests.wds.digests import key_digests
 
@@ -220,7 +220,7 @@ def stream_recaptions(task: RecaptionTask) -> RecaptionResult:
                     bad += 1
                     continue
                 keys.append(key)
-                captions.append(clean_caption(value))
+                captions.append(caption_or_none(value))
                 seqs.append(entries - 1)
                 if len(keys) == _READ_BATCH_ROWS:
                     writer.write(*_bucket_batch(keys, captions, seqs, task.buckets))

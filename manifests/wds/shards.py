@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.common import clean_caption, decode_text, image_problem, reference_path
+from manifests.common import caption_or_none, decode_text, image_problem, reference_path
 from manifests.wds.digests import key_digests
 
 log = logging.getLogger("manifests.webdataset_source")
@@ -190,9 +190,9 @@ class _Shard:
                 notes.append("caption_non_utf8")
         elif json_doc is not None and json_doc.text is not None:
             raw = json_doc.text
-            if clean_caption(raw) is not None:
+            if caption_or_none(raw) is not None:
                 notes.append("caption_from_json")
-        if raw is not None and clean_caption(raw) is None:
+        if raw is not None and caption_or_none(raw) is None:
             raw = None
             notes.append("empty_caption_to_null")
         return {
