@@ -3,10 +3,10 @@
 Entry points: ``flame eval`` (:mod:`eval.cli`) and :func:`eval.run.run_benchmark` (used by ``flame demo``).
 
 Modules, one job each; each imports only modules listed above it (``cli`` imports just the light
-``benchmarks`` and ``text_modes``, so ``flame --help`` loads no torch, and loads ``run`` when the command runs):
+``benchmarks`` and stage 1's light ``config``, so ``flame --help`` loads no torch, and loads ``run`` when the command
+runs). The text modes (``single``, ``multi``) are stage 1's (:data:`stage1_embed_text.config.TEXT_MODES`):
 
 ===========================  ==============================================================================
-``text_modes``               the text modes (``single``, ``multi``); imports nothing heavy
 ``ranking``                  deterministic top-k by inner product (float64 rescoring, ties -> lower index),
                              exact torch matmul or faiss ``IndexFlatIP`` candidates
 ``metrics``                  retrieval recall@k (any positive in top k), classification acc1/acc5/mean

@@ -18,7 +18,7 @@ import argparse
 import logging
 
 from eval.benchmarks import BENCHMARKS
-from eval.text_modes import TEXT_MODES
+from stage1_embed_text.config import TEXT_MODES
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from eval.text_cache import TextVectorCache
-from eval.text_modes import check_text_mode
 from manifests.images import UndecodableImageError
 from manifests.schema import ManifestError
 from pipeline.cache import NORM_TOLERANCE, CacheIdentityError
 from pipeline.cache_meta import identity_differences
 from stage1_embed_text.api import TextEmbedder
+from stage1_embed_text.config import check_text_mode
 from stage2_train_vision.text_tower import TEXT_SIDE_KIND, TextTowerConfig, TowerTextEncoder
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from eval.compositionality import (
 )
 from eval.linear_probe import linear_probe
 from eval.metrics import class_prototypes, classification_metrics, duplicate_text_ceiling, retrieval_metrics
-from eval.text_modes import SINGLE
+from stage1_embed_text.config import SINGLE
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import CacheIdentity, CacheIdentityError
+from stage1_embed_text.config import check_text_mode
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import load_llm
 from stage1_embed_text.prompts import get_prompt_set
 
 log = logging.getLogger(__name__)
-
-MODES = ("single", "multi")
-
 
 class TextEmbedder:
     """Texts -> unit vectors in a cache's space: ``single`` (raw prompt) or ``multi`` (mean of long facets).
@@ -81,8 +79,7 @@ class TextEmbedder:
         Raises:
             ValueError: unknown mode, the prompt set lacks the group the mode needs, or a blank text.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_text_mode(mode)
         group = "raw" if mode == "single" else "long"
         ps = self.encoder.prompt_set
         if group not in ps.group_names:

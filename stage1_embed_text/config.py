@@ -95,3 +95,23 @@ def default(name: str) -> Any:
         if f.name == name and f.default is not dataclasses.MISSING:
             return f.default
     raise KeyError(f"EmbedConfig has no field {name!r} with a default")
+
+
+SINGLE = "single"
+"""Text mode: the text through the raw single prompt, one vector per text."""
+MULTI = "multi"
+"""Text mode: the mean of the long group's facet vectors (FLAME's multi-facet prompts)."""
+TEXT_MODES = (SINGLE, MULTI)
+"""The modes :class:`stage1_embed_text.api.TextEmbedder` embeds texts in (SPEC §6); ``flame eval --text-mode``
+lists them in this order."""
+
+
+def check_text_mode(mode: str) -> str:
+    """``mode`` itself if it is one of :data:`TEXT_MODES`.
+
+    Raises:
+        ValueError: any other value, naming the known modes.
+    """
+    if mode not in TEXT_MODES:
+        raise ValueError(f"unknown text mode {mode!r} ({', '.join(TEXT_MODES)})")
+    return mode

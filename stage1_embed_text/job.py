@@ -28,7 +28,7 @@ from pipeline.cache import CacheError, CacheLock, CacheMeta, CacheWriter
 from pipeline.cache_files import CacheFiles
 from stage1_embed_text.config import EmbedConfig
 from stage1_embed_text.plan import plan_job  # noqa: F401  (re-exported: bench/scale.py calls job.plan_job)
-from stage1_embed_text.plan_files import CAPTION_COLUMNS, PlanInfo
+from stage1_embed_text.plan_files import GROUP_COLUMNS, PlanInfo
 from stage1_embed_text.ranks import combine_ranks, plan_and_create, run_token, wait_for_plan
 from stage1_embed_text.shards import compute_shard, index_table, plan_facet_mask
 from stage1_embed_text.stored_plan import StoredPlan
@@ -112,7 +112,7 @@ def _run(config: EmbedConfig, state, files: CacheFiles, token: str, encoder, loc
              len(mine) - len(todo))
     bar = tqdm(total=len(todo), unit="shard", desc="embed", dynamic_ncols=True,
                disable=not (config.progress and rank == 0))
-    fetcher = RowFetcher(config.manifest, [CAPTION_COLUMNS[g] for g in plan.groups])
+    fetcher = RowFetcher(config.manifest, [GROUP_COLUMNS[g] for g in plan.groups])
     work = {"sequences": 0, "tokens": 0, "samples": 0}
     t_work = time.perf_counter()
     for shard in todo:

@@ -16,11 +16,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from manifests.schema import CAPTION_COLUMNS
 from pipeline.cache import CacheLayout
 from pipeline.cache_files import ROW, CacheFiles
 
 PLAN_FORMAT = 2
-CAPTION_COLUMNS = {"raw": "raw_caption", "short": "short_caption", "long": "long_caption"}  # group -> manifest column
+GROUP_COLUMNS = {column.removesuffix("_caption"): column for column in CAPTION_COLUMNS}
+"""Prompt group -> the manifest column holding its caption (``raw`` -> ``raw_caption``, ...)."""
 DIGEST_BYTES = 20  # SHA-1 of a cleaned text
 SAMPLE = "sample"  # plan column: manifest position of a row's first sample
 

@@ -27,8 +27,8 @@ from pipeline.cache_files import KEY, ROW
 from pipeline.key_lookup import take_chunked
 from stage1_embed_text.plan_dedup import Growing, first_occurrence_rows, owners
 from stage1_embed_text.plan_files import (
-    CAPTION_COLUMNS,
     DIGEST_BYTES,
+    GROUP_COLUMNS,
     PLAN_FORMAT,
     SAMPLE,
     PlanInfo,
@@ -97,7 +97,7 @@ class Planner:
         """Stream the manifest once: write kept samples' text digests to ``.digests.parquet`` and return
         ``(keys, positions, set_hi, set_lo, n_samples, (n_empty, empty_examples))`` of the kept samples (keys as
         an Arrow string array, positions ``int32``/``int64 [n]``, set digests ``uint64 [n]`` each)."""
-        cols = [KEY, "split", *(CAPTION_COLUMNS[g] for g in self.groups)]
+        cols = [KEY, "split", *(GROUP_COLUMNS[g] for g in self.groups)]
         writer = pq.ParquetWriter(self.out / ".digests.parquet", digest_schema(self.groups))
         n_samples, n_empty, examples = 0, 0, []
         info = read_manifest_info(self.manifest_dir)
@@ -157,7 +157,7 @@ class Planner:
         Returns per group the 20-byte SHA-1 of each sample's cleaned text (``None`` if absent), the samples'
         16-byte caption-set digests concatenated (``16 * n`` bytes) and ``bool [n]``: the sample has a text.
         """
-        texts = [batch.column(CAPTION_COLUMNS[g]).to_pylist() for g in self.groups]
+        texts = [batch.column(GROUP_COLUMNS[g]).to_pylist() for g in self.groups]
         n = batch.num_rows
         dig = [[None] * n for _ in self.groups]
         sets = bytearray(16 * n)

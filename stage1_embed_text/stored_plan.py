@@ -13,7 +13,7 @@ from manifests.schema import RowFetcher
 from pipeline.cache import CacheError, CacheLayout
 from pipeline.cache_files import KEY, ROW, CacheFiles
 from stage1_embed_text.plan_files import (
-    CAPTION_COLUMNS,
+    GROUP_COLUMNS,
     PLAN_FORMAT,
     SAMPLE,
     digest_column,
@@ -89,7 +89,7 @@ class StoredPlan:
         out = [{} for _ in range(len(local_rows))]
         for g in self.groups:
             planned = ~pc.is_null(t.column(digest_column(g))).to_numpy(zero_copy_only=False)[local_rows]
-            for k, caption in enumerate(captions.column(CAPTION_COLUMNS[g]).to_pylist()):
+            for k, caption in enumerate(captions.column(GROUP_COLUMNS[g]).to_pylist()):
                 text = clean_for_prompt(caption)
                 if (text is not None) != planned[k]:
                     raise CacheError(

@@ -35,10 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from manifests.schema import read_manifest
+from manifests.schema import CAPTION_COLUMNS, read_manifest
 
 TEXT_SIDE_KIND = "text_tower"
-CAPTION_COLUMNS = ("raw_caption", "short_caption", "long_caption")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from eval.benchmarks.base import (
     read_list,
 )
 from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
-from eval.text_modes import SINGLE
+from stage1_embed_text.config import SINGLE
 
 log = logging.getLogger(__name__)
 

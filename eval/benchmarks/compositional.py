@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from eval.benchmarks.base import Benchmark, BenchmarkError, ImageRef, SugarCrepeTask, WinogroundTask
 from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
-from eval.text_modes import MULTI
+from stage1_embed_text.config import MULTI
 
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 

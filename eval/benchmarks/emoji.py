@@ -37,8 +37,8 @@ from eval.benchmarks.base import (
     pairs_from_captions,
 )
 from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
-from eval.text_modes import MULTI, SINGLE
 from manifests.schema import read_manifest
+from stage1_embed_text.config import MULTI, SINGLE
 
 LANGUAGES = ("de", "fr", "es", "ja", "zh", "ar", "hi")
 TEMPLATES = ["an emoji of {}.", "an emoji of a {}.", "a {} emoji.", "an icon of {}."]

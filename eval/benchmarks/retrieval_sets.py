@@ -49,7 +49,7 @@ from eval.benchmarks.base import (
     resolve_file,
 )
 from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
-from eval.text_modes import MULTI, SINGLE
+from stage1_embed_text.config import MULTI, SINGLE
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 

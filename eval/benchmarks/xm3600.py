@@ -25,7 +25,7 @@ import numpy as np
 
 from eval.benchmarks.base import Benchmark, BenchmarkError, ImageRef, RetrievalTask, pairs_from_captions
 from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
-from eval.text_modes import SINGLE
+from stage1_embed_text.config import SINGLE
 
 #: Images in the published set; on it every language must have one text per image.
 XM3600_IMAGES = 3600
