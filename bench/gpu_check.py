@@ -20,7 +20,7 @@ Sections, in this order (the JSON is rewritten after each one, so a run cut shor
 3. **Stage-1 throughput**: a decoder with Mistral-Nemo-12B's shape (40 blocks, hidden 5120, 32 heads of 128, 8 KV
    heads, FFN 14336, vocabulary 131072) with random bf16 weights created directly on the device and cut at the
    FLAME readout layer 39 by :func:`~stage1_embed_text.llm.prepare_llm`; a byte-level BPE tokenizer built
-   offline (``tests/stage1_tiny.py``); :class:`FacetEncoder` (packing, facet masks, length buckets, readout) over
+   offline (``tests/helpers/stage1_tiny.py``); :class:`FacetEncoder` (packing, facet masks, length buckets, readout) over
    synthetic FLAME-length caption sets (raw 10-40, short 30-80, long 150-300 caption tokens), once with SDPA and
    once with eager attention. Reported: captions/s (texts: a sample's raw, short and long caption are 3),
    useful tokens/s and MFU::
@@ -72,9 +72,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Runs from a plain checkout (a GPU machine has the project's files but no editable install); the offline
 # tokenizer comes from the stage-1 test helpers.
-for _p in (ROOT, ROOT / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -239,10 +238,10 @@ def caption_sets(tokenizer, n: int, seed: int = 0) -> list[dict[str, str]]:
 def random_decoder(shape: dict, layer: int, device: torch.device, dtype: torch.dtype, attn: str, seed: int = 0):
     """A ``MistralModel`` of ``shape`` with random weights created on ``device`` in ``dtype``, wrapped by
     :func:`prepare_llm` (cut to ``layer`` blocks, final norm kept aside) with the offline test tokenizer."""
-    from stage1_tiny import tiny_tokenizer
     from transformers import AutoModel, MistralConfig
 
     from stage1_embed_text.llm import prepare_llm
+    from tests.helpers.stage1_tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = MistralConfig(**shape, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,

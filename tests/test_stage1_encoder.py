@@ -11,7 +11,7 @@ from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import load_llm
 from stage1_embed_text.packing import pack_caption
 from stage1_embed_text.prompts import FLAME, SINGLE, clean_for_prompt
-from tests.stage1_tiny import (
+from tests.helpers.stage1_tiny import (
     ARCHS,
     WINDOW,
     spec_prompts,

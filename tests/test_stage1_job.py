@@ -1,6 +1,6 @@
 """The stage-1 batch job (SPEC §2.6): dedup, empty samples, index content, rerun, resume after SIGKILL, 2 processes.
 
-A tiny random Llama (tests/stage1_tiny.py) is saved with ``save_pretrained`` so the job loads it by path, as a
+A tiny random Llama (tests/helpers/stage1_tiny.py) is saved with ``save_pretrained`` so the job loads it by path, as a
 user's ``--llm PATH``. The subprocess tests share one uninterrupted single-process reference cache (24 samples, 9 shards).
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stage1_tiny import tiny_causal_lm, tiny_tokenizer
 
 from manifests.schema import ManifestWriter, RowFetcher, read_manifest_info
 from pipeline.cache import CacheIdentityError, CacheReader
@@ -25,6 +24,7 @@ from stage1_embed_text.llm import load_llm
 from stage1_embed_text.plan import make_plan
 from stage1_embed_text.prompts import FLAME
 from stage1_embed_text.stored_plan import StoredPlan
+from tests.helpers.stage1_tiny import tiny_causal_lm, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 160  # the tiny long template is 120 tokens, so the 200-token LONG_TEXT is cut to 40 caption tokens

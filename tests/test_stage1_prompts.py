@@ -12,7 +12,7 @@ from stage1_embed_text.config import EmbedConfig
 from stage1_embed_text.packing import pack_samples
 from stage1_embed_text.prompts import FLAME, SINGLE, clean_for_prompt, get_prompt_set
 from stage1_embed_text.tokenization import group_templates
-from tests.stage1_tiny import tiny_tokenizer
+from tests.helpers.stage1_tiny import tiny_tokenizer
 
 SPEC_RAW = (
     'Image description : "{caption}" . After thinking step by step , this image description means in just one word:"'

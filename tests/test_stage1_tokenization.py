@@ -29,7 +29,7 @@ from stage1_embed_text.llm import prepare_llm
 from stage1_embed_text.packing import pack_caption, pack_samples
 from stage1_embed_text.prompts import FLAME, clean_for_prompt, get_prompt_set
 from stage1_embed_text.tokenization import TOKENIZATION, GroupTemplate, group_templates, plain_encode
-from tests.stage1_tiny import spec_prompts, tiny_config
+from tests.helpers.stage1_tiny import spec_prompts, tiny_config
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -295,7 +295,7 @@ def test_vectors_equal_plain_transformers_forward_of_the_prompt_text(arch, famil
 
 
 def test_identity_names_the_tokenization_and_old_caches_are_refused(tmp_path):
-    from tests.stage1_tiny import tiny_llm
+    from tests.helpers.stage1_tiny import tiny_llm
 
     ident = FacetEncoder(tiny_llm("llama")).identity()
     assert ident.tokenization == TOKENIZATION == "whole-prompt"

@@ -121,8 +121,9 @@ def test_truncated_config_cuts_layer_types_and_validates():
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_truncated_checkpoint_divided_norm_is_hidden_state_direction(tmp_path, arch):
     """What vLLM returns (``final_norm(h_L)`` of the cut model) divided by the scale is ``h_L``'s direction."""
-    from stage1_tiny import LAYERS, tiny_causal_lm, tiny_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from tests.helpers.stage1_tiny import LAYERS, tiny_causal_lm, tiny_tokenizer
 
     torch.manual_seed(1)
     full = tiny_causal_lm(arch)
@@ -152,7 +153,7 @@ def test_truncated_checkpoint_divided_norm_is_hidden_state_direction(tmp_path, a
 
 
 def test_requests_are_packed_sequences_split_per_facet():
-    from stage1_tiny import tiny_tokenizer
+    from tests.helpers.stage1_tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     samples = emoji_samples()[:8]
