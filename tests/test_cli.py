@@ -86,7 +86,7 @@ def test_demo_defaults_point_at_real_files_and_help_does_not_load_torch():
     import subprocess
     import sys
 
-    from pipeline.app.demo_cli import DemoConfig
+    from pipeline.app.demo_config import DemoConfig
     from pipeline.asset_list import DEFAULT_LLM
 
     assert DemoConfig().train_config.is_file() and DemoConfig().llm == DEFAULT_LLM

@@ -32,7 +32,7 @@ from manifests.emoji import build_emoji_manifest
 from manifests.schema import ManifestWriter, iter_rows, read_manifest_info
 from pipeline import __version__
 from pipeline.app.artifacts import StageResult, run_stage
-from pipeline.app.demo_cli import DemoConfig
+from pipeline.app.demo_config import DemoConfig
 from pipeline.app.demo_report import key_numbers, write_report_md
 from pipeline.app.inspect import inspect_cache, plot_facet_cosine
 from pipeline.assets import EMBEDDED_LLMS, fetch_all
