@@ -61,7 +61,6 @@ import gc
 import json
 import logging
 import math
-import os
 import platform
 import random
 import sys
@@ -79,6 +78,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from stage1_throughput import packed_texts, useful_flops  # noqa: E402  (bench/ is on sys.path as a script)
+
+from pipeline.machine import cpu_info  # noqa: E402
 
 log = logging.getLogger("bench.gpu_check")
 
@@ -145,33 +146,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_info() -> dict:
-    """CPU model, the flags that decide bf16 matmul speed, logical cores and torch threads."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
-    return {"model": model, "flags": [f for f in wanted if f in flags], "logical_cores": _cores(),
-            "torch_threads": torch.get_num_threads()}
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def machine_info(device: torch.device) -> dict:
     """Device, CPU and library versions of this run."""
     import timm
     import transformers
 
-    info = {"device": str(device), "cpu": cpu_info(), "python": platform.python_version(),
+    info = {"device": str(device), "cpu": cpu_info() | {"torch_threads": torch.get_num_threads()}, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
