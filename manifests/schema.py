@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_file, atomic_write_bytes
 from pipeline.errors import FlameError
 from pipeline.key_lookup import key_hashes
+from pipeline.paths import local_dir
 
 SCHEMA_VERSION = 1
 MANIFEST_JSON = "manifest.json"
@@ -115,7 +116,7 @@ class ManifestWriter:
     """
 
     def __init__(self, out_dir: str | Path, source: dict[str, Any], rows_per_part: int = 50_000):
-        self.out_dir = Path(out_dir)
+        self.out_dir = local_dir(out_dir, "manifest")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / MANIFEST_JSON).unlink(missing_ok=True)
         (self.out_dir / DATA_DIR).mkdir(exist_ok=True)
@@ -200,7 +201,7 @@ def _cell(value: Any, name: str) -> Any:
 
 def read_manifest_info(manifest_dir: str | Path) -> ManifestInfo:
     """Read ``manifest.json``. Raises :class:`ManifestError` if absent (an unfinished build) or too new."""
-    path = Path(manifest_dir) / MANIFEST_JSON
+    path = local_dir(manifest_dir, "manifest") / MANIFEST_JSON
     if not path.exists():
         raise ManifestError(f"{manifest_dir} is not a finished manifest (no {MANIFEST_JSON})")
     data = json.loads(path.read_text(encoding="utf-8"))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline.paths import local_dir
+
 META_JSON = "meta.json"
 STORE = "store.zarr"
 INDEX_DIR = "index"
@@ -70,7 +72,7 @@ class CacheFiles:
     """
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = local_dir(root, "cache")
 
     @property
     def meta(self) -> Path:

@@ -1,9 +1,44 @@
-"""Where flame-pipeline keeps downloaded assets, converted models and run outputs."""
+"""Where flame-pipeline keeps downloaded assets, converted models and run outputs; which locations it accepts."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from pipeline.errors import FlameError
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # also after Path() has folded "s3://b" into "s3:/b"
+
+
+class LocationError(FlameError, ValueError):
+    """A manifest or cache location that is not a file-system path (e.g. ``s3://...``)."""
+
+
+def local_dir(location: str | Path, what: str) -> Path:
+    """``location`` as a :class:`Path`, refusing URLs.
+
+    Manifests and caches are read through memory maps and random-access Parquet/Zarr reads, so they must be on a
+    file system the process can open and map: a local disk or a shared POSIX file system (NFS, Lustre, a FUSE
+    mount such as s3fs or gcsfuse). ``file://`` URLs are accepted and turned into their path; image and tar
+    shard references *inside* a manifest may be URLs (webdataset's ``pipe:``, fsspec), that is another matter.
+
+    Args:
+        location: a path or a ``file://`` URL.
+        what: what the location is, for the message (``"cache"``, ``"manifest"``).
+
+    Raises:
+        LocationError: any other URL scheme (``s3://``, ``gs://``, ``http://``...).
+    """
+    text = str(location)
+    if text.startswith("file:/"):
+        return Path("/" + text.removeprefix("file:").lstrip("/"))
+    if _URL.match(text):
+        raise LocationError(
+            f"{what} location {text!r} is a URL; {what}s are memory-mapped and must be on a file system "
+            "(a local disk, NFS/Lustre, or the bucket mounted with s3fs/gcsfuse)"
+        )
+    return Path(location)
 
 
 def flame_home() -> Path:

@@ -94,3 +94,23 @@ def test_demo_defaults_point_at_real_files_and_help_does_not_load_torch():
             "print(sorted(m for m in ('torch', 'timm', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [
+    ["embed", "--manifest", "s3://bucket/cc3m", "--out", "CACHE"],
+    ["embed", "--manifest", "MANIFEST", "--out", "gs://bucket/cache", "--plan-only"],
+    ["inspect", "s3://bucket/cache"],
+])
+def test_a_url_for_a_manifest_or_cache_is_refused_in_one_line(argv, tmp_path, capsys, monkeypatch):
+    """Manifests and caches are memory-mapped: a URL is refused (not silently created as a local 's3:' folder)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a URL" in err and "s3fs/gcsfuse" in err and err.count("\n") == 1
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
+
+
+def test_file_urls_are_paths(tmp_path):
+    from pipeline.cache_files import CacheFiles
+
+    assert CacheFiles(f"file://{tmp_path}/c").root == tmp_path / "c"
