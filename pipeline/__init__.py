@@ -1,3 +1,4 @@
-"""Shared layer of flame-pipeline: paths, typed configs, the cache format, the CLI and the end-to-end demo."""
+"""The bottom layer shared by every package (errors, atomic writes, paths, machine facts, pinned assets, the cache
+contract and its reader/writer) and, in :mod:`pipeline.app`, the top layer (the ``flame`` command, demo, inspect)."""
 
 __version__ = "0.3.0"
