@@ -282,9 +282,10 @@ class CacheReader:
         if len(rows) == 0:
             f, d = len(self.facets), self.dim
             return np.zeros((0, f, d), np.float16), np.zeros((0, f), bool)
-        direct = self._direct.read(rows) if self._direct is not None else None
+        mask = self.mask_rows(rows)
+        direct = self._direct.read(rows, present=mask.any(axis=1)) if self._direct is not None else None
         if direct is not None:
-            return direct, self.mask_rows(rows)
+            return direct, mask
         order = np.argsort(rows, kind="stable")
         uniq, inverse = np.unique(rows[order], return_inverse=True)
         vec = self.vectors.get_orthogonal_selection((uniq, slice(None), slice(None)))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache_meta import CacheError
+
 
 class ShardFiles:
     """Fast path of :meth:`CacheReader.read_rows`: memory-mapped reads of the uncompressed, sharded vectors.
@@ -103,8 +105,13 @@ class ShardFiles:
             mm._mmap.madvise(mmap.MADV_DONTNEED)
         self._read_since_release = 0
 
-    def read(self, rows: np.ndarray) -> np.ndarray | None:
-        """``float16 [B, *row_shape]`` of ``rows`` (any order, repeats allowed); ``None`` if a shard is not plain."""
+    def read(self, rows: np.ndarray, present: np.ndarray | None = None) -> np.ndarray | None:
+        """``float16 [B, *row_shape]`` of ``rows`` (any order, repeats allowed); ``None`` if a shard is not plain.
+
+        ``present`` (``bool [B]``, optional): which rows hold at least one vector. Such a row whose chunk is not
+        stored (its shard file or chunk is gone) would read as zeros: :class:`~pipeline.cache_meta.CacheError`
+        is raised instead, naming the shard file.
+        """
         # a row's bytes plus what the kernel maps around a random read (fault-around: 64 KiB by default)
         self._read_since_release += len(rows) * (self.row_elems * 2 + self.FAULT_AROUND)
         if self._read_since_release > self.RELEASE_BYTES:
@@ -121,6 +128,13 @@ class ShardFiles:
             sel = order[a:b]
             chunk, within = np.divmod(rows[sel] - s * self.shard_rows, self.chunk_rows)
             offset = entry[1][chunk, 0]
+            if present is not None and (present[sel] & (offset == self.EMPTY)).any():
+                lost = int((present[sel] & (offset == self.EMPTY)).sum())
+                raise CacheError(
+                    f"{lost} rows of cache shard {s} have vectors (facet mask) but no stored data in "
+                    f"{self.dir / 'c' / str(s) / '0' / '0'} (file or chunk missing): the cache is damaged; "
+                    f"delete its finished marker done/shard-{s:05d}.json and rerun flame embed to redo the shard"
+                )
             parts.append((entry[0], sel, offset != self.EMPTY, offset // 2 + within.astype(np.uint64) * self.row_elems))
         if len(parts) == 1 and parts[0][2].all():  # one shard, every chunk stored: a single gather
             data, sel, _, start = parts[0]

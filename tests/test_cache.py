@@ -116,3 +116,16 @@ def test_a_stale_key_lookup_is_rebuilt_not_kept(tmp_path):
     assert reader.rows(["k7", "k0"]).tolist() == [7, 0]
     assert json.loads(info_path.read_text())["plan_hash"] == "p"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lookup")) == []
+
+
+def test_a_deleted_vector_shard_file_is_an_error_not_zeros(tmp_path):
+    """Zarr reads a missing chunk as its fill value: a damaged cache must not train on zero vectors."""
+    from pipeline.cache_files import CacheFiles
+
+    full, _ = _fill(tmp_path)
+    (CacheFiles(tmp_path).vectors / "c" / "1" / "0" / "0").unlink()  # shard 1 = rows 4..7
+    reader = CacheReader(tmp_path)
+    vec, _ = reader.get(["k0", "k9"])  # other shards still read
+    np.testing.assert_allclose(vec.astype(np.float32), full[[0, 9]], atol=1e-3)
+    with pytest.raises(CacheError, match=r"2 rows of cache shard 1 have vectors .* done/shard-00001.json"):
+        reader.get(["k5", "k0", "k6"])
