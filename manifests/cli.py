@@ -14,6 +14,15 @@ from manifests import csv_source, emoji, folder_source, parquet_source, registry
 from manifests.common import ON_DUPLICATE
 from manifests.schema import ManifestInfo
 
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (``--limit 0`` would build an empty manifest)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 SOURCE_MODULES = (csv_source, emoji, folder_source, parquet_source, webdataset_source)
 """The modules that define the sources; importing one registers it (:mod:`manifests.registry`)."""
 
@@ -51,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split of rows whose source names none (default: train)")
     p.add_argument("--on-duplicate", choices=ON_DUPLICATE, default="error",
                    help="a key seen twice: error (default), keep the first copy, or skip every copy")
-    p.add_argument("--limit", type=int, help="read at most this many samples")
+    p.add_argument("--limit", type=positive_int, help="read at most this many samples")
     for title, adders in registry.option_groups():
         group = p.add_argument_group(title)
         for add in adders:

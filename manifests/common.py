@@ -54,6 +54,7 @@ from tqdm import tqdm
 from manifests.images import ImageTooLargeError, UndecodableImageError, decode_image
 from manifests.registry import register_options
 from manifests.schema import CAPTION_COLUMNS, SCHEMA, ManifestError, ManifestInfo, ManifestWriter
+from pipeline.paths import local_dir
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,10 @@ class ManifestBuilder:
         rows_per_stage: int = 20_000,
     ):
         if on_duplicate not in ON_DUPLICATE:
-            raise ValueError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
+            raise ManifestError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
         if limit is not None and limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        self.out_dir = Path(out_dir)
+            raise ManifestError(f"limit must be at least 1, got {limit}")
+        self.out_dir = local_dir(out_dir, "manifest")
         self.source = source
         self.on_duplicate = on_duplicate
         self.limit = limit

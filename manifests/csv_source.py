@@ -52,7 +52,7 @@ def detect_separator(path: Path, sep: str | None = None) -> str:
     if sep is not None:
         sep = codecs.decode(sep, "unicode_escape")
         if len(sep) != 1:
-            raise ValueError(f"--sep must be one character, got {sep!r}")
+            raise ManifestError(f"--sep must be one character, got {sep!r}")
         return sep
     if path.suffix.lower() == ".tsv":
         return "\t"

@@ -46,7 +46,7 @@ from manifests.cldr import CldrEntry, CldrNames
 from manifests.emoji_captions import emoji_captions
 from manifests.images import composite_on_white
 from manifests.registry import no_inputs, register_options, register_source
-from manifests.schema import ManifestInfo, ManifestWriter
+from manifests.schema import ManifestError, ManifestInfo, ManifestWriter
 from pipeline.assets import NPM_PACKAGES, npm_package_dir
 
 logger = logging.getLogger(__name__)
@@ -173,13 +173,13 @@ def png_on_white(png: bytes) -> bytes:
 def _check_args(vendors: tuple[str, ...], splits: tuple[float, float, float], limit: int | None) -> None:
     unknown = [v for v in vendors if v not in VENDOR_PACKAGES]
     if unknown or not vendors:
-        raise ValueError(
+        raise ManifestError(
             f"vendors must be a non-empty subset of {sorted(VENDOR_PACKAGES)}, got {list(vendors)}"
         )
     if len(splits) != 3 or min(splits) < 0 or abs(sum(splits) - 1.0) > 1e-9:
-        raise ValueError(f"splits must be three non-negative fractions summing to 1, got {splits}")
+        raise ManifestError(f"splits must be three non-negative fractions summing to 1, got {splits}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of rows, got {limit}")
+        raise ManifestError(f"limit must be a positive number of rows, got {limit}")
 
 
 def _read(path: Path) -> bytes | None:

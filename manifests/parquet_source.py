@@ -44,7 +44,7 @@ from manifests.common import (
     reference_path,
 )
 from manifests.registry import common_options, register_source
-from manifests.schema import ManifestInfo
+from manifests.schema import ManifestError, ManifestInfo
 
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json")
 DEFAULT_KEY_COLUMNS = ("key", "__key__")
@@ -79,7 +79,11 @@ def _tables(inputs: Sequence[str | Path]) -> Iterator[_Table]:
 
 
 def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowInvalid as e:
+        raise ManifestError(f"{path} is not a readable Parquet file ({e})") from None
+    yield from parquet.iter_batches(batch_size=BATCH_ROWS)
 
 
 def _hf_tables(path: Path) -> Iterator[_Table]:

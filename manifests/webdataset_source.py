@@ -186,11 +186,11 @@ def build_webdataset_manifest(
 
 def _check_arguments(on_duplicate: str, limit: int | None, workers: int) -> None:
     if on_duplicate not in ON_DUPLICATE:
-        raise ValueError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
+        raise ManifestError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+        raise ManifestError(f"limit must be at least 1, got {limit}")
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise ManifestError(f"workers must be at least 1, got {workers}")
 
 
 @dataclass

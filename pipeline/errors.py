@@ -3,7 +3,9 @@
 Every module that rejects user input (a manifest, a cache, a config, a checkpoint, a benchmark folder, an
 asset) raises a subclass of :class:`FlameError`; the ``flame`` command (:func:`pipeline.app.cli.main`) catches
 it once and prints ``flame COMMAND: message`` with exit code 2 (``-v`` adds the traceback). Anything else is a
-bug and keeps its traceback. A missing input file (:class:`FileNotFoundError`) counts as bad input too.
+bug and keeps its traceback. An :class:`OSError` (a missing file, a path that is a file where a folder is
+expected, no permission, a full disk, no network) describes the machine or the input, not the code, and counts
+as bad input too.
 
 Subclasses keep the built-in base they had (``ValueError`` for malformed input, ``RuntimeError`` for a refused
 state), so ``except ValueError`` in user code still catches them.
@@ -20,8 +22,14 @@ class FlameError(Exception):
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """True if ``exc`` is bad input rather than a bug: a :class:`FlameError` or a missing file."""
-    return isinstance(exc, (FlameError, FileNotFoundError))
+    """True if ``exc`` is bad input rather than a bug: a :class:`FlameError` or an :class:`OSError`."""
+    return isinstance(exc, (FlameError, OSError))
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (the message itself when it has one line), for the one-line report."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} (-v shows the rest)"
 
 
 def run_command(prog: str, command: Callable[[], int | None], *, verbose: bool = False) -> int:
@@ -36,5 +44,5 @@ def run_command(prog: str, command: Callable[[], int | None], *, verbose: bool =
     except Exception as exc:
         if verbose or not is_user_error(exc):
             raise
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{prog}: {one_line(exc)}", file=sys.stderr)
         return 2

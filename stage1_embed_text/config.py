@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.assets import DEFAULT_LLM, default_readout
+from pipeline.errors import FlameError
 
 BACKENDS = ("hf", "vllm")
 """Stage-1 backends: ``hf`` (transformers, the reference) and ``vllm`` (SPEC §2.5)."""
@@ -27,6 +28,10 @@ DEFAULT_CONTEXT_TOKENS = 512
 """Longest packed sequence in tokens; longer captions are cut (SPEC §2.4). Stored as the identity's ``max_tokens``."""
 DEFAULT_MAX_BATCH_TOKENS = 1024
 """Padded tokens per forward batch of the ``hf`` backend."""
+
+
+class EmbedConfigError(FlameError, ValueError):
+    """An :class:`EmbedConfig` value that cannot work (a count below 1, chunk rows not dividing shard rows...)."""
 
 
 @dataclass
@@ -81,8 +86,19 @@ class EmbedConfig:
     vllm_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Fill the LLM's default readout; raise :class:`EmbedConfigError` for values that cannot work."""
         if self.readout is None:
             self.readout = default_readout(self.llm)
+        at_least_one = {"context_tokens": self.context_tokens, "max_batch_tokens": self.max_batch_tokens,
+                        "shard_rows": self.shard_rows, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
+                        "limit": self.limit}
+        bad = [f"{name}={value}" for name, value in at_least_one.items() if value is not None and value < 1]
+        if bad:
+            raise EmbedConfigError(f"{', '.join(bad)}: must be at least 1")
+        if self.shard_rows % self.chunk_rows:
+            raise EmbedConfigError(f"chunk_rows={self.chunk_rows} must divide shard_rows={self.shard_rows}")
+        if self.layer is not None and self.layer < 0:
+            raise EmbedConfigError(f"layer={self.layer}: hidden_states index must be at least 0")
 
 
 def default(name: str) -> Any:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.cache import CacheIdentity
+from stage1_embed_text.config import EmbedConfigError
 from stage1_embed_text.packing import PackedText
 from stage1_embed_text.prompts import GROUPS, PromptSet
 from stage1_embed_text.tokenization import TOKENIZATION, GroupTemplate
@@ -69,7 +70,7 @@ def check_template_room(templates: Mapping[str, GroupTemplate], context_tokens: 
     """
     for name, t in templates.items():
         if t.fixed_len >= context_tokens:
-            raise ValueError(
+            raise EmbedConfigError(
                 f"max_tokens={context_tokens} leaves no room for a caption in group {name!r} "
                 f"(template alone is {t.fixed_len} tokens)"
             )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.assets import DEFAULT_LLM
+from stage1_embed_text.config import EmbedConfigError
 from stage1_embed_text.model_source import (
     dequantize_kwargs,
     resolve_source,
@@ -150,7 +151,7 @@ def _prepare(model, tokenizer, name: str, fingerprint: str, layer: int | None, d
     num_layers = int(config.num_hidden_layers)
     layer = num_layers - 1 if layer is None else int(layer)
     if not 0 <= layer <= num_layers:
-        raise ValueError(f"layer must be in [0, {num_layers}] for {name} ({num_layers} blocks), got {layer}")
+        raise EmbedConfigError(f"layer must be in [0, {num_layers}] for {name} ({num_layers} blocks), got {layer}")
     base.layers = base.layers[:layer]
     config.num_hidden_layers = layer
     layer_types = _layer_types(config, num_layers)[:layer]

@@ -35,6 +35,7 @@ from typing import Any
 
 from manifests.schema import read_manifest_info
 from pipeline.atomic import KeepExisting, atomic_directory, atomic_write_bytes
+from pipeline.cache import CacheError
 from pipeline.cache_files import CacheFiles
 from stage1_embed_text.config import EmbedConfig, default
 from stage1_embed_text.plan_files import PLAN_FORMAT, PlanInfo, read_plan_info
@@ -101,6 +102,7 @@ def make_plan(
     if shard_rows <= 0 or chunk_rows <= 0 or shard_rows % chunk_rows:
         raise ValueError(f"need shard_rows > 0 and chunk_rows > 0 dividing it, got {shard_rows}, {chunk_rows}")
     files = CacheFiles(cache_dir)
+    _refuse_foreign_folder(files)
     inputs = plan_inputs(manifest_dir, prompt_set, split, limit, shard_rows, chunk_rows)
     stored = read_plan_info(files)
     if stored is not None and stored.inputs == inputs:
@@ -117,6 +119,20 @@ def make_plan(
     if stored is not None and stored.plan_hash == info.plan_hash:
         atomic_write_bytes(files.plan_json, info.to_json().encode())  # same plan, newer inputs
     return info
+
+
+def _refuse_foreign_folder(files: CacheFiles) -> None:
+    """Raise :class:`pipeline.cache.CacheError` if the cache directory holds files but no cache (no ``meta.json``,
+    no ``plan/``): e.g. the manifest folder given as ``--out`` by mistake, which a job would write into."""
+    if not files.root.is_dir():
+        return
+    # hidden entries are a killed job's temporaries (``.plan-<pid>-...``), which a rerun cleans up
+    others = sorted(p.name for p in files.root.iterdir() if p != files.lock and not p.name.startswith("."))
+    if others and not (files.meta.exists() or files.plan_dir.exists()):
+        raise CacheError(
+            f"{files.root} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and is not a "
+            "flame cache; give flame embed a new folder"
+        )
 
 
 def plan_job(config: EmbedConfig, prompt_set: PromptSet | None = None) -> PlanInfo:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from manifests.schema import iter_batches, read_manifest_info
+from manifests.schema import ManifestError, iter_batches, read_manifest_info
 from pipeline.cache import CacheLayout
 from pipeline.cache_files import KEY, ROW
 from pipeline.key_lookup import take_chunked
@@ -103,6 +103,9 @@ class Planner:
         info = read_manifest_info(self.manifest_dir)
         n_manifest = info.counts.get("total", sum(info.counts.values()))
         total = info.counts.get(self.split, 0) if self.split else n_manifest
+        if self.split and total == 0:
+            splits = ", ".join(f"{k} {v}" for k, v in info.counts.items() if k != "total")
+            raise ManifestError(f"{self.manifest_dir} has no rows of split {self.split!r} (it has: {splits})")
         if self.limit is not None:
             total = min(total, self.limit)
         # kept samples' outputs go into arrays allocated once (appending a small array per batch between the

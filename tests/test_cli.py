@@ -114,3 +114,31 @@ def test_file_urls_are_paths(tmp_path):
     from pipeline.cache_files import CacheFiles
 
     assert CacheFiles(f"file://{tmp_path}/c").root == tmp_path / "c"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--split", "nosuch"], "has no rows of split 'nosuch'"),
+    (["--limit", "0"], "limit=0: must be at least 1"),
+    (["--max-batch-tokens", "0"], "max_batch_tokens=0: must be at least 1"),
+    (["--shard-rows", "64", "--chunk-rows", "48"], "chunk_rows=48 must divide shard_rows=64"),
+])
+def test_embed_refuses_values_that_cannot_work(extra, message, tmp_path, capsys):
+    from manifests.schema import ManifestWriter
+
+    w = ManifestWriter(tmp_path / "m", source={"name": "test", "args": {}})
+    w.add({"key": "a", "image_path": "a.png", "split": "train", "raw_caption": "a red square"})
+    w.close()
+    code = main(["embed", "--manifest", str(tmp_path / "m"), "--out", str(tmp_path / "c"), "--plan-only", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_embed_refuses_to_write_into_a_folder_that_is_not_a_cache(tmp_path, capsys):
+    from manifests.schema import ManifestWriter
+
+    w = ManifestWriter(tmp_path / "m", source={"name": "test", "args": {}})
+    w.add({"key": "a", "image_path": "a.png", "split": "train", "raw_caption": "a red square"})
+    w.close()
+    code = main(["embed", "--manifest", str(tmp_path / "m"), "--out", str(tmp_path / "m"), "--plan-only"])
+    assert code == 2 and "is not empty (data, manifest.json) and is not a flame cache" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "plan").exists()
