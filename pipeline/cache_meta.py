@@ -192,7 +192,12 @@ class CacheMeta:
         path = local_dir(cache_dir, "cache") / META_JSON
         if not path.exists():
             raise CacheError(f"{cache_dir} is not a flame cache (no {META_JSON})")
-        d = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict) or not {"identity", "layout", "format_version"} <= set(d):
+                raise ValueError("not a cache description")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise CacheError(f"{path} is damaged ({e}); the cache cannot be read") from None
         if d.get("format_version", 0) > FORMAT_VERSION:
             raise CacheError(f"cache format {d['format_version']} is newer than this package's {FORMAT_VERSION}")
         return cls(

@@ -234,7 +234,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     if path is not None:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: not valid TOML ({e})") from None
         for section, values in raw.items():
             if section not in sections or not isinstance(values, dict):
                 raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sections)})")
@@ -244,7 +247,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if section not in sections:
             raise ConfigError(f"override {text!r}: unknown section {section!r} (known: {', '.join(sections)})")
         _apply(sections[section], {key: value}, section)
+    _check_counts(cfg)
     return cfg
+
+
+def _check_counts(cfg: Config) -> None:
+    """Raise :class:`ConfigError` for counts that cannot work (``data.positives = 0`` would train on no text)."""
+    counts = {"data.positives": cfg.data.positives, "train.batch_size": cfg.train.batch_size}
+    bad = [f"{name} = {value}" for name, value in counts.items() if value < 1]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_file, atomic_write_bytes
+from pipeline.errors import FlameError
 from stage2_train_vision.config import DataConfig, ImageConfig, ModelConfig
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.text_tower import TextTowerConfig, attach_text_tower
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+
+
+class ExportError(FlameError, ValueError):
+    """An exported model folder whose ``config.json`` or ``model.safetensors`` cannot be read."""
 
 
 def export_model(
@@ -82,10 +88,17 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> 
     for name in (WEIGHTS, CONFIG):
         if not (d / name).exists():
             raise FileNotFoundError(f"{d} is not an exported flame model (no {name})")
-    config = json.loads((d / CONFIG).read_text(encoding="utf-8"))
+    try:
+        config = json.loads((d / CONFIG).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ExportError(f"{d / CONFIG} is damaged ({e})") from None
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     model = FlameVisionModel(ModelConfig(**{k: v for k, v in config["model"].items() if k in names}))
     if config.get("text_side"):  # a model with its own text tower (stage2_train_vision.text_tower)
         attach_text_tower(model, TextTowerConfig.from_dict(config["text_side"]), config["text_side"]["out_dim"])
-    model.load_state_dict(load_file(d / WEIGHTS), strict=True)
+    try:
+        weights = load_file(d / WEIGHTS)
+    except SafetensorError as e:
+        raise ExportError(f"{d / WEIGHTS} is damaged ({e})") from None
+    model.load_state_dict(weights, strict=True)
     return model.to(device).eval(), config

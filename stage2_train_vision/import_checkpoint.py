@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from pipeline.cache import CacheIdentity
 from stage1_embed_text.import_cache import official_identity, refused_message
@@ -109,11 +109,14 @@ def load_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
     """Image-side tensors of one or more ``.safetensors`` files (``module.`` stripped; nothing else is read)."""
     state = {}
     for path in paths:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                name = _wanted(k)
-                if name is not None:
-                    state[name] = f.get_tensor(k).to(torch.float32)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    name = _wanted(k)
+                    if name is not None:
+                        state[name] = f.get_tensor(k).to(torch.float32)
+        except SafetensorError as e:
+            raise CheckpointImportError(f"{path} is not a readable safetensors file ({e})") from None
     return state
 
 

@@ -142,3 +142,25 @@ def test_embed_refuses_to_write_into_a_folder_that_is_not_a_cache(tmp_path, caps
     code = main(["embed", "--manifest", str(tmp_path / "m"), "--out", str(tmp_path / "m"), "--plan-only"])
     assert code == 2 and "is not empty (data, manifest.json) and is not a flame cache" in capsys.readouterr().err
     assert not (tmp_path / "m" / "plan").exists()
+
+
+def test_damaged_files_are_one_line_errors(tmp_path, capsys):
+    """A truncated meta.json, a config with positives = 0, damaged exported weights, a random .safetensors."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "meta.json").write_text('{"identity": {"llm"')
+    assert main(["inspect", str(tmp_path / "cache")]) == 2
+    assert "meta.json is damaged" in capsys.readouterr().err
+    (tmp_path / "bad.toml").write_text("[data]\npositives = 0\n")
+    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "data.positives = 0: must be at least 1" in capsys.readouterr().err
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model": {"out_dim": 8}}')
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"\x00" * 64)
+    from stage2_train_vision.export import ExportError, load_exported
+
+    with pytest.raises(ExportError, match="model.safetensors is damaged"):
+        load_exported(tmp_path / "model")
+    (tmp_path / "random.safetensors").write_bytes(bytes(range(256)) * 4)
+    code = main(["import", "checkpoint", str(tmp_path / "random.safetensors"), "--out", str(tmp_path / "m2")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
