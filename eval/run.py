@@ -158,7 +158,9 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
         eval.benchmarks.BenchmarkError: unreadable benchmark data, no image that opens (or a size mismatch
             with ``strict``). Single images that do not open are skipped and counted in ``skipped``.
         FileNotFoundError, ModelConfigError: ``model_dir`` is not an exported model.
+        OSError: ``out_dir`` cannot be created (e.g. it is a file); checked first, before any work.
     """
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     bench = load_benchmark(benchmark, data, split, strict=strict, image_root=image_root, languages=languages,
                            linear_probe=linear_probe)
     model, config, transform = load_model(model_dir)
