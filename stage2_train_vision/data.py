@@ -25,6 +25,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -164,6 +165,30 @@ class TrainingData:
         source.set_epoch(epoch, start_batch)
 
 
+def warn_if_manifest_changed(manifest: str | Path, reader: CacheReader) -> bool:
+    """Log a warning when ``manifest`` is not the one the cache was embedded from, as stage 1 recorded it (path, and
+    each part's size and modification time, ``meta.json`` ``extra``). Samples are paired with vectors by key only,
+    so changed captions under the same keys would train against the old captions' vectors. Returns True if it
+    warned; caches without the record are not checked."""
+    extra = reader.meta.extra
+    recorded = extra.get("manifest_parts")
+    if not recorded or not extra.get("manifest"):
+        return False
+    root = Path(manifest).resolve()
+    now = []
+    for name, *_ in recorded:
+        st = (root / name).stat() if (root / name).exists() else None
+        now.append([name, st.st_size, st.st_mtime_ns] if st else [name, None, None])
+    if str(root) == extra["manifest"] and now == [r[:3] for r in recorded]:
+        return False
+    log.warning(
+        "%s is not the manifest %s was embedded from (%s, parts as recorded by stage 1): samples are paired "
+        "with vectors by key, so captions changed under the same keys would train on the old captions' vectors; "
+        "re-embed if the captions changed", root, reader.dir, extra["manifest"],
+    )
+    return True
+
+
 def build_training_data(
     cfg: DataConfig, reader: CacheReader, transform: Callable, size: int, batch_size: int,
     rank: int, world: int, seed: int, grad_accum: int = 1,
@@ -181,6 +206,8 @@ def build_training_data(
         mode = "memory" if n_keys <= cfg.memory_max_samples else "stream"
     if mode not in ("memory", "stream"):
         raise ConfigError(f"data.mode must be memory, stream or auto, not {cfg.mode!r}")
+    if rank == 0:
+        warn_if_manifest_changed(cfg.manifest, reader)
     workers = dict(num_workers=cfg.num_workers, persistent_workers=False)
     glob = batch_size * world
     if mode == "memory":

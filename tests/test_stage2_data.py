@@ -179,3 +179,23 @@ def test_stream_with_fewer_rows_than_a_global_batch_names_the_rows_per_process(u
 def test_unknown_data_mode_is_a_config_error(uneven):
     with pytest.raises(ConfigError, match=r"data.mode must be memory, stream or auto, not 'disk'"):
         _build(uneven, "disk")
+
+
+def test_training_warns_when_the_manifest_is_not_the_embedded_one(tmp_path, caplog):
+    """Pairs are matched by key: captions changed under the same keys would silently train on old vectors."""
+    from types import SimpleNamespace
+
+    from stage2_train_vision.data import warn_if_manifest_changed
+
+    part = tmp_path / "m" / "data" / "part-00000.parquet"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * 10)
+    st = part.stat()
+    recorded = [["data/part-00000.parquet", st.st_size, st.st_mtime_ns, {"train": 1}]]
+    reader = SimpleNamespace(dir=tmp_path / "c", meta=SimpleNamespace(
+        extra={"manifest": str((tmp_path / "m").resolve()), "manifest_parts": recorded}))
+    assert warn_if_manifest_changed(tmp_path / "m", reader) is False
+    part.write_bytes(b"y" * 11)  # the part was rewritten (e.g. new captions)
+    assert warn_if_manifest_changed(tmp_path / "m", reader) is True
+    assert "is not the manifest" in caplog.text and "re-embed if the captions changed" in caplog.text
+    assert warn_if_manifest_changed(tmp_path / "m", SimpleNamespace(dir="c", meta=SimpleNamespace(extra={}))) is False
