@@ -354,20 +354,33 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
             log.info("%s seed %d: reused %s", key[0], key[1], job["dir"])
             records[key] = saved
         else:
-            shutil.rmtree(job["dir"], ignore_errors=True)
-            job["dir"].mkdir(parents=True)
             todo.append(key)
+
+    def start(key: tuple[str, int]) -> bool:
+        """Prepare a fresh run folder, unless another invocation (e.g. one started with other --seeds on the
+        same --runs) finished this run meanwhile: then its record is taken and False returned."""
+        saved = finished(jobs[key])
+        if saved is not None:
+            log.info("%s seed %d: finished meanwhile by another invocation, reused", *key)
+            records[key] = saved
+            return False
+        shutil.rmtree(jobs[key]["dir"], ignore_errors=True)
+        jobs[key]["dir"].mkdir(parents=True)
+        return True
+
     if cfg.jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_train_job, cfg, jobs[k]["variant"], jobs[k]["overrides"],
-                                   str(jobs[k]["dir"] / "train")): k for k in todo}
+                                   str(jobs[k]["dir"] / "train")): k for k in todo if start(k)}
             for fut in as_completed(futures):
                 k = futures[fut]
                 records[k] = evaluate(jobs[k], fut.result())
     else:
         for k in todo:
+            if not start(k):
+                continue
             job = jobs[k]
             log.info("training %s seed %d (%d steps)", k[0], k[1], cfg.steps)
             records[k] = evaluate(job, _train_job(cfg, job["variant"], job["overrides"], str(job["dir"] / "train")))
