@@ -167,6 +167,14 @@ class CacheWriter:
         return build_key_lookup(self.files, self.meta, mask)
 
 
+def _read_index_part(path: Path, columns: list[str]) -> pa.Table:
+    """One index part; :class:`CacheError` naming the file when it is not readable Parquet (truncated, damaged)."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except pa.ArrowInvalid as e:
+        raise CacheError(f"{path} is damaged ({e}); delete it and its done/ marker and rerun flame embed") from None
+
+
 def build_key_lookup(files: CacheFiles, meta: CacheMeta, mask: np.ndarray | None = None,
                      persist: bool = True, shards: list[int] | None = None) -> KeyLookup:
     """Open the stored lookup of a cache or build it from the index parts (``shards``: those to include, default
@@ -182,7 +190,7 @@ def build_key_lookup(files: CacheFiles, meta: CacheMeta, mask: np.ndarray | None
         for s in shards:
             r = lay.shard_range(s)
             mask[r.start : r.stop] = group["mask"][r.start : r.stop]
-    parts = (pq.read_table(files.index_part(s), columns=[KEY, ROW]) for s in shards if files.index_part(s).exists())
+    parts = (_read_index_part(files.index_part(s), [KEY, ROW]) for s in shards if files.index_part(s).exists())
     log.info("building the key lookup of %s", files.root)
     return KeyLookup.build(parts, mask, lay.plan_hash, files.lookup_dir if persist else None)
 

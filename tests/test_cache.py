@@ -129,3 +129,13 @@ def test_a_deleted_vector_shard_file_is_an_error_not_zeros(tmp_path):
     np.testing.assert_allclose(vec.astype(np.float32), full[[0, 9]], atol=1e-3)
     with pytest.raises(CacheError, match=r"2 rows of cache shard 1 have vectors .* done/shard-00001.json"):
         reader.get(["k5", "k0", "k6"])
+
+
+def test_a_truncated_index_part_is_a_cache_error(tmp_path):
+    from pipeline.cache_files import CacheFiles
+
+    _fill(tmp_path)
+    part = CacheFiles(tmp_path).index_part(1)
+    part.write_bytes(part.read_bytes()[:20])
+    with pytest.raises(CacheError, match=r"shard-00001.parquet is damaged"):
+        CacheReader(tmp_path)

@@ -215,3 +215,10 @@ def test_without_images_keeps_every_task_aligned(caplog):
     assert bench.without_images(set()) is bench
     with pytest.raises(BenchmarkError, match="b: no task has images left after skipping 6 of 6 images"):
         bench.without_images(range(6))
+
+
+def test_a_truncated_annotation_file_is_a_benchmark_error(tmp_path):
+    (tmp_path / "dataset_coco.json").write_text('{"images": [{"split": "te')
+    (tmp_path / "val2014").mkdir()
+    with pytest.raises(BenchmarkError, match="not readable text/JSON"):
+        load_benchmark("coco", tmp_path / "dataset_coco.json", image_root=tmp_path)

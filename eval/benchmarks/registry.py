@@ -14,6 +14,7 @@ registered anywhere else (a plug-in, a test) is loadable the same way as soon as
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -160,7 +161,10 @@ def load_benchmark(name: str, data: str | Path, split: str = "test", strict: boo
     if not data.exists():
         raise BenchmarkError(f"benchmark data {data} does not exist")
     spec = get_benchmark(name)
-    bench = spec.loader(BenchmarkRequest(name, data, split, image_root, languages, linear_probe))
+    try:
+        bench = spec.loader(BenchmarkRequest(name, data, split, image_root, languages, linear_probe))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a truncated or binary annotation file
+        raise BenchmarkError(f"{name}: an annotation file under {data} is not readable text/JSON ({e})") from None
     log.info("benchmark %s, split %s, from %s: %s", name, split, data, bench.counts)
     spec.check_sizes(bench, strict)
     return bench
