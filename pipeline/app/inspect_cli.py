@@ -39,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
     if args.key or args.query:
         if args.key:
             if args.key not in reader:
-                raise CacheError(f"key {args.key!r} not in the cache")
+                unfinished = len(reader.missing_shards)
+                raise CacheError(f"key {args.key!r} not in the cache" + (
+                    f" (looked in the finished shards only: {unfinished} of {reader.meta.layout.n_shards} "
+                    "are unfinished)" if unfinished else ""))
             vec, mask = reader.get([args.key])
             i = reader.facets.index(facet)
             if not mask[0, i]:
