@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # pipeline.cache_lock; they are part of this module's interface too.
 __all__ = [
     "FORMAT_VERSION", "IDENTITY_KEYS", "NORM_TOLERANCE", "CacheError", "CacheIdentity", "CacheIdentityError",
-    "CacheLayout", "CacheLock", "CacheMeta", "CacheReader", "CacheWriter", "build_key_lookup",
+    "CacheLayout", "CacheLock", "CacheMeta", "CacheReader", "CacheWriter", "build_key_lookup", "read_index_part",
     "check_unit_vectors",
 ]
 
@@ -167,12 +167,21 @@ class CacheWriter:
         return build_key_lookup(self.files, self.meta, mask)
 
 
-def _read_index_part(path: Path, columns: list[str]) -> pa.Table:
-    """One index part; :class:`CacheError` naming the file when it is not readable Parquet (truncated, damaged)."""
+def read_index_part(files: CacheFiles, shard: int, columns: list[str] | None = None) -> pa.Table:
+    """The index part of a finished shard (:func:`pipeline.cache_files.index_schema`, ``columns`` only).
+
+    Raises:
+        CacheError: the part is missing or not readable Parquet (deleted, truncated): the cache is damaged, and
+            the message says how to redo the shard.
+    """
+    path = files.index_part(shard)
+    redo = f"delete {files.marker(shard)} and rerun flame embed to redo the shard"
     try:
         return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing although shard {shard} is finished; {redo}") from None
     except pa.ArrowInvalid as e:
-        raise CacheError(f"{path} is damaged ({e}); delete it and its done/ marker and rerun flame embed") from None
+        raise CacheError(f"{path} is damaged ({e}); {redo}") from None
 
 
 def build_key_lookup(files: CacheFiles, meta: CacheMeta, mask: np.ndarray | None = None,
@@ -190,7 +199,7 @@ def build_key_lookup(files: CacheFiles, meta: CacheMeta, mask: np.ndarray | None
         for s in shards:
             r = lay.shard_range(s)
             mask[r.start : r.stop] = group["mask"][r.start : r.stop]
-    parts = (_read_index_part(files.index_part(s), [KEY, ROW]) for s in shards if files.index_part(s).exists())
+    parts = (read_index_part(files, s, [KEY, ROW]) for s in shards)
     log.info("building the key lookup of %s", files.root)
     return KeyLookup.build(parts, mask, lay.plan_hash, files.lookup_dir if persist else None)
 
@@ -269,8 +278,8 @@ class CacheReader:
         """The index parts of the finished shards, one table per shard (:func:`pipeline.cache_files.index_schema`)."""
         missing = set(self.missing_shards)
         for s in range(self.meta.layout.n_shards):
-            if s not in missing and self.files.index_part(s).exists():
-                yield pq.read_table(self.files.index_part(s), columns=columns)
+            if s not in missing:
+                yield read_index_part(self.files, s, columns)
 
     @property
     def index(self) -> pa.Table:

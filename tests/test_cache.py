@@ -139,3 +139,13 @@ def test_a_truncated_index_part_is_a_cache_error(tmp_path):
     part.write_bytes(part.read_bytes()[:20])
     with pytest.raises(CacheError, match=r"shard-00001.parquet is damaged"):
         CacheReader(tmp_path)
+
+
+def test_a_missing_index_part_of_a_finished_shard_is_a_cache_error(tmp_path):
+    """It used to be skipped, so the shard's keys silently vanished from the cache."""
+    from pipeline.cache_files import CacheFiles
+
+    _fill(tmp_path)
+    CacheFiles(tmp_path).index_part(2).unlink()
+    with pytest.raises(CacheError, match=r"shard-00002.parquet is missing although shard 2 is finished; delete "):
+        CacheReader(tmp_path)

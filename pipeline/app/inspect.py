@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.cache import NORM_TOLERANCE, CacheReader
+from pipeline.cache import NORM_TOLERANCE, CacheReader, read_index_part
 from pipeline.cache_files import KEY, ROW
 
 
@@ -189,7 +188,7 @@ def nearest_neighbours(
     keys_of_row: dict[int, list[str]] = {}
     wanted = {int(r) for r in best_r}
     for shard in sorted({r // layout.shard_rows for r in wanted}):
-        part = pq.read_table(reader.files.index_part(shard), columns=[KEY, ROW])
+        part = read_index_part(reader.files, shard, [KEY, ROW])
         for key, row in zip(part.column(KEY).to_pylist(), part.column(ROW).to_pylist()):
             if row in wanted:
                 keys_of_row.setdefault(row, []).append(key)
