@@ -45,7 +45,7 @@ from stage2_train_vision.samples import (
     sample_seed,
     split_keys,
 )
-from stage2_train_vision.stream import StreamPairs, stream_shards
+from stage2_train_vision.stream import StreamPairs, embedded_from, stream_shards
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +170,12 @@ def warn_if_manifest_changed(manifest: str | Path, reader: CacheReader) -> bool:
     each part's size and modification time, ``meta.json`` ``extra``). Samples are paired with vectors by key only,
     so changed captions under the same keys would train against the old captions' vectors. Returns True if it
     warned; caches without the record are not checked."""
-    extra = reader.meta.extra
-    recorded = extra.get("manifest_parts")
-    if not recorded or not extra.get("manifest"):
-        return False
-    root = Path(manifest).resolve()
-    now = []
-    for name, *_ in recorded:
-        st = (root / name).stat() if (root / name).exists() else None
-        now.append([name, st.st_size, st.st_mtime_ns] if st else [name, None, None])
-    if str(root) == extra["manifest"] and now == [r[:3] for r in recorded]:
+    if embedded_from(manifest, reader.meta.extra) is not False:
         return False
     log.warning(
         "%s is not the manifest %s was embedded from (%s, parts as recorded by stage 1): samples are paired "
         "with vectors by key, so captions changed under the same keys would train on the old captions' vectors; "
-        "re-embed if the captions changed", root, reader.dir, extra["manifest"],
+        "re-embed if the captions changed", Path(manifest).resolve(), reader.dir, reader.meta.extra["manifest"],
     )
     return True
 

@@ -200,6 +200,22 @@ def stream_shards(cfg: DataConfig, reader: CacheReader) -> tuple[list[StreamShar
     return shards, skipped
 
 
+def embedded_from(manifest: str | Path, extra: dict) -> bool | None:
+    """Whether ``manifest`` is the one stage 1 embedded the cache from, by the job's record in ``meta.json``
+    ``extra`` (the manifest path and each part's name, size and modification time); ``None`` without a record."""
+    recorded = extra.get("manifest_parts")
+    if not recorded or not extra.get("manifest"):
+        return None
+    root = Path(manifest).resolve()
+    if str(root) != extra["manifest"]:
+        return False
+    for name, size, mtime, *_ in recorded:
+        st = (root / name).stat() if (root / name).exists() else None
+        if st is None or (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return False
+    return True
+
+
 def _counts_from_cache(cfg: DataConfig, reader: CacheReader, info) -> tuple[list[StreamShard], Counter] | None:
     """:func:`stream_shards` without a key lookup when the cache was built from this very manifest: stage 1 records
     every part's name, size, modification time and keys per split (``meta.json`` ``extra.manifest_parts``).
@@ -207,16 +223,11 @@ def _counts_from_cache(cfg: DataConfig, reader: CacheReader, info) -> tuple[list
     a job with ``--limit``, or one planned on another split)."""
     extra = reader.meta.extra
     recorded = extra.get("manifest_parts")
-    root = Path(cfg.manifest).resolve()
-    if (not recorded or extra.get("manifest") != str(root) or extra.get("limit") is not None
-            or extra.get("split") not in (None, cfg.split) or len(recorded) != len(info.parts)):
+    if (not embedded_from(cfg.manifest, extra) or extra.get("limit") is not None
+            or extra.get("split") not in (None, cfg.split) or [r[0] for r in recorded] != list(info.parts)):
         return None
     shards, n_ok = [], 0
-    for part, (name, size, mtime, kept) in zip(info.parts, recorded):
-        path = root / part
-        st = path.stat() if path.exists() else None
-        if name != part or st is None or (st.st_size, st.st_mtime_ns) != (size, mtime):
-            return None
+    for part, (_, _, _, kept) in zip(info.parts, recorded):
         n = int(kept.get(cfg.split, 0))
         n_ok += n
         if n:
