@@ -8,7 +8,6 @@ Loading an LLM anywhere in it is an error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from stage2_train_vision.config import ModelConfig
 from stage2_train_vision.loss import sigmoid_loss
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.text_tower import CaptionSampler, TextTowerConfig, attach_text_tower, get_tokenizer
+from tests.helpers.eval_fakes import FakeEmbedder
 from tests.helpers.stage2_data import COLOURS, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,21 +72,6 @@ def write_cache(d: Path, keys: list[str], llm: str, seed: int) -> Path:
                            pa.table({"key": keys[r.start : r.stop], "row": pa.array(list(r), pa.int64())}))
     writer.build_lookup(mask)
     return d
-
-
-class FakeEmbedder:
-    """Deterministic text -> unit vector of D dims (sha256-seeded), reporting the identity it is asked for."""
-
-    def __init__(self, identity):
-        self.identity = dict(identity)
-
-    def embed(self, texts, mode="single"):
-        out = []
-        for t in texts:
-            seed = int.from_bytes(hashlib.sha256(f"{mode}:{t}".encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(D)
-            out.append(v / np.linalg.norm(v))
-        return np.array(out, np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """``manifests.images``: the one decoder and ``load_image`` for every way a row references its image."""
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from manifests.images import (
 )
 from manifests.schema import ManifestError
 from tests.helpers.images import png_chunks
+from tests.helpers.shards import write_tar
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -34,13 +34,6 @@ def solid(rgb, size=(4, 3)) -> bytes:
     return encode(Image.new("RGB", size, rgb))
 
 
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def test_inline_bytes_and_plain_paths(tmp_path):

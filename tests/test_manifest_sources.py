@@ -6,7 +6,6 @@ image (a colour per key) and in its caption, so a kept row can be checked agains
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import datasets
@@ -24,6 +23,7 @@ from manifests.parquet_source import build_parquet_manifest
 from manifests.schema import ManifestError, iter_rows, read_manifest_info
 from manifests.webdataset_source import build_webdataset_manifest
 from pipeline.app.cli import main
+from tests.helpers.shards import write_tar
 
 LONG_TEXT = "word " * 10_000  # 50,000 characters
 QUOTE_TEXT = 'He said "hi" and then:" left; a "quoted: "value"'
@@ -46,13 +46,6 @@ def jpeg(i: int, size: int = 64) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def caption(key: str) -> bytes:

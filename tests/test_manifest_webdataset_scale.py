@@ -22,6 +22,7 @@ from manifests.wds.digests import key_digests
 from manifests.wds.recaptions import recaption_buckets
 from manifests.webdataset_source import build_webdataset_manifest
 from pipeline.app.cli import main
+from tests.helpers.shards import write_tar
 
 HTML = b"<!DOCTYPE html><html><body>gone</body></html>"
 
@@ -36,13 +37,6 @@ def png(i: int) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def key(i: int) -> str:
