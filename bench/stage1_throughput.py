@@ -43,6 +43,7 @@ import torch
 from pipeline.assets import EMBEDDED_LLMS
 from pipeline.machine import cpu_summary
 from stage1_embed_text.batching import collate, facet_mask
+from stage1_embed_text.config import DEFAULT_CONTEXT_TOKENS
 from stage1_embed_text.encoder import FacetEncoder
 from stage1_embed_text.llm import DTYPES, LoadedLLM, load_llm
 from stage1_embed_text.model_source import embedded_folder
@@ -111,8 +112,8 @@ def matmul_peak(dtype: torch.dtype, size: int, reps: int = 5) -> float:
     return 2.0 * size**3 / best
 
 
-def run_ours(llm: LoadedLLM, samples, max_tokens: int, max_batch_tokens: int) -> Callable[[], np.ndarray]:
-    enc = FacetEncoder(llm, context_tokens=max_tokens, max_batch_tokens=max_batch_tokens)
+def run_ours(llm: LoadedLLM, samples, context_tokens: int, max_batch_tokens: int) -> Callable[[], np.ndarray]:
+    enc = FacetEncoder(llm, context_tokens=context_tokens, max_batch_tokens=max_batch_tokens)
     return lambda: enc.encode(samples).vectors
 
 
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=500, help="samples (each up to 3 texts)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--layer", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=512, help="context per packed text")
+    p.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS, help="longest packed text")
     p.add_argument("--max-batch-tokens", type=int, default=1024, help="ours: padded tokens per batch")
     p.add_argument("--batch-size", type=int, default=32, help="(b) and (c): texts/sequences per batch")
     p.add_argument("--peak-size", type=int, default=2048)
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     samples = manifest_samples(args.manifest, args.n) if args.manifest else synthetic_samples(args.n)
     llm = load_llm(args.llm, dtype=args.dtype, layer=args.layer)
-    seqs = packed_texts(llm, samples, args.max_tokens)
+    seqs = packed_texts(llm, samples, args.context_tokens)
     tokens = sum(len(s) for s in seqs)
     flops = useful_flops(llm, seqs)
     from transformers import AutoModelForCausalLM
@@ -199,10 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     peaks = {d: matmul_peak(DTYPES[d], args.peak_size) for d in ("bfloat16", "float32")}
     few = samples[:4]
-    ours = run_ours(llm, samples, args.max_tokens, args.max_batch_tokens)
+    ours = run_ours(llm, samples, args.context_tokens, args.max_batch_tokens)
     official = run_official(full, llm, seqs, args.batch_size)
     naive = run_naive(llm, seqs, args.batch_size)
-    t_a, vec_a = timed(ours, run_ours(llm, few, args.max_tokens, args.max_batch_tokens))
+    t_a, vec_a = timed(ours, run_ours(llm, few, args.context_tokens, args.max_batch_tokens))
     log.info("ours: %.1f s", t_a)
     t_b, _ = timed(official, run_official(full, llm, seqs[:4], args.batch_size))
     log.info("official: %.1f s", t_b)

@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.machine import cpu_summary  # noqa: E402
+from stage1_embed_text.config import DEFAULT_CONTEXT_TOKENS  # noqa: E402
 
 log = logging.getLogger("bench.stage1_vllm")
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=64, help="samples (default 64)")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds per method (default 2)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS, help="longest packed text")
     p.add_argument("--block-size", type=int, default=None, help="vLLM KV block size (default 32 on CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-gib", type=float, default=None)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = _samples(None, 4) if args.manifest else _samples(None, args.n + 4)[args.n :]
 
     t0 = time.perf_counter()
-    hf = FacetEncoder(load_llm(args.llm, dtype=args.dtype, layer=args.layer), context_tokens=args.max_tokens)
+    hf = FacetEncoder(load_llm(args.llm, dtype=args.dtype, layer=args.layer), context_tokens=args.context_tokens)
     startup = {"hf": time.perf_counter() - t0}
 
     def vllm_encoder(cache: bool) -> VllmFacetEncoder:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
             enforce_eager=args.eager,
         )
-        return VllmFacetEncoder(args.llm, layer=args.layer, context_tokens=args.max_tokens, settings=settings)
+        return VllmFacetEncoder(args.llm, layer=args.layer, context_tokens=args.context_tokens, settings=settings)
 
     t0 = time.perf_counter()
     engines = {"vllm": vllm_encoder(True)}
