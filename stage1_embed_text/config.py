@@ -89,16 +89,23 @@ class EmbedConfig:
         """Fill the LLM's default readout; raise :class:`EmbedConfigError` for values that cannot work."""
         if self.readout is None:
             self.readout = default_readout(self.llm)
+        check_shard_layout(self.shard_rows, self.chunk_rows)
         at_least_one = {"context_tokens": self.context_tokens, "max_batch_tokens": self.max_batch_tokens,
-                        "shard_rows": self.shard_rows, "chunk_rows": self.chunk_rows, "batch_size": self.batch_size,
-                        "limit": self.limit}
+                        "batch_size": self.batch_size, "limit": self.limit}
         bad = [f"{name}={value}" for name, value in at_least_one.items() if value is not None and value < 1]
         if bad:
             raise EmbedConfigError(f"{', '.join(bad)}: must be at least 1")
-        if self.shard_rows % self.chunk_rows:
-            raise EmbedConfigError(f"chunk_rows={self.chunk_rows} must divide shard_rows={self.shard_rows}")
         if self.layer is not None and self.layer < 0:
             raise EmbedConfigError(f"layer={self.layer}: hidden_states index must be at least 0")
+
+
+def check_shard_layout(shard_rows: int, chunk_rows: int) -> None:
+    """Raise :class:`EmbedConfigError` unless ``chunk_rows >= 1`` divides ``shard_rows >= 1`` (a Zarr shard holds
+    whole chunks)."""
+    if shard_rows < 1 or chunk_rows < 1 or shard_rows % chunk_rows:
+        raise EmbedConfigError(
+            f"shard_rows={shard_rows}, chunk_rows={chunk_rows}: need chunk_rows >= 1 dividing shard_rows >= 1"
+        )
 
 
 def default(name: str) -> Any:

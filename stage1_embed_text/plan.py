@@ -37,7 +37,7 @@ from manifests.schema import read_manifest_info
 from pipeline.atomic import KeepExisting, atomic_directory, atomic_write_bytes
 from pipeline.cache import CacheError
 from pipeline.cache_files import CacheFiles
-from stage1_embed_text.config import EmbedConfig, default
+from stage1_embed_text.config import EmbedConfig, check_shard_layout, default
 from stage1_embed_text.plan_files import PLAN_FORMAT, PlanInfo, read_plan_info
 from stage1_embed_text.planner import Planner
 from stage1_embed_text.prompts import PromptSet, get_prompt_set
@@ -99,8 +99,7 @@ def make_plan(
         ValueError: ``shard_rows``/``chunk_rows`` not positive or ``chunk_rows`` not dividing ``shard_rows``.
         manifests.schema.ManifestError: unfinished or malformed manifest.
     """
-    if shard_rows <= 0 or chunk_rows <= 0 or shard_rows % chunk_rows:
-        raise ValueError(f"need shard_rows > 0 and chunk_rows > 0 dividing it, got {shard_rows}, {chunk_rows}")
+    check_shard_layout(shard_rows, chunk_rows)
     files = CacheFiles(cache_dir)
     _refuse_foreign_folder(files)
     inputs = plan_inputs(manifest_dir, prompt_set, split, limit, shard_rows, chunk_rows)

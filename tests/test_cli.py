@@ -120,7 +120,7 @@ def test_file_urls_are_paths(tmp_path):
     (["--split", "nosuch"], "has no rows of split 'nosuch'"),
     (["--limit", "0"], "limit=0: must be at least 1"),
     (["--max-batch-tokens", "0"], "max_batch_tokens=0: must be at least 1"),
-    (["--shard-rows", "64", "--chunk-rows", "48"], "chunk_rows=48 must divide shard_rows=64"),
+    (["--shard-rows", "64", "--chunk-rows", "48"], "shard_rows=64, chunk_rows=48: need chunk_rows >= 1 dividing"),
 ])
 def test_embed_refuses_values_that_cannot_work(extra, message, tmp_path, capsys):
     from manifests.schema import ManifestWriter

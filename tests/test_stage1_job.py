@@ -132,7 +132,7 @@ def test_plan_dedupes_rows_and_texts(tmp_path):
     assert fewer.plan_hash != info.plan_hash
     _, swapped, _ = _plan(tmp_path, [SAMPLES[1], SAMPLES[0], *SAMPLES[2:]], name="swapped")
     assert swapped.plan_hash != info.plan_hash  # same rows, other keys -> rows
-    with pytest.raises(ValueError, match="chunk_rows > 0 dividing it"):
+    with pytest.raises(ValueError, match=r"shard_rows=4, chunk_rows=3: need chunk_rows >= 1 dividing shard_rows >= 1"):
         make_plan(manifest, FLAME, tmp_path / "bad", shard_rows=4, chunk_rows=3)
 
 
