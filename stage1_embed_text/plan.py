@@ -96,7 +96,8 @@ def make_plan(
         The :class:`PlanInfo` of the plan now stored in ``cache_dir/plan``.
 
     Raises:
-        ValueError: ``shard_rows``/``chunk_rows`` not positive or ``chunk_rows`` not dividing ``shard_rows``.
+        stage1_embed_text.config.EmbedConfigError: ``shard_rows``/``chunk_rows`` below 1 or ``chunk_rows`` not dividing
+            ``shard_rows``.
         manifests.schema.ManifestError: unfinished or malformed manifest.
     """
     check_shard_layout(shard_rows, chunk_rows)
