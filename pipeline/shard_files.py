@@ -128,14 +128,15 @@ class ShardFiles:
             sel = order[a:b]
             chunk, within = np.divmod(rows[sel] - s * self.shard_rows, self.chunk_rows)
             offset = entry[1][chunk, 0]
-            if present is not None and (present[sel] & (offset == self.EMPTY)).any():
-                lost = int((present[sel] & (offset == self.EMPTY)).sum())
+            stored = offset != self.EMPTY
+            lost = 0 if present is None or stored.all() else int((present[sel] & ~stored).sum())
+            if lost:
                 raise CacheError(
                     f"{lost} rows of cache shard {s} have vectors (facet mask) but no stored data in "
                     f"{self.dir / 'c' / str(s) / '0' / '0'} (file or chunk missing): the cache is damaged; "
                     f"delete its finished marker done/shard-{s:05d}.json and rerun flame embed to redo the shard"
                 )
-            parts.append((entry[0], sel, offset != self.EMPTY, offset // 2 + within.astype(np.uint64) * self.row_elems))
+            parts.append((entry[0], sel, stored, offset // 2 + within.astype(np.uint64) * self.row_elems))
         if len(parts) == 1 and parts[0][2].all():  # one shard, every chunk stored: a single gather
             data, sel, _, start = parts[0]
             out = np.empty((len(rows), self.row_elems), np.float16)
