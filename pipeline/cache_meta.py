@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.cache_files import META_JSON
+from pipeline.cache_files import META_JSON, CacheFiles
 from pipeline.errors import FlameError
-from pipeline.paths import local_dir
 
 FORMAT_VERSION = 1
 NORM_TOLERANCE = 1e-2  # |‖v‖ - 1| allowed for a stored float16 vector (float16 rounding is ~1e-3)
@@ -189,7 +188,7 @@ class CacheMeta:
 
     @classmethod
     def read(cls, cache_dir: str | Path) -> CacheMeta:
-        path = local_dir(cache_dir, "cache") / META_JSON
+        path = CacheFiles(cache_dir).meta  # refuses URLs (pipeline.paths.local_dir)
         if not path.exists():
             raise CacheError(f"{cache_dir} is not a flame cache (no {META_JSON})")
         try:
