@@ -2,7 +2,7 @@
 
 SPEC §10 / issue 4. Both layouts hold the same float16 vectors on the same disk, written in this run; reads are
 training-style batches of random keys (``--batch`` keys per read, ``--reads`` batches, the same keys for both).
-Ours: :meth:`pipeline.cache.CacheReader.get` (one batched read of the sorted rows). Baseline (the official
+Ours: :meth:`pipeline.cache.store.CacheReader.get` (one batched read of the sorted rows). Baseline (the official
 layout): ``torch.load`` of one file per key, then stack. Prints a markdown table and the ratio.
 
     .venv/bin/python bench/cache_read.py --n 10000 --dim 640 --chunk-rows 1 4 16
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.cache import CacheIdentity, CacheLayout, CacheMeta, CacheReader, CacheWriter
+from pipeline.cache.store import CacheIdentity, CacheLayout, CacheMeta, CacheReader, CacheWriter
 from pipeline.machine import cpu_summary
 
 log = logging.getLogger("bench.cache_read")

@@ -153,13 +153,13 @@ def prepare_data(runs: Path, llms: tuple[str, ...], train_bases: int = 300, test
                  seed: int = 0) -> StudyData:
     """The demo's manifest, subset and stage-1 caches (one per LLM), reused from ``runs/demo-artifacts``.
 
-    The stage inputs are exactly those of :func:`pipeline.app.demo.run_demo`, so a finished ``flame demo`` is
+    The stage inputs are exactly those of :func:`flame_pipeline.demo.run.run_demo`, so a finished ``flame demo`` is
     reused here and the other way round. Loads each LLM only to build a missing cache.
     """
+    from flame_pipeline.demo.artifacts import run_stage
+    from flame_pipeline.demo.run import build_subset
     from manifests.emoji import build_emoji_manifest
     from pipeline import __version__
-    from pipeline.app.artifacts import run_stage
-    from pipeline.app.demo import build_subset
     from pipeline.assets import fetch_all
     from stage1_embed_text.job import EmbedConfig, run_embed
 
@@ -194,7 +194,7 @@ def raw_only_cache(cache_dir: Path, out_dir: Path, facet: str = "raw") -> dict[s
     Raises:
         KeyError: the cache has no facet called ``facet``.
     """
-    from pipeline.cache import CacheMeta, CacheReader, CacheWriter
+    from pipeline.cache.store import CacheMeta, CacheReader, CacheWriter
 
     reader = CacheReader(cache_dir)
     if facet not in reader.facets:
@@ -293,7 +293,7 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
         KeyError: an unknown variant name.
     """
     from eval.run import run_benchmark
-    from pipeline.app.artifacts import run_stage
+    from flame_pipeline.demo.artifacts import run_stage
 
     t_start = time.perf_counter()
     unknown = [v for v in cfg.variants if v not in VARIANTS]
@@ -318,7 +318,7 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
             inputs = {"variant": dataclasses.asdict(v), "seed": seed, "steps": cfg.steps, "config": cfg_digest,
                       "overrides": list(cfg.overrides), "manifest": str(data.manifest), "cache": str(cache),
                       "tower": tower if v.text == "tower" else None}
-            from pipeline.app.artifacts import inputs_hash
+            from flame_pipeline.demo.artifacts import inputs_hash
 
             out_dir = root / f"{v.name}-s{seed}-{inputs_hash(inputs)}"
             jobs[(v.name, seed)] = {"variant": v, "seed": seed, "inputs": inputs, "dir": out_dir,

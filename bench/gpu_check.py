@@ -15,11 +15,11 @@ Sections, in this order (the JSON is rewritten after each one, so a run cut shor
    versions, and the **matmul peak**: best FLOP/s of ``torch.matmul`` on two ``peak_size``-square bf16 matrices
    on the run's device (``2 * size**3`` FLOPs per product).
 2. **Stage-1 parity** (always a tiny Mistral-shaped decoder, 4 blocks, read out at layer 3): the same weights run
-   by :class:`~stage1_embed_text.encoder.FacetEncoder` on the run's device (eager and SDPA attention) and on the
+   by :class:`~stage1_embed_text.encode.encoder.FacetEncoder` on the run's device (eager and SDPA attention) and on the
    CPU (SDPA), in fp32 and in bf16; the smallest cosine per facet vector must be >= 0.999.
 3. **Stage-1 throughput**: a decoder with Mistral-Nemo-12B's shape (40 blocks, hidden 5120, 32 heads of 128, 8 KV
    heads, FFN 14336, vocabulary 131072) with random bf16 weights created directly on the device and cut at the
-   FLAME readout layer 39 by :func:`~stage1_embed_text.llm.prepare_llm`; a byte-level BPE tokenizer built
+   FLAME readout layer 39 by :func:`~stage1_embed_text.backends.llm.prepare_llm`; a byte-level BPE tokenizer built
    offline (``tests/helpers/stage1_tiny.py``); :class:`FacetEncoder` (packing, facet masks, length buckets, readout) over
    synthetic FLAME-length caption sets (raw 10-40, short 30-80, long 150-300 caption tokens), once with SDPA and
    once with eager attention. Reported: captions/s (texts: a sample's raw, short and long caption are 3),
@@ -220,7 +220,7 @@ def random_decoder(shape: dict, layer: int, device: torch.device, dtype: torch.d
     :func:`prepare_llm` (cut to ``layer`` blocks, final norm kept aside) with the offline test tokenizer."""
     from transformers import AutoModel, MistralConfig
 
-    from stage1_embed_text.llm import prepare_llm
+    from stage1_embed_text.backends.llm import prepare_llm
     from tests.helpers.stage1_tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -255,7 +255,7 @@ def stage1_parity(device: torch.device, seed: int = 0) -> dict:
     Returns ``{"pairs": [{dtype, attn, min_cosine}], "min_cosine", "ok"}``; cosines are between unit facet
     vectors of the same caption sets (4 sets = 44 vectors).
     """
-    from stage1_embed_text.encoder import FacetEncoder
+    from stage1_embed_text.encode.encoder import FacetEncoder
 
     pairs = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -278,7 +278,7 @@ def stage1_parity(device: torch.device, seed: int = 0) -> dict:
 
 def stage1_throughput(sizes: Sizes, device: torch.device, peak: float) -> dict:
     """Nemo-shaped (or tiny) decoder in bf16 through :class:`FacetEncoder`, SDPA and eager attention."""
-    from stage1_embed_text.encoder import FacetEncoder
+    from stage1_embed_text.encode.encoder import FacetEncoder
 
     t0 = time.perf_counter()
     llm = random_decoder(sizes.decoder, sizes.layer, device, torch.bfloat16, "sdpa")

@@ -18,7 +18,7 @@ Stages (``--stages``, any subset, always run in this order):
 ``embed``        ``stage1_embed_text.job.run_embed`` with :class:`DigestStandInEncoder` in place of the LLM,
                  so that planning, copying and writing are measured at full N (the encoder's speed is
                  ``bench/stage1_throughput.py``'s business); reuses the plan the ``plan`` stage stored
-``cache_open``   ``pipeline.cache.CacheReader(cache)``
+``cache_open``   ``pipeline.cache.store.CacheReader(cache)``
 ``first_batch``  open the reader, ``build_training_data(mode="stream")``, first batch (256 images, 32 px)
 ``lookup``       open the reader, then 50 reads of 3,072 random keys (``reader.rows`` + ``reader.read_rows``)
 ===============  ==========================================================================================
@@ -378,15 +378,15 @@ class DigestStandInEncoder:
     """
 
     def __init__(self, dim: int):
-        from stage1_embed_text.prompts import get_prompt_set
+        from stage1_embed_text.encode.prompts import get_prompt_set
 
         self.prompt_set = get_prompt_set("flame")
         self.facets: tuple[str, ...] = self.prompt_set.facets
         self.dim = int(dim)
 
     def identity(self):
-        """The :class:`pipeline.cache.CacheIdentity` of these vectors (``llm="digest-stand-in"``)."""
-        from stage1_embed_text.encoded import text_identity
+        """The :class:`pipeline.cache.store.CacheIdentity` of these vectors (``llm="digest-stand-in"``)."""
+        from stage1_embed_text.encode.encoded import text_identity
 
         return text_identity(
             name="digest-stand-in", fingerprint="sha1-of-text", layer=0, readout="pre_norm", dim=self.dim,
@@ -396,15 +396,15 @@ class DigestStandInEncoder:
 
     def encode(self, samples: Sequence[Mapping[str, str | None]],
                progress: Callable[[int, int], None] | None = None):
-        """The ``stage1_embed_text.encoded.EncodedSamples`` of ``samples`` (``{"raw"|"short"|"long": text}``; a
+        """The ``stage1_embed_text.encode.encoded.EncodedSamples`` of ``samples`` (``{"raw"|"short"|"long": text}``; a
         missing, ``None`` or blank text is absent).
 
         Returns vectors ``float32 [n, 11, D]``, mask ``bool [n, 11]``, tokens ``int32 [n, 3]`` (a stand-in
         count, ``len(utf-8 bytes) // 4 + 20``; 0 if absent) and truncated ``bool [n, 3]`` (all False); calls
         ``progress(texts, tokens)`` once, at the end.
         """
-        from stage1_embed_text.encoded import EncodedSamples
-        from stage1_embed_text.prompts import GROUPS
+        from stage1_embed_text.encode.encoded import EncodedSamples
+        from stage1_embed_text.encode.prompts import GROUPS
 
         n, f = len(samples), len(self.facets)
         out = EncodedSamples(
@@ -540,7 +540,7 @@ def stage_plan(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """``plan_job`` (plans and stores the plan in the cache), or ``load_plan`` in code without it."""
     t = time.perf_counter()
     from stage1_embed_text import job
-    from stage1_embed_text.prompts import get_prompt_set
+    from stage1_embed_text.encode.prompts import get_prompt_set
 
     config = embed_config(paths)
     clock = Clock(t)
@@ -571,7 +571,7 @@ def stage_embed(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
 def stage_cache_open(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """``CacheReader(cache)``."""
     t = time.perf_counter()
-    from pipeline.cache import CacheReader
+    from pipeline.cache.store import CacheReader
 
     clock = Clock(t)
     reader = CacheReader(paths.cache)
@@ -581,10 +581,10 @@ def stage_cache_open(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
 def stage_first_batch(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """Open the reader, build the streaming training data, take the first batch (256 images at 32 px)."""
     t = time.perf_counter()
-    from pipeline.cache import CacheReader
+    from pipeline.cache.store import CacheReader
     from stage2_train_vision.config import DataConfig
-    from stage2_train_vision.data import build_training_data
-    from stage2_train_vision.transforms import train_transform
+    from stage2_train_vision.data.pairs import build_training_data
+    from stage2_train_vision.data.transforms import train_transform
 
     clock = Clock(t)
     reader = CacheReader(paths.cache)
@@ -603,7 +603,7 @@ def stage_first_batch(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
 def stage_lookup(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """Open the reader, then ``--reads`` reads of ``--keys-per-read`` distinct random keys each."""
     t = time.perf_counter()
-    from pipeline.cache import CacheReader
+    from pipeline.cache.store import CacheReader
 
     rng = np.random.default_rng(0)
     per_read = min(args.keys_per_read, args.samples)

@@ -4,7 +4,7 @@ Same model, same samples, one process, one run::
 
     python bench/stage1_throughput.py [MANIFEST] [--llm gemma3-270m] [--n 500] [--dtype bfloat16]
 
-(a) **ours**: :class:`~stage1_embed_text.encoder.FacetEncoder`: one packed pass per text with facet-decoupled
+(a) **ours**: :class:`~stage1_embed_text.encode.encoder.FacetEncoder`: one packed pass per text with facet-decoupled
     attention, length-bucketed token-budget batches, ``restart`` positions, only the blocks up to the readout
     layer, no vocabulary logits.
 (b) **official, re-created**: the same packed sequences, but ``--batch-size`` texts per batch in input order (no
@@ -42,14 +42,14 @@ import torch
 
 from pipeline.assets import EMBEDDED_LLMS
 from pipeline.machine import cpu_summary
-from stage1_embed_text.batching import collate, facet_mask
+from stage1_embed_text.backends.llm import DTYPES, LoadedLLM, load_llm
+from stage1_embed_text.backends.model_source import embedded_folder
 from stage1_embed_text.config import DEFAULT_CONTEXT_TOKENS
-from stage1_embed_text.encoder import FacetEncoder
-from stage1_embed_text.llm import DTYPES, LoadedLLM, load_llm
-from stage1_embed_text.model_source import embedded_folder
-from stage1_embed_text.packing import PackedSequence, pack_samples
-from stage1_embed_text.prompts import FLAME, GROUPS
-from stage1_embed_text.tokenization import group_templates
+from stage1_embed_text.encode.batching import collate, facet_mask
+from stage1_embed_text.encode.encoder import FacetEncoder
+from stage1_embed_text.encode.packing import PackedSequence, pack_samples
+from stage1_embed_text.encode.prompts import FLAME, GROUPS
+from stage1_embed_text.encode.tokenization import group_templates
 
 log = logging.getLogger("bench.stage1_throughput")
 

@@ -6,9 +6,9 @@ Run it in the vLLM environment (``make setup-vllm``)::
 
 Methods, each on the same samples (synthetic emoji-shaped captions, or the first ``--n`` rows of a manifest):
 
-(a) **hf**: :class:`~stage1_embed_text.encoder.FacetEncoder` (one packed pass per text, facet-decoupled mask,
+(a) **hf**: :class:`~stage1_embed_text.encode.encoder.FacetEncoder` (one packed pass per text, facet-decoupled mask,
     length-bucketed batches), the reference backend, in ``--dtype``;
-(b) **vllm**: :class:`~stage1_embed_text.vllm_backend.VllmFacetEncoder`: one request per facet, automatic
+(b) **vllm**: :class:`~stage1_embed_text.backends.vllm_backend.VllmFacetEncoder`: one request per facet, automatic
     prefix caching on (the prefix is computed once per text and its KV blocks reused by the other facets);
 (c) **vllm, no prefix cache** (``--no-cache-run``): the same requests with caching off, every facet recomputing
     its prefix (shows what the cache buys).
@@ -51,7 +51,7 @@ def _timed(encode, samples) -> tuple[float, object]:
 
 def _separate_tokens(hf, samples) -> int:
     """Tokens of all ``prefix + facet_i`` requests (prefix counted once per facet) for ``samples``."""
-    from stage1_embed_text.packing import pack_samples
+    from stage1_embed_text.encode.packing import pack_samples
 
     items = pack_samples(hf.llm.tokenizer, hf.templates, hf.prompt_set, samples, hf.context_tokens)
     return sum(len(it.seq.seg_lens) * it.seq.n_prefix + sum(it.seq.seg_lens) for it in items)
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("vllm", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from stage1_embed_text.encoder import FacetEncoder
-    from stage1_embed_text.llm import load_llm
-    from stage1_embed_text.vllm_backend import EngineSettings, VllmFacetEncoder
+    from stage1_embed_text.backends.llm import load_llm
+    from stage1_embed_text.backends.vllm_backend import EngineSettings, VllmFacetEncoder
+    from stage1_embed_text.encode.encoder import FacetEncoder
 
     samples = _samples(args.manifest, args.n)
     warm = _samples(None, 4) if args.manifest else _samples(None, args.n + 4)[args.n :]

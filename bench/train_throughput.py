@@ -4,7 +4,7 @@ SPEC §10 / issue 4. Both runs use the model, optimizer, schedule, loss and batc
 the CPU demo) and time the shipped training step, :func:`stage2_train_vision.step.train_step` (forward, loss,
 backward, clip, optimizer and scheduler step under an Accelerate ``Accelerator`` on the CPU, mixed precision per
 ``train.mixed_precision``); the only difference is where batches come from: the real
-:func:`stage2_train_vision.data.build_training_data` loader (decode, crop, facet draw, cache reads; per
+:func:`stage2_train_vision.data.pairs.build_training_data` loader (decode, crop, facet draw, cache reads; per
 ``--workers``) or one batch of tensors built beforehand and reused. The ratio is loader / in-memory (target
 >= 0.9). Data: ``--manifest`` (e.g. the emoji manifest) or a synthetic manifest of 64 px PNGs, with a
 cache of random unit vectors (D = ``--dim``) for its keys, written to a temporary directory.
@@ -29,13 +29,13 @@ from cache_read import write_cache  # bench/ is on sys.path when run as a script
 from PIL import Image
 
 from manifests.schema import ManifestWriter, read_manifest
-from pipeline.cache import CacheReader
+from pipeline.cache.store import CacheReader
 from stage2_train_vision.config import load_config
-from stage2_train_vision.data import build_training_data
+from stage2_train_vision.data.pairs import build_training_data
+from stage2_train_vision.data.transforms import train_transform
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.step import prepare_step, train_step
 from stage2_train_vision.train import resolve_model_config
-from stage2_train_vision.transforms import train_transform
 
 log = logging.getLogger("bench.train_throughput")
 

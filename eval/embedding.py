@@ -4,7 +4,7 @@
   -> [B, width]`` before the projector, for the linear probe), fed by ``eval_transform(config["image"])``.
 - Texts: the stage-1 :class:`stage1_embed_text.api.TextEmbedder` built from the cache identity in the model's
   ``config.json`` (SPEC §3: the text side must be the one the model was trained against; a mismatch is
-  refused with :class:`pipeline.cache.CacheIdentityError`). Vectors are cached by
+  refused with :class:`pipeline.cache.store.CacheIdentityError`). Vectors are cached by
   :class:`eval.text_cache.TextVectorCache` and reused across runs. A model that carries its own text tower
   (``config["text_side"]``) embeds texts with it instead (:func:`load_model_text_encoder`).
 """
@@ -24,8 +24,8 @@ from tqdm import tqdm
 from eval.text_cache import TextVectorCache
 from manifests.images import UndecodableImageError
 from manifests.schema import ManifestError
-from pipeline.cache import NORM_TOLERANCE, CacheIdentityError
-from pipeline.cache_meta import identity_differences
+from pipeline.cache.meta import identity_differences
+from pipeline.cache.store import NORM_TOLERANCE, CacheIdentityError
 from stage1_embed_text.api import TextEmbedder
 from stage1_embed_text.config import check_text_mode
 from stage2_train_vision.text_tower import TEXT_SIDE_KIND, TextTowerConfig, TowerTextEncoder
@@ -146,9 +146,9 @@ def embed_images(model: torch.nn.Module, images: Sequence[Any], transform: Calla
 def check_identity(expected: dict[str, Any], loaded: dict[str, Any]) -> None:
     """Refuse a text side whose identity differs from the one the model was trained against.
 
-    Compares the fields of :data:`pipeline.cache.IDENTITY_KEYS` present in both dicts; ``llm`` (a name or a
+    Compares the fields of :data:`pipeline.cache.store.IDENTITY_KEYS` present in both dicts; ``llm`` (a name or a
     path, which may legitimately differ) is skipped when both carry an ``llm_fingerprint`` of the weights
-    (:func:`pipeline.cache_meta.identity_differences`).
+    (:func:`pipeline.cache.meta.identity_differences`).
 
     Raises:
         CacheIdentityError: naming each differing field with both values.
@@ -162,7 +162,7 @@ def check_identity(expected: dict[str, Any], loaded: dict[str, Any]) -> None:
 def embedder_identity(embedder: Any) -> dict[str, Any] | None:
     """The identity an embedder produces vectors of, as a dict, or None when it reports none.
 
-    Looked up as ``embedder.identity`` (dict, :class:`pipeline.cache.CacheIdentity` or a method returning
+    Looked up as ``embedder.identity`` (dict, :class:`pipeline.cache.store.CacheIdentity` or a method returning
     one), else ``embedder.encoder.identity()`` (the stage-1 :class:`TextEmbedder`).
     """
     ident = getattr(embedder, "identity", None)
@@ -210,7 +210,7 @@ class TextEncoder:
 
         Raises:
             ValueError: unknown mode, or the embedder returned vectors of the wrong shape, not finite or not
-                unit norm (``|‖v‖ - 1|`` over :data:`pipeline.cache.NORM_TOLERANCE`).
+                unit norm (``|‖v‖ - 1|`` over :data:`pipeline.cache.store.NORM_TOLERANCE`).
         """
         check_text_mode(mode)
         uniq = list(dict.fromkeys(texts))

@@ -22,8 +22,8 @@ from eval.report import build_results, render_markdown, write_results
 from eval.tasks import TaskResult, evaluate_task
 from eval.text_cache import default_root
 from pipeline.errors import FlameError
+from stage2_train_vision.data.transforms import eval_transform
 from stage2_train_vision.export import load_exported
-from stage2_train_vision.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def run_benchmark(model_dir: str | Path, benchmark: str, data: str | Path, out_d
         the ``results.json`` document (see :mod:`eval.report`).
 
     Raises:
-        pipeline.cache.CacheIdentityError: the text embedder is not the one the model was trained against.
+        pipeline.cache.store.CacheIdentityError: the text embedder is not the one the model was trained against.
             A model whose config names a ``text_side`` embeds texts with its own tower (no LLM, no text cache).
         eval.benchmarks.BenchmarkError: unreadable benchmark data, no image that opens (or a size mismatch
             with ``strict``). Single images that do not open are skipped and counted in ``skipped``.

@@ -7,7 +7,7 @@ Layout (default root ``$FLAME_HOME/eval-text-cache``, or ``--text-cache DIR``)::
                                                  vectors: float32 [n, D], unit norm
 
 The identity hash is the sha256 of the canonical JSON of the identity fields that must match
-(:data:`pipeline.cache.IDENTITY_KEYS`, those present), so a vector is reused only for the same LLM weights,
+(:data:`pipeline.cache.store.IDENTITY_KEYS`, those present), so a vector is reused only for the same LLM weights,
 layer, readout, D, prompt set and position mode. Each :meth:`TextVectorCache.put` writes one new chunk
 atomically (temp file + rename); concurrent writers therefore never corrupt each other, at worst they store
 a text twice, and readers take the first copy.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.cache import IDENTITY_KEYS
+from pipeline.cache.store import IDENTITY_KEYS
 from pipeline.paths import flame_home
 
 log = logging.getLogger(__name__)

@@ -93,7 +93,7 @@ def format_summary(info: ManifestInfo, out: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """``flame manifest``: build, print the summary; returns 0.
 
-    Bad input (:class:`~manifests.schema.ManifestError`, a missing file) reaches :func:`pipeline.app.cli.main`,
+    Bad input (:class:`~manifests.schema.ManifestError`, a missing file) reaches :func:`flame_pipeline.cli.main`,
     which prints it as one line and exits 2, like every subcommand.
     """
     info = build(args)

@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_file, atomic_write_bytes
+from pipeline.cache.lookup import key_hashes
 from pipeline.errors import FlameError
-from pipeline.key_lookup import key_hashes
 from pipeline.paths import local_dir
 
 SCHEMA_VERSION = 1

@@ -1,7 +1,7 @@
 """The project's one error policy: bad input or a refused request is a :class:`FlameError`.
 
 Every module that rejects user input (a manifest, a cache, a config, a checkpoint, a benchmark folder, an
-asset) raises a subclass of :class:`FlameError`; the ``flame`` command (:func:`pipeline.app.cli.main`) catches
+asset) raises a subclass of :class:`FlameError`; the ``flame`` command (:func:`flame_pipeline.cli.main`) catches
 it once and prints ``flame COMMAND: message`` with exit code 2 (``-v`` adds the traceback). Anything else is a
 bug and keeps its traceback. An :class:`OSError` (a missing file, a path that is a file where a folder is
 expected, no permission, a full disk, no network) describes the machine or the input, not the code, and counts

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import CacheIdentity, CacheIdentityError
+from pipeline.cache.store import CacheIdentity, CacheIdentityError
+from stage1_embed_text.backends.llm import load_llm
 from stage1_embed_text.config import check_text_mode
-from stage1_embed_text.encoder import FacetEncoder
-from stage1_embed_text.llm import load_llm
-from stage1_embed_text.prompts import get_prompt_set
+from stage1_embed_text.encode.encoder import FacetEncoder
+from stage1_embed_text.encode.prompts import get_prompt_set
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ class EmbedConfig:
         manifest: manifest directory (SPEC §4).
         out: cache directory to create or resume (SPEC §3).
         llm: embedded name (:data:`pipeline.assets.EMBEDDED_LLMS`), local folder, ``.gguf`` file or hub id
-            (:func:`stage1_embed_text.llm.load_llm`); default :data:`pipeline.assets.DEFAULT_LLM`.
+            (:func:`stage1_embed_text.backends.llm.load_llm`); default :data:`pipeline.assets.DEFAULT_LLM`.
         layer: ``hidden_states`` index read out; ``None`` = penultimate block.
         readout: ``"pre_norm"`` or ``"post_norm"``; ``None`` = the LLM's default
             (:func:`pipeline.assets.default_readout`).
@@ -60,7 +60,7 @@ class EmbedConfig:
         bos_marker: the official ``<s>`` marker, ``"drop"`` (default) or ``"keep"``.
         progress: show a tqdm bar (rank 0 only).
         vllm_settings: vLLM engine settings for ``backend="vllm"``, ``{name: value}``: a field of
-            :class:`stage1_embed_text.vllm_settings.EngineSettings` (``gpu_memory_utilization``,
+            :class:`stage1_embed_text.backends.vllm_settings.EngineSettings` (``gpu_memory_utilization``,
             ``max_num_seqs``, ``block_size``, ...) or any other ``vllm.LLM`` keyword argument
             (``tensor_parallel_size``, ...). ``flame embed --vllm-setting KEY=VALUE``.
     """

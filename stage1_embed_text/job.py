@@ -6,7 +6,7 @@
   shards ``r, r + W, ...`` in increasing order; rank 0 plans and creates the cache, then all ranks meet at a
   barrier (:mod:`stage1_embed_text.ranks`).
 * A shard with a finished marker is skipped; any other shard is computed whole
-  (:mod:`stage1_embed_text.shards`) and committed atomically by :meth:`pipeline.cache.CacheWriter.write_shard`
+  (:mod:`stage1_embed_text.shards`) and committed atomically by :meth:`pipeline.cache.store.CacheWriter.write_shard`
   (vectors, mask, index part, marker last).
 * The job's counts and speed: :mod:`stage1_embed_text.summary`.
 
@@ -24,14 +24,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from manifests.schema import RowFetcher, read_manifest_info
-from pipeline.cache import CacheError, CacheLock, CacheMeta, CacheWriter
-from pipeline.cache_files import CacheFiles
+from pipeline.cache.files import CacheFiles
+from pipeline.cache.store import CacheError, CacheLock, CacheMeta, CacheWriter
 from stage1_embed_text.config import EmbedConfig
 from stage1_embed_text.plan import plan_job  # noqa: F401  (re-exported: bench/scale.py calls job.plan_job)
-from stage1_embed_text.plan_files import GROUP_COLUMNS, PlanInfo
+from stage1_embed_text.plan.files import GROUP_COLUMNS, PlanInfo
+from stage1_embed_text.plan.stored import StoredPlan
 from stage1_embed_text.ranks import combine_ranks, plan_and_create, run_token, wait_for_plan
 from stage1_embed_text.shards import compute_shard, index_table, plan_facet_mask
-from stage1_embed_text.stored_plan import StoredPlan
 from stage1_embed_text.summary import EmbedSummary, summarize
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def build_encoder(config: EmbedConfig, device):
     module, so tests and ``bench/scale.py`` can put a stand-in encoder here.
 
     Raises:
-        stage1_embed_text.vllm_settings.VllmUnavailableError: ``vllm`` requested but not importable here.
+        stage1_embed_text.backends.vllm_settings.VllmUnavailableError: ``vllm`` requested but not importable here.
         ValueError: unknown backend.
     """
     from stage1_embed_text import backends  # heavy (torch); kept out of planning and `flame --help`
@@ -60,8 +60,8 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     collective timeout, however long planning takes); then every rank reads only its shards' part of the plan.
 
     Raises:
-        pipeline.cache.CacheIdentityError: ``out`` holds a cache of another model, prompt set or plan.
-        pipeline.cache.CacheError: a vector that is not finite and unit-norm (the shard is not committed), the
+        pipeline.cache.store.CacheIdentityError: ``out`` holds a cache of another model, prompt set or plan.
+        pipeline.cache.store.CacheError: a vector that is not finite and unit-norm (the shard is not committed), the
             disk is full (finished shards are kept), or planning failed on rank 0.
         manifests.schema.ManifestError: unfinished or malformed manifest.
     """

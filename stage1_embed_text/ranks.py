@@ -17,12 +17,12 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.cache import CacheError, CacheLock, CacheMeta, CacheWriter
-from pipeline.cache_files import CacheFiles
+from pipeline.cache.files import CacheFiles
+from pipeline.cache.store import CacheError, CacheLock, CacheMeta, CacheWriter
 from stage1_embed_text.config import EmbedConfig
+from stage1_embed_text.encode.prompts import PromptSet
 from stage1_embed_text.plan import plan_job
-from stage1_embed_text.plan_files import PlanInfo
-from stage1_embed_text.prompts import PromptSet
+from stage1_embed_text.plan.files import PlanInfo
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def plan_and_create(
     stop too).
 
     Raises:
-        Whatever planning or cache creation raised (e.g. :class:`pipeline.cache.CacheIdentityError`), after the
+        Whatever planning or cache creation raised (e.g. :class:`pipeline.cache.store.CacheIdentityError`), after the
         marker names it.
     """
     try:
@@ -78,7 +78,7 @@ def wait_for_plan(files: CacheFiles, token: str) -> None:
     """Other ranks: wait for rank 0's plan-ready marker of this run (logging every minute).
 
     Raises:
-        pipeline.cache.CacheError: rank 0 could not plan (the marker names its error).
+        pipeline.cache.store.CacheError: rank 0 could not plan (the marker names its error).
     """
     marker, t0, told = files.plan_ready(token), time.monotonic(), 0.0
     while not marker.exists():

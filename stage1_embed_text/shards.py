@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import RowFetcher
-from pipeline.cache import CacheWriter
-from pipeline.cache_files import KEY, ROW, index_schema, sha1_column, tokens_column, truncated_column
-from stage1_embed_text.prompts import GROUPS, PromptSet
+from pipeline.cache.files import KEY, ROW, index_schema, sha1_column, tokens_column, truncated_column
+from pipeline.cache.store import CacheWriter
+from stage1_embed_text.encode.prompts import GROUPS, PromptSet
+from stage1_embed_text.plan.stored import StoredPlan
 from stage1_embed_text.ranks import POLL_S
-from stage1_embed_text.stored_plan import StoredPlan
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _read_owner_rows(plan: StoredPlan, writer: CacheWriter, owner_rows: np.ndarr
 
 
 def index_table(plan: StoredPlan, shard: int, keys: pa.Array, rows: np.ndarray, arrays: ShardArrays) -> pa.Table:
-    """The shard's index part (:func:`pipeline.cache_files.index_schema`): ``key``, ``row``, then per group the
+    """The shard's index part (:func:`pipeline.cache.files.index_schema`): ``key``, ``row``, then per group the
     cleaned text's SHA-1 (null if absent), packed sequence length (0 if absent) and truncation flag; keys ordered
     by row, then manifest order."""
     local = rows - plan.layout.shard_range(shard).start

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.cache_files import ROW, CacheFiles, truncated_column
+from pipeline.cache.files import ROW, CacheFiles, truncated_column
 from stage1_embed_text.config import EmbedConfig
-from stage1_embed_text.prompts import PromptSet
-from stage1_embed_text.stored_plan import StoredPlan
+from stage1_embed_text.encode.prompts import PromptSet
+from stage1_embed_text.plan.stored import StoredPlan
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNNN/``: Accelerate's ``save_state`` (model, optimizer,
 scheduler, RNG states and the registered :class:`TrainState`) plus ``cache_identity.json``, the essential
-identity (:meth:`pipeline.cache.CacheIdentity.essential`) of the cache the run trains against, which
+identity (:meth:`pipeline.cache.store.CacheIdentity.essential`) of the cache the run trains against, which
 ``--resume`` checks before loading anything.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.cache import CacheIdentity, CacheIdentityError
+from pipeline.cache.store import CacheIdentity, CacheIdentityError
 from pipeline.errors import FlameError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from pipeline.cache import IDENTITY_KEYS, CacheIdentity, CacheIdentityError
+from pipeline.cache.store import IDENTITY_KEYS, CacheIdentity, CacheIdentityError
 from stage2_train_vision.config import Config, ModelConfig
 from stage2_train_vision.export import CONFIG, WEIGHTS
 from stage2_train_vision.model import FlameVisionModel

@@ -86,7 +86,7 @@ def train_step(parts: StepParts, batch: dict[str, Any], caption_seed: int | None
 
     Args:
         parts: see :class:`StepParts`.
-        batch: a :func:`stage2_train_vision.data.collate` batch: ``images float32 [B, 3, S, S]``, ``texts
+        batch: a :func:`stage2_train_vision.data.pairs.collate` batch: ``images float32 [B, 3, S, S]``, ``texts
             float32 [B, P, D]``, ``text_valid bool [B, P]``, ``image_valid bool [B]`` (host or device
             tensors), and ``keys list[str]`` when ``parts.captions`` is set.
         caption_seed: seed of the caption draw of a text-tower run (one caption per image, P = 1); the

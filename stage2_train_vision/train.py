@@ -39,7 +39,7 @@ from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.cache import CacheIdentityError, CacheReader
+from pipeline.cache.store import CacheIdentityError, CacheReader
 from pipeline.errors import run_command
 from stage2_train_vision.arguments import add_arguments
 from stage2_train_vision.checkpoint import (
@@ -49,7 +49,8 @@ from stage2_train_vision.checkpoint import (
     save_checkpoint,
 )
 from stage2_train_vision.config import Config, ConfigError, ModelConfig, load_config
-from stage2_train_vision.data import TrainingData, build_training_data, sample_seed
+from stage2_train_vision.data.pairs import TrainingData, build_training_data, sample_seed
+from stage2_train_vision.data.transforms import train_transform
 from stage2_train_vision.export import export_model
 from stage2_train_vision.init_from import apply_init_from, load_init_weights
 from stage2_train_vision.model import FlameVisionModel
@@ -61,7 +62,6 @@ from stage2_train_vision.text_tower import (
     attach_text_tower,
     text_side_config,
 )
-from stage2_train_vision.transforms import train_transform
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.app.artifacts import run_stage
+from flame_pipeline.demo.artifacts import run_stage
 
 
 def test_reuse_and_rebuild(tmp_path):

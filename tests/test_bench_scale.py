@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheReader
+from pipeline.cache.store import CacheReader
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 3_000

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.cache import (
+from pipeline.cache.store import (
     CacheError,
     CacheIdentity,
     CacheIdentityError,
@@ -104,7 +104,7 @@ def test_a_stale_key_lookup_is_rebuilt_not_kept(tmp_path):
     old code kept any folder with a lookup.json and then failed with 'does not open'."""
     import json
 
-    from pipeline.cache_files import CacheFiles
+    from pipeline.cache.files import CacheFiles
 
     _fill(tmp_path)
     files = CacheFiles(tmp_path)
@@ -120,7 +120,7 @@ def test_a_stale_key_lookup_is_rebuilt_not_kept(tmp_path):
 
 def test_a_deleted_vector_shard_file_is_an_error_not_zeros(tmp_path):
     """Zarr reads a missing chunk as its fill value: a damaged cache must not train on zero vectors."""
-    from pipeline.cache_files import CacheFiles
+    from pipeline.cache.files import CacheFiles
 
     full, _ = _fill(tmp_path)
     (CacheFiles(tmp_path).vectors / "c" / "1" / "0" / "0").unlink()  # shard 1 = rows 4..7
@@ -132,7 +132,7 @@ def test_a_deleted_vector_shard_file_is_an_error_not_zeros(tmp_path):
 
 
 def test_a_truncated_index_part_is_a_cache_error(tmp_path):
-    from pipeline.cache_files import CacheFiles
+    from pipeline.cache.files import CacheFiles
 
     _fill(tmp_path)
     part = CacheFiles(tmp_path).index_part(1)
@@ -143,7 +143,7 @@ def test_a_truncated_index_part_is_a_cache_error(tmp_path):
 
 def test_a_missing_index_part_of_a_finished_shard_is_a_cache_error(tmp_path):
     """It used to be skipped, so the shard's keys silently vanished from the cache."""
-    from pipeline.cache_files import CacheFiles
+    from pipeline.cache.files import CacheFiles
 
     _fill(tmp_path)
     CacheFiles(tmp_path).index_part(2).unlink()

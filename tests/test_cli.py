@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.app.cli import build_parser, main
+from flame_pipeline.cli import build_parser, main
 
 
 @pytest.mark.parametrize("command", ["manifest", "embed", "train", "eval", "inspect", "demo", "import"])
@@ -36,7 +36,7 @@ def test_embed_refuses_a_missing_manifest_before_loading_the_llm(tmp_path, capsy
 
 
 def test_other_errors_keep_their_traceback(monkeypatch):
-    import pipeline.app.inspect_cli as inspect_cli
+    import flame_pipeline.inspect_cli as inspect_cli
 
     def boom(args):
         raise RuntimeError("a bug, not bad input")
@@ -50,18 +50,18 @@ def test_every_user_facing_error_is_one_flame_error():
     """One base class: the CLI catches FlameError once, so each module's input error must derive from it."""
     from eval.benchmarks.base import BenchmarkError
     from eval.run import ModelConfigError
+    from flame_pipeline.imports.checkpoint import CheckpointImportError
     from manifests.common import DuplicateKeyError
     from manifests.images import ImageTooLargeError, UndecodableImageError
     from manifests.schema import ManifestError
     from pipeline.assets import AssetError
-    from pipeline.cache import CacheError, CacheIdentityError
+    from pipeline.cache.store import CacheError, CacheIdentityError
     from pipeline.errors import FlameError, is_user_error
-    from stage1_embed_text.tokenization import TokenizerError
-    from stage1_embed_text.vllm_settings import VllmUnavailableError
+    from stage1_embed_text.backends.vllm_settings import VllmUnavailableError
+    from stage1_embed_text.encode.tokenization import TokenizerError
     from stage2_train_vision.checkpoint import CheckpointError
     from stage2_train_vision.config import ConfigError
-    from stage2_train_vision.import_checkpoint import CheckpointImportError
-    from stage2_train_vision.samples import DataError
+    from stage2_train_vision.data.samples import DataError
 
     classes = [BenchmarkError, ModelConfigError, DuplicateKeyError, ImageTooLargeError, UndecodableImageError,
                ManifestError, AssetError, CacheError, CacheIdentityError, TokenizerError, VllmUnavailableError,
@@ -86,11 +86,11 @@ def test_demo_defaults_point_at_real_files_and_help_does_not_load_torch():
     import subprocess
     import sys
 
-    from pipeline.app.demo_config import DemoConfig
+    from flame_pipeline.demo.config import DemoConfig
     from pipeline.asset_list import DEFAULT_LLM
 
     assert DemoConfig().train_config.is_file() and DemoConfig().llm == DEFAULT_LLM
-    code = ("import sys; from pipeline.app.cli import build_parser; build_parser(); "
+    code = ("import sys; from flame_pipeline.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'timm', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -111,7 +111,7 @@ def test_a_url_for_a_manifest_or_cache_is_refused_in_one_line(argv, tmp_path, ca
 
 
 def test_file_urls_are_paths(tmp_path):
-    from pipeline.cache_files import CacheFiles
+    from pipeline.cache.files import CacheFiles
 
     assert CacheFiles(f"file://{tmp_path}/c").root == tmp_path / "c"
 

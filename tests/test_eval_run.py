@@ -13,7 +13,7 @@ from eval.benchmarks import load_benchmark
 from eval.embedding import TextEncoder, embed_images
 from eval.report import build_results, write_results
 from eval.run import evaluate_benchmark
-from pipeline.cache import CacheIdentityError
+from pipeline.cache.store import CacheIdentityError
 from tests.helpers.eval_fakes import (
     IDENTITY,
     D,
@@ -105,7 +105,7 @@ def test_emoji_end_to_end(tmp_path):
 
 def test_run_benchmark_and_cli(tmp_path, monkeypatch):
     import eval.run as run_mod
-    from pipeline.app.cli import main
+    from flame_pipeline.cli import main
 
     write_emoji_manifest(tmp_path / "m")
     config = {"cache_identity": IDENTITY, "image": {"size": 8}, "model": {}}
@@ -159,7 +159,7 @@ def patch_color_eval(monkeypatch):
 
 
 def test_classfolder_skips_undecodable_images_and_scores_the_rest(tmp_path, monkeypatch, caplog, capsys):
-    from pipeline.app.cli import main
+    from flame_pipeline.cli import main
 
     patch_color_eval(monkeypatch)
     bad = bad_images()

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import stage1_embed_text.api
-import stage1_embed_text.llm
+import stage1_embed_text.backends.llm
 from manifests.schema import ManifestWriter
-from pipeline.cache import CacheIdentity, CacheLayout, CacheMeta, CacheReader, CacheWriter
-from stage1_embed_text.prompts import FLAME
+from pipeline.cache.store import CacheIdentity, CacheLayout, CacheMeta, CacheReader, CacheWriter
+from stage1_embed_text.encode.prompts import FLAME
 from stage2_train_vision.config import ModelConfig
 from stage2_train_vision.loss import sigmoid_loss
 from stage2_train_vision.model import FlameVisionModel
@@ -93,7 +93,7 @@ def no_llm(monkeypatch, tmp_path):
     def refuse(*a, **k):
         raise AssertionError("an LLM was loaded")
 
-    monkeypatch.setattr(stage1_embed_text.llm, "load_llm", refuse)
+    monkeypatch.setattr(stage1_embed_text.backends.llm, "load_llm", refuse)
     monkeypatch.setattr(stage1_embed_text.api.TextEmbedder, "from_identity", refuse)
     monkeypatch.setattr(eval.run, "load_text_encoder",
                         lambda ident, root, bs: TextEncoder(FakeEmbedder(ident), ident, tmp_path / "text-cache", bs))
@@ -145,8 +145,8 @@ def test_smoke_study_writes_json_table_and_plot(study_data, no_llm, tmp_path):
 def test_same_seed_same_images_and_crops_for_flame_and_clip_scratch(study_data, tmp_path):
     """clip_scratch keeps P = 6 in the data config only so its image stream equals flame's."""
     from stage2_train_vision.config import load_config
-    from stage2_train_vision.data import build_training_data
-    from stage2_train_vision.transforms import train_transform
+    from stage2_train_vision.data.pairs import build_training_data
+    from stage2_train_vision.data.transforms import train_transform
 
     cfg = fidelity.StudyConfig(seeds=(0,), steps=2, overrides=tuple(TINY_VIT))
     batches = {}

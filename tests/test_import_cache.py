@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from flame_pipeline.cli import main as flame_main
+from flame_pipeline.imports.cache import import_cache, official_identity, pth_path
 from manifests.schema import ManifestWriter
-from pipeline.app.cli import main as flame_main
-from pipeline.cache import CacheIdentity, CacheIdentityError, CacheMeta, CacheReader
-from pipeline.cache_files import index_schema
-from stage1_embed_text.import_cache import import_cache, official_identity, pth_path
-from stage1_embed_text.prompts import FLAME, GROUPS
+from pipeline.cache.files import index_schema
+from pipeline.cache.store import CacheIdentity, CacheIdentityError, CacheMeta, CacheReader
+from stage1_embed_text.encode.prompts import FLAME, GROUPS
 
 CC3M = [f"{i:09d}" for i in range(100012, 100019)]  # prefix5 -> "00100/000100012.pth"
 YFCC = [f"u{i}_{i * 7}" for i in range(5)]  # underscore -> "u0/u0_0.pth"

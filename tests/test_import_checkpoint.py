@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from eval.run import load_model
-from pipeline.app.cli import main as flame_main
-from pipeline.cache import CacheIdentity, CacheIdentityError
-from stage1_embed_text.import_cache import official_identity
+from flame_pipeline.cli import main as flame_main
+from flame_pipeline.imports.cache import official_identity
+from flame_pipeline.imports.checkpoint import CheckpointImportError, import_checkpoint
+from pipeline.cache.store import CacheIdentity, CacheIdentityError
 from stage2_train_vision.config import ConfigError, load_config
 from stage2_train_vision.export import load_exported
-from stage2_train_vision.import_checkpoint import CheckpointImportError, import_checkpoint
 from stage2_train_vision.train import train
 from tests.helpers.stage2_data import COLOURS, key, make_cache, make_manifest, tiny_overrides
 

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from pipeline.app.cli import main
-from pipeline.app.inspect import inspect_cache, nearest_neighbours
-from pipeline.cache import CacheIdentity, CacheLayout, CacheMeta, CacheReader, CacheWriter
+from flame_pipeline.cli import main
+from flame_pipeline.inspect import inspect_cache, nearest_neighbours
+from pipeline.cache.store import CacheIdentity, CacheLayout, CacheMeta, CacheReader, CacheWriter
 
 E = np.eye(4)
 

@@ -1,7 +1,7 @@
 """The package layers (README "Layout"): every import of the project's own code points down; modules stay small.
 
 From the bottom: ``pipeline`` (the shared core) < ``manifests`` < ``stage1_embed_text`` < ``stage2_train_vision``
-< ``eval`` < ``pipeline.app`` (the ``flame`` command, demo, inspect, import). A module may import its own layer
+< ``eval`` < ``flame_pipeline`` (the public API, the ``flame`` command, demo, inspect, import). A module may import its own layer
 and any layer below; imports inside functions count too, and are the exception (only where an optional or
 torch-heavy dependency must not load for ``flame --help``).
 """
@@ -10,20 +10,18 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("pipeline", "manifests", "stage1_embed_text", "stage2_train_vision", "eval", "pipeline.app")
+LAYERS = ("pipeline", "manifests", "stage1_embed_text", "stage2_train_vision", "eval", "flame_pipeline")
 MAX_FUNCTION_LOCAL_IMPORTS = 8
 
 
 def _layer(module: str) -> int | None:
     """Index in LAYERS of a dotted module name of the project, else None (a third-party module)."""
-    if module == "pipeline.app" or module.startswith("pipeline.app."):
-        return LAYERS.index("pipeline.app")
     top = module.split(".")[0]
     return LAYERS.index(top) if top in LAYERS else None
 
 
 def _modules():
-    for package in ("pipeline", "manifests", "stage1_embed_text", "stage2_train_vision", "eval"):
+    for package in LAYERS:
         for path in sorted((ROOT / package).rglob("*.py")):
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             yield name, path, ast.parse(path.read_text(encoding="utf-8"))

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flame_pipeline.cli import main
 from manifests import registry
 from manifests.cli import description
 from manifests.images import composite_on_white
 from manifests.schema import ManifestError, ManifestInfo
-from pipeline.app.cli import main
 
 
 def test_sources_and_option_groups_keep_their_help_order():

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from flame_pipeline.cli import main
 from manifests.common import DuplicateKeyError
 from manifests.csv_source import build_csv_manifest
 from manifests.folder_source import build_folder_manifest
@@ -22,7 +23,6 @@ from manifests.images import load_image, read_image_bytes
 from manifests.parquet_source import build_parquet_manifest
 from manifests.schema import ManifestError, iter_rows, read_manifest_info
 from manifests.webdataset_source import build_webdataset_manifest
-from pipeline.app.cli import main
 from tests.helpers.shards import write_tar
 
 LONG_TEXT = "word " * 10_000  # 50,000 characters

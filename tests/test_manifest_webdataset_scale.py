@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 import manifests.wds.recaptions as recaption_store
+from flame_pipeline.cli import main
 from manifests.common import DuplicateKeyError
 from manifests.images import decode_image, load_image
 from manifests.schema import ManifestError, iter_rows, read_manifest_info
 from manifests.wds.digests import key_digests
 from manifests.wds.recaptions import recaption_buckets
 from manifests.webdataset_source import build_webdataset_manifest
-from pipeline.app.cli import main
 from tests.helpers.shards import write_tar
 
 HTML = b"<!DOCTYPE html><html><body>gone</body></html>"

@@ -12,14 +12,14 @@ import torch
 
 import stage1_embed_text.backends as backends
 import stage1_embed_text.job as job
+from flame_pipeline.cli import build_parser, main
 from manifests.schema import ManifestWriter
-from pipeline.app.cli import build_parser, main
+from stage1_embed_text.backends.vllm_backend import VllmFacetEncoder
+from stage1_embed_text.backends.vllm_settings import EngineSettings
 from stage1_embed_text.cli import config_from_args, vllm_setting
 from stage1_embed_text.config import EmbedConfig, default
-from stage1_embed_text.encoder import FacetEncoder
+from stage1_embed_text.encode.encoder import FacetEncoder
 from stage1_embed_text.plan import make_plan
-from stage1_embed_text.vllm_backend import VllmFacetEncoder
-from stage1_embed_text.vllm_settings import EngineSettings
 
 
 def _config(*argv: str) -> EmbedConfig:
@@ -96,7 +96,7 @@ def test_plan_only_and_the_command_line_do_not_import_torch(tmp_path):
                "split": "train"})
     w.close()
     argv = ["embed", "--manifest", str(tmp_path / "m"), "--out", str(tmp_path / "c"), "--plan-only", "--no-progress"]
-    code = (f"import sys; from pipeline.app.cli import main; rc = main({argv!r}); "
+    code = (f"import sys; from flame_pipeline.cli import main; rc = main({argv!r}); "
             "heavy = [m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules]; "
             "print('heavy:', heavy); sys.exit(rc or (3 if heavy else 0))")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheIdentity, CacheIdentityError
+from pipeline.cache.store import CacheIdentity, CacheIdentityError
 from stage1_embed_text.api import TextEmbedder
-from stage1_embed_text.batching import collate, facet_mask, plan_batches
-from stage1_embed_text.encoder import FacetEncoder
-from stage1_embed_text.llm import load_llm
-from stage1_embed_text.packing import pack_caption
-from stage1_embed_text.prompts import FLAME, SINGLE, clean_for_prompt
+from stage1_embed_text.backends.llm import load_llm
+from stage1_embed_text.encode.batching import collate, facet_mask, plan_batches
+from stage1_embed_text.encode.encoder import FacetEncoder
+from stage1_embed_text.encode.packing import pack_caption
+from stage1_embed_text.encode.prompts import FLAME, SINGLE, clean_for_prompt
 from tests.helpers.stage1_tiny import (
     ARCHS,
     WINDOW,

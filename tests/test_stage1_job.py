@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from manifests.schema import ManifestWriter, RowFetcher, read_manifest_info
-from pipeline.cache import CacheIdentityError, CacheReader
-from stage1_embed_text.encoder import FacetEncoder
+from pipeline.cache.store import CacheIdentityError, CacheReader
+from stage1_embed_text.backends.llm import load_llm
+from stage1_embed_text.encode.encoder import FacetEncoder
+from stage1_embed_text.encode.prompts import FLAME
 from stage1_embed_text.job import EmbedConfig, run_embed
-from stage1_embed_text.llm import load_llm
 from stage1_embed_text.plan import make_plan
-from stage1_embed_text.prompts import FLAME
-from stage1_embed_text.stored_plan import StoredPlan
+from stage1_embed_text.plan.stored import StoredPlan
 from tests.helpers.stage1_tiny import tiny_causal_lm, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +205,8 @@ def test_rerun_of_finished_cache_does_nothing(env, tmp_path):
 
 
 def test_cli_without_vllm_refuses_backend_vllm_cleanly(env, tmp_path, capsys):
-    from pipeline.app.cli import main
-    from stage1_embed_text.vllm_settings import vllm_available
+    from flame_pipeline.cli import main
+    from stage1_embed_text.backends.vllm_settings import vllm_available
 
     if vllm_available()[0]:
         pytest.skip("vLLM is importable here")
@@ -281,7 +281,7 @@ def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
 def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, tmp_path, capsys):
     import socket
 
-    from pipeline.app.cli import main
+    from flame_pipeline.cli import main
 
     manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
     cache = tmp_path / "cache"
@@ -304,8 +304,8 @@ def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, t
 def test_disk_full_is_one_line_and_a_rerun_finishes_the_same_cache(env, tmp_path, capsys, monkeypatch):
     import errno
 
-    from pipeline.app.cli import main
-    from pipeline.cache import CacheWriter
+    from flame_pipeline.cli import main
+    from pipeline.cache.store import CacheWriter
 
     manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
     ref, cache = tmp_path / "ref", tmp_path / "cache"
@@ -330,7 +330,7 @@ def test_disk_full_is_one_line_and_a_rerun_finishes_the_same_cache(env, tmp_path
 
 def test_stage2_counts_rows_per_part_from_the_job_record_without_lookups(env, tmp_path):
     from stage2_train_vision.config import DataConfig
-    from stage2_train_vision.stream import _counts_from_cache, stream_shards
+    from stage2_train_vision.data.stream import _counts_from_cache, stream_shards
 
     manifest = _write_manifest(tmp_path / "manifest", SAMPLES)  # parts k0-k3, k4-k7, k8
     cache = tmp_path / "cache"

@@ -1,6 +1,6 @@
 """Prompt sets and caption clean-up: exact SPEC §2.1/§2.2 text, facet order, content hash.
 
-The prompt texts are checked on the real path: the token ids :func:`stage1_embed_text.packing.pack_samples`
+The prompt texts are checked on the real path: the token ids :func:`stage1_embed_text.encode.packing.pack_samples`
 feeds the LLM for each facet (what both backends run), decoded with the tiny byte-level tokenizer, which
 decodes to the exact text it encoded.
 """
@@ -9,9 +9,9 @@ import pytest
 
 from pipeline.assets import DEFAULT_LLM, EMBEDDED_LLMS, default_readout
 from stage1_embed_text.config import EmbedConfig
-from stage1_embed_text.packing import pack_samples
-from stage1_embed_text.prompts import FLAME, SINGLE, clean_for_prompt, get_prompt_set
-from stage1_embed_text.tokenization import group_templates
+from stage1_embed_text.encode.packing import pack_samples
+from stage1_embed_text.encode.prompts import FLAME, SINGLE, clean_for_prompt, get_prompt_set
+from stage1_embed_text.encode.tokenization import group_templates
 from tests.helpers.stage1_tiny import tiny_tokenizer
 
 SPEC_RAW = (
@@ -124,7 +124,7 @@ def test_default_readout_is_the_measured_choice_of_embedded_llms():
 
 def test_embedded_llm_list_and_default_have_one_owner():
     """pipeline.assets owns the embedded LLMs and the default; stage 1 reads them from there."""
-    import stage1_embed_text.llm as llm
+    import stage1_embed_text.backends.llm as llm
 
     assert EmbedConfig(manifest="m", out="c").llm == DEFAULT_LLM and DEFAULT_LLM in EMBEDDED_LLMS
     assert not hasattr(llm, "EMBEDDED")  # no second list

@@ -23,12 +23,19 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheIdentity, CacheIdentityError, CacheLayout, CacheMeta, CacheReader, CacheWriter
-from stage1_embed_text.encoder import FacetEncoder
-from stage1_embed_text.llm import prepare_llm
-from stage1_embed_text.packing import pack_caption, pack_samples
-from stage1_embed_text.prompts import FLAME, clean_for_prompt, get_prompt_set
-from stage1_embed_text.tokenization import TOKENIZATION, GroupTemplate, group_templates, plain_encode
+from pipeline.cache.store import (
+    CacheIdentity,
+    CacheIdentityError,
+    CacheLayout,
+    CacheMeta,
+    CacheReader,
+    CacheWriter,
+)
+from stage1_embed_text.backends.llm import prepare_llm
+from stage1_embed_text.encode.encoder import FacetEncoder
+from stage1_embed_text.encode.packing import pack_caption, pack_samples
+from stage1_embed_text.encode.prompts import FLAME, clean_for_prompt, get_prompt_set
+from stage1_embed_text.encode.tokenization import TOKENIZATION, GroupTemplate, group_templates, plain_encode
 from tests.helpers.stage1_tiny import spec_prompts, tiny_config
 
 LLAMA3_SPLIT = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.cache import CacheReader
+from pipeline.cache.store import CacheReader
 from tests.helpers.stage2_data import F, make_cache
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheReader
+from pipeline.cache.store import CacheReader
 from stage2_train_vision.config import ConfigError, DataConfig, ImageConfig
-from stage2_train_vision.data import build_training_data
-from stage2_train_vision.samples import DataError, draw_facets
-from stage2_train_vision.transforms import train_transform
+from stage2_train_vision.data.pairs import build_training_data
+from stage2_train_vision.data.samples import DataError, draw_facets
+from stage2_train_vision.data.transforms import train_transform
 from tests.helpers.stage2_data import F, key, make_cache, make_manifest
 
 N, N_TEST, BAD, NO_FACET, FEW_FACETS = 24, 4, 3, 5, 6
@@ -185,7 +185,7 @@ def test_training_warns_when_the_manifest_is_not_the_embedded_one(tmp_path, capl
     """Pairs are matched by key: captions changed under the same keys would silently train on old vectors."""
     from types import SimpleNamespace
 
-    from stage2_train_vision.data import warn_if_manifest_changed
+    from stage2_train_vision.data.pairs import warn_if_manifest_changed
 
     part = tmp_path / "m" / "data" / "part-00000.parquet"
     part.parent.mkdir(parents=True)

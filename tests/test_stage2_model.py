@@ -13,10 +13,10 @@ from PIL import Image
 from torch import nn
 
 from stage2_train_vision.config import CLIP_MEAN, CLIP_STD, ConfigError, ImageConfig, ModelConfig, load_config
+from stage2_train_vision.data.transforms import eval_transform, train_transform
 from stage2_train_vision.export import export_model, load_exported
 from stage2_train_vision.model import FlameVisionModel, projector_hidden
 from stage2_train_vision.optim import build_optimizer, build_scheduler, param_groups
-from stage2_train_vision.transforms import eval_transform, train_transform
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(img_size=32, patch_size=8, depth=1, width=32, num_heads=2, proj_hidden=64, out_dim=16)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from pipeline.cache import CacheIdentity
+from pipeline.cache.store import CacheIdentity
 from stage2_train_vision.config import Config, ModelConfig, load_config
 from stage2_train_vision.export import export_model
 from stage2_train_vision.init_from import apply_init_from

@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.app.cli import main as flame_main
-from pipeline.cache import CacheIdentity, CacheIdentityError
+from flame_pipeline.cli import main as flame_main
+from pipeline.cache.store import CacheIdentity, CacheIdentityError
 from stage2_train_vision.config import ConfigError, load_config
+from stage2_train_vision.data.samples import DataError
+from stage2_train_vision.data.transforms import eval_transform
 from stage2_train_vision.export import load_exported
 from stage2_train_vision.model import FlameVisionModel
-from stage2_train_vision.samples import DataError
 from stage2_train_vision.train import main as train_main
 from stage2_train_vision.train import resolve_model_config, train
-from stage2_train_vision.transforms import eval_transform
 from tests.helpers import stage2_data
 from tests.helpers.stage2_data import COLOURS, key, make_cache, make_manifest, png_bytes, tiny_overrides
 

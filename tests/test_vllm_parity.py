@@ -19,17 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from stage1_embed_text.packing import pack_samples
-from stage1_embed_text.prompts import FLAME, GROUPS
-from stage1_embed_text.tokenization import group_templates
-from stage1_embed_text.truncate import (
+from stage1_embed_text.backends.truncate import (
     block_of,
     final_norm_scale,
     keep_tensor,
     truncated_checkpoint,
     truncated_config,
 )
-from stage1_embed_text.vllm_settings import EngineSettings, vllm_available
+from stage1_embed_text.backends.vllm_settings import EngineSettings, vllm_available
+from stage1_embed_text.encode.packing import pack_samples
+from stage1_embed_text.encode.prompts import FLAME, GROUPS
+from stage1_embed_text.encode.tokenization import group_templates
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def test_settings_defaults_per_device():
     assert gpu.block_size == 16 and not gpu.enforce_eager and gpu.gpu_memory_utilization == 0.85
     with pytest.raises(ValueError, match="device"):
         EngineSettings(device="tpu").resolved()
-    from stage1_embed_text.vllm_settings import _count_cpus
+    from stage1_embed_text.backends.vllm_settings import _count_cpus
 
     assert (_count_cpus("0,1"), _count_cpus("0-3,8"), _count_cpus("2")) == (2, 5, 1)
 
@@ -190,15 +190,15 @@ def test_settings_defaults_per_device():
 
 @pytest.fixture(scope="module")
 def hf_reference():
-    from stage1_embed_text.encoder import FacetEncoder
-    from stage1_embed_text.llm import load_llm
+    from stage1_embed_text.backends.llm import load_llm
+    from stage1_embed_text.encode.encoder import FacetEncoder
 
     enc = FacetEncoder(load_llm(PARITY_LLM, dtype="float32"), position_mode="restart")
     return enc.identity(), enc.encode(emoji_samples())
 
 
 def _vllm_encode(prefix_caching: bool, dtype: str = "bfloat16", n: int = 32):
-    from stage1_embed_text.vllm_backend import VllmFacetEncoder
+    from stage1_embed_text.backends.vllm_backend import VllmFacetEncoder
 
     enc = VllmFacetEncoder(  # eager: starts in seconds (compiling would take minutes on a small CPU)
         PARITY_LLM, settings=EngineSettings(dtype=dtype, enable_prefix_caching=prefix_caching, enforce_eager=True)

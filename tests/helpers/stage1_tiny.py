@@ -14,8 +14,8 @@ import functools
 
 import torch
 
-from stage1_embed_text.llm import LoadedLLM, prepare_llm
-from stage1_embed_text.prompts import FLAME, QUESTIONS, PromptSet, clean_for_prompt
+from stage1_embed_text.backends.llm import LoadedLLM, prepare_llm
+from stage1_embed_text.encode.prompts import FLAME, QUESTIONS, PromptSet, clean_for_prompt
 
 ARCHS = ("llama", "mistral", "gemma3")
 HIDDEN = 64

@@ -14,7 +14,7 @@ import pyarrow as pa
 from PIL import Image
 
 from manifests.schema import ManifestWriter
-from pipeline.cache import CacheIdentity, CacheLayout, CacheMeta, CacheWriter
+from pipeline.cache.store import CacheIdentity, CacheLayout, CacheMeta, CacheWriter
 
 F, D = 11, 16
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]

@@ -1,0 +1,1 @@
+"""Import what FLAME's authors released (text caches of ``.pth`` files, checkpoints) as flame artifacts."""
