@@ -22,6 +22,7 @@ from eval.report import build_results, render_markdown, write_results
 from eval.tasks import TaskResult, evaluate_task
 from eval.text_cache import default_root
 from pipeline.errors import FlameError
+from pipeline.hub import resolve_model_dir
 from stage2_train_vision.data.transforms import eval_transform
 from stage2_train_vision.export import load_exported
 
@@ -35,11 +36,14 @@ class ModelConfigError(FlameError, ValueError):
 def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any], Any]:
     """The exported stage-2 encoder, its ``config.json`` and its eval transform.
 
+    Args:
+        model_dir: a model folder or a hub id ``user/repo[@revision]`` (:func:`pipeline.hub.resolve_model_dir`).
+
     Raises:
-        FileNotFoundError: not an exported model directory.
+        ModelSourceError: not a model folder, or a hub id that cannot be fetched.
         ModelConfigError: the config names neither a ``cache_identity`` nor its own ``text_side``.
     """
-    model, config = load_exported(model_dir)
+    model, config = load_exported(resolve_model_dir(model_dir, what="--model"))
     if not config.get("cache_identity") and not config.get("text_side"):
         raise ModelConfigError(f"{model_dir}/config.json has no cache_identity; export the model with flame train")
     return model, config, eval_transform(config["image"])

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from pipeline import __version__
 from pipeline.errors import run_command
@@ -24,6 +25,8 @@ _SUBCOMMANDS = (
     "flame_pipeline.inspect_cli",
     "flame_pipeline.imports.cli",
     "flame_pipeline.demo.cli",
+    "flame_pipeline.search_cli",
+    "flame_pipeline.push",
 )
 
 
@@ -52,7 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs which SIMD build it fell back to
-    return run_command(f"flame {args.command}", lambda: args.func(args), verbose=args.verbose)
+    return run_command(f"flame {args.command}", lambda: args.func(_resolved(args)), verbose=args.verbose)
+
+
+def _resolved(args: argparse.Namespace) -> argparse.Namespace:
+    """``flame eval --model FILE``: an official FLAME checkpoint file is imported once (``flame_pipeline.sources``)
+    before eval runs; folders and hub ids are resolved by eval itself."""
+    model = getattr(args, "model", None)
+    if args.command == "eval" and model and Path(model).expanduser().is_file():
+        from flame_pipeline.sources import resolve_model
+
+        args.model = str(resolve_model(model, what="--model"))
+    return args
 
 
 if __name__ == "__main__":

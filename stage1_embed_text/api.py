@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.cache.store import CacheIdentity, CacheIdentityError
 from stage1_embed_text.backends.llm import load_llm
@@ -36,12 +37,14 @@ class TextEmbedder:
         return self.encoder.dim
 
     @classmethod
-    def from_identity(cls, identity: dict[str, Any] | CacheIdentity, dtype: str | None = None) -> TextEmbedder:
+    def from_identity(cls, identity: dict[str, Any] | CacheIdentity, dtype: str | None = None,
+                      device: str | None = None) -> TextEmbedder:
         """Load what ``identity`` names (LLM, layer, readout, position mode, prompt set, ``<s>`` marker).
 
         Args:
             identity: a :class:`CacheIdentity` or its dict (e.g. ``CacheReader(...).identity``).
             dtype: compute dtype; default the identity's ``dtype_compute``.
+            device: where the LLM runs (``"cpu"``, ``"cuda"``, ...); default CPU.
 
         Raises:
             CacheIdentityError: the identity's prompt-set hash is not this code's hash of that set (the prompt
@@ -57,6 +60,9 @@ class TextEmbedder:
                 f"package version that built the cache)"
             )
         llm = load_llm(ident.llm, dtype=dtype or ident.dtype_compute, layer=ident.layer)
+        if device is not None and torch.device(device).type != "cpu":
+            llm.model.to(device)
+            llm.final_norm.to(device)
         encoder = FacetEncoder(
             llm, prompt_set, readout=ident.readout, position_mode=ident.position_mode, context_tokens=ident.max_tokens
         )

@@ -1,11 +1,17 @@
 """Export the trained encoder for eval: ``model.safetensors`` + ``config.json`` (SPEC §5).
 
-``config.json``::
+The folder is a Hugging Face model repository as it stands (``config.json``, ``model.safetensors``, and a
+``README.md`` model card from :mod:`stage2_train_vision.model_card`). ``config.json``::
 
-    {"model": {ModelConfig fields, out_dim set},
+    {"library_name": "flame-pipeline", "architectures": ["FlameVisionModel"], "format_version": 2,
+     "model": {ModelConfig fields, out_dim set},
      "image": {"size", "mean", "std", "interpolation", "crop_scale"},
      "cache_identity": {the CacheIdentity the vectors came from},
+     "text_encoder": {where any machine gets that LLM: pipeline.hub.llm_source},
      "train": {summary of the run: steps, epochs, loss, ...}}
+
+Weight names are those of :class:`stage2_train_vision.model.FlameVisionModel` (``backbone.*`` = the timm ViT's
+own names, ``projector.*``, ``logit_scale``, ``logit_bias``). Folders of format 1 (no ``text_encoder``) load.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from pipeline.atomic import atomic_file, atomic_write_bytes
 from pipeline.errors import FlameError
 from stage2_train_vision.config import DataConfig, ImageConfig, ModelConfig
 from stage2_train_vision.model import FlameVisionModel
+from stage2_train_vision.model_card import LIBRARY, text_encoder_record, write_card
 from stage2_train_vision.text_tower import TextTowerConfig, attach_text_tower
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+FORMAT_VERSION = 2
 
 
 class ExportError(FlameError, ValueError):
@@ -41,6 +49,7 @@ def export_model(
     out_dir: str | Path,
     train_summary: dict[str, Any] | None = None,
     text_side: dict[str, Any] | None = None,
+    datasets: list[str] | None = None,
 ) -> Path:
     """Write the model's weights (float32, contiguous) and its config to ``out_dir``; returns ``out_dir``.
 
@@ -65,6 +74,7 @@ def export_model(
         model_cfg.img_size, tuple(data_cfg.mean), tuple(data_cfg.std), data_cfg.interpolation, tuple(data_cfg.crop_scale)
     )
     config = {
+        "library_name": LIBRARY, "architectures": [type(model).__name__], "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(model_cfg),
         "image": image.to_dict(),
         "cache_identity": dict(cache_identity),
@@ -73,7 +83,9 @@ def export_model(
     if text_side is not None:
         config["cache_identity"] = None
         config["text_side"] = dict(text_side)
+    config["text_encoder"] = text_encoder_record(config["cache_identity"])
     atomic_write_bytes(out / CONFIG, json.dumps(config, indent=2, ensure_ascii=False, default=list).encode("utf-8"))
+    write_card(out, config, datasets=datasets)
     return out
 
 

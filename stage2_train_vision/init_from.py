@@ -1,6 +1,6 @@
-"""``model.init_from=DIR``: start stage 2 from an exported or imported model instead of random weights.
+"""``model.init_from=SRC``: start stage 2 from an exported or imported model instead of random weights.
 
-``DIR`` is what :func:`stage2_train_vision.export.export_model` writes (a finished ``flame train`` run's
+``SRC`` is a model folder or a hub id ``user/repo[@revision]`` (:func:`pipeline.hub.resolve_model_dir`). The folder is what :func:`stage2_train_vision.export.export_model` writes (a finished ``flame train`` run's
 ``model/``) or what ``flame import checkpoint`` writes from FLAME's released weights. The architecture (timm name,
 image size, patch, depth, width, heads, final norm, projector H and D) is taken from ``DIR/config.json``, whatever
 the run's ``model.*`` keys say; the weights (ViT, projector, ``logit_scale``, ``logit_bias``) from
@@ -18,6 +18,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from pipeline.cache.store import IDENTITY_KEYS, CacheIdentity, CacheIdentityError
+from pipeline.hub import resolve_model_dir
 from stage2_train_vision.config import Config, ModelConfig
 from stage2_train_vision.export import CONFIG, WEIGHTS
 from stage2_train_vision.model import FlameVisionModel
@@ -29,15 +30,12 @@ ARCHITECTURE = ("name", "img_size", "patch_size", "depth", "width", "num_heads",
 
 
 def read_init_config(init_from: str | Path) -> dict[str, Any]:
-    """``config.json`` of an exported model directory.
+    """``config.json`` of an exported model folder or hub repository.
 
     Raises:
-        FileNotFoundError: ``model.safetensors`` or ``config.json`` is missing.
+        ModelSourceError: not a model folder, or a hub id that cannot be fetched.
     """
-    d = Path(init_from)
-    for name in (WEIGHTS, CONFIG):
-        if not (d / name).exists():
-            raise FileNotFoundError(f"model.init_from={d} is not an exported or imported flame model (no {name})")
+    d = resolve_model_dir(init_from, what="model.init_from")
     return json.loads((d / CONFIG).read_text(encoding="utf-8"))
 
 
@@ -87,7 +85,7 @@ def load_init_weights(model: FlameVisionModel, init_from: str | Path) -> None:
     Raises:
         RuntimeError: the weights do not fit the model.
     """
-    model.load_state_dict(load_file(Path(init_from) / WEIGHTS), strict=True)
+    model.load_state_dict(load_file(resolve_model_dir(init_from, what="model.init_from") / WEIGHTS), strict=True)
     log.info("initialized the model from %s", init_from)
 
 

@@ -1,0 +1,233 @@
+"""The public API (flame_pipeline) on a real pipeline: SmolLM2-135M embeds a small manifest, a tiny ViT trains, and
+the exported folder is loaded, used, published as a Hub repo and searched.
+
+Parity: through the API the cache's captions give the cache's vectors; image vectors equal ``flame eval``'s;
+``classify`` gives ``flame eval``'s top-1; a plain-transformers recipe (the README's) gives the same text vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import flame_pipeline
+from eval.benchmarks import load_benchmark
+from eval.embedding import TextEncoder, embed_images
+from eval.run import evaluate_benchmark, load_model
+from flame_pipeline.cli import main as flame_main
+from manifests.schema import ManifestWriter
+from pipeline.cache import CacheIdentityError, CacheReader
+from pipeline.hub import ModelSourceError
+from tests.helpers.images import png
+from tests.helpers.stage2_data import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+LLM = "smollm2-135m"
+CATEGORIES = ["Animals & Nature", "Food & Drink", "Travel & Places"]
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
+
+
+def _write_manifest(d: Path) -> None:
+    """12 samples: 3 colour classes x 4; 8 train, 4 test; captions name the colour class."""
+    w = ManifestWriter(d, source={"name": "emoji", "args": {}})
+    for i in range(12):
+        c = i % 3
+        w.add({"key": f"k{i:02d}", "image_bytes": png(COLOURS[c], size=32), "split": "test" if i >= 8 else "train",
+               "raw_caption": f"a {['red', 'green', 'blue'][c]} square number {i}",
+               "short_caption": f"A square in {['red', 'green', 'blue'][c]}.",
+               "long_caption": f"A flat {['red', 'green', 'blue'][c]} square icon, drawn plainly, number {i}.",
+               "labels": {"category": CATEGORIES[c], "subcategory": f"sub-{c}"},
+               "names": {"en": f"{['red', 'green', 'blue'][c]} square {i}"}})
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    _write_manifest(root / "m")
+    assert flame_main(["embed", "--manifest", str(root / "m"), "--out", str(root / "c"), "--llm", LLM,
+                       "--no-progress"]) == 0
+    assert flame_main(["train", "--config", str(REPO / "configs" / "demo-cpu.toml"),
+                       *tiny_overrides(root / "m", root / "c", root / "t", **{
+                           "train.mixed_precision": "no", "train.max_steps": 4, "data.mode": "memory",
+                           "data.positives": 3})]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    return flame_pipeline.load(str(run / "t" / "model"), device="cpu")
+
+
+def test_cache_captions_give_the_cache_vectors(run, model):
+    reader = CacheReader(run / "c")
+    store = zarr.open_group(str(run / "c" / "store.zarr"), mode="r")["vectors"][:].astype(np.float32)
+    keys = [f"k{i:02d}" for i in range(12)]
+    import pyarrow.dataset as ds
+
+    index = ds.dataset(str(run / "c" / "index")).to_table().to_pydict()
+    row = dict(zip(index["key"], index["row"], strict=True))
+    rows = [row[k] for k in keys]
+    import pyarrow.parquet as pq
+
+    m = pq.read_table(run / "m" / "data").to_pydict()
+    raw = dict(zip(m["key"], m["raw_caption"], strict=True))
+    long = dict(zip(m["key"], m["long_caption"], strict=True))
+    single = model.encode_text([raw[k] for k in keys], mode="single").numpy()
+    cos_single = (single * store[rows, 0]).sum(1)
+    assert single.dtype == np.float32 and single.shape == (12, 576)
+    assert np.allclose(np.linalg.norm(single, axis=1), 1, atol=1e-5)
+    assert cos_single.min() >= 0.999, cos_single
+    multi = model.encode_text([long[k] for k in keys], mode="multi").numpy()
+    facets = store[rows, 4:11]
+    want = facets.mean(1) / np.linalg.norm(facets.mean(1), axis=1, keepdims=True)
+    assert (multi * want).sum(1).min() >= 0.999
+    del reader
+
+
+def test_image_vectors_equal_flame_evals(run, model):
+    vision, config, transform = load_model(run / "t" / "model")
+    bench = load_benchmark("emoji", run / "m")
+    ours = embed_images(vision, bench.images, transform, batch_size=3).embeddings
+    paths = []
+    for i, ref in enumerate(bench.images):
+        p = run / f"img{i}.png"
+        ref.open().save(p)
+        paths.append(p)
+    api = model.encode_image(paths, batch_size=2).numpy()
+    assert api.shape == ours.shape and np.abs(api - ours).max() < 1e-6
+    batch = torch.stack([model.preprocess(ref.open()) for ref in bench.images])
+    assert torch.equal(model.encode_image(batch), torch.from_numpy(api))
+
+
+def test_classify_gives_flame_evals_top1(run, model, tmp_path):
+    from eval.benchmarks.emoji import TEMPLATES
+
+    vision, config, transform = load_model(run / "t" / "model")
+    bench = load_benchmark("emoji", run / "m", linear_probe=False)
+    enc = TextEncoder(model.text_side(), config["cache_identity"], tmp_path / "tc")
+    results, _ = evaluate_benchmark(bench, vision, transform, enc, tmp_path / "o", plots=False, batch_size=4)
+    cat = next(r for r in results if r.name == "classification_category")
+    task = next(t for t in bench.tasks if t.name == "classification_category")
+    classifier = model.zero_shot_classifier(task.classnames, TEMPLATES)
+    assert classifier.shape == (len(task.classnames), model.dim)
+    probs = model.classify([bench.images[i].open() for i in task.image_ids], classifier)
+    pred = probs.argmax(1).numpy()
+    assert np.array_equal(pred, cat.details.predictions)
+    assert float(cat.metrics["acc1"]) == pytest.approx(float((pred == np.asarray(task.labels)).mean()))
+    t, b = model.logit_scale, model.logit_bias
+    emb = model.encode_image([bench.images[task.image_ids[0]].open()])
+    assert torch.allclose(probs[0], torch.sigmoid(t * (emb @ classifier.T) + b)[0], atol=1e-6)
+    sim = model.similarity([bench.images[0].open()], ["a red square", "a blue square"])
+    assert sim.shape == (1, 2) and float(sim.abs().max()) <= 1.0 + 1e-6
+
+
+def test_plain_transformers_recipe_gives_the_same_vectors(model):
+    """The README's recipe: whole prompt, tokenizer's BOS prepended, hidden_states[layer] at the last token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stage1_embed_text.backends.model_source import embedded_folder
+    from stage1_embed_text.encode.tokenization import bos_ids
+
+    ident = model.text_identity
+    folder = embedded_folder(LLM)
+    tok = AutoTokenizer.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    caption = "a red square number 3"
+    prompt = f'Image description : "{caption}." . After thinking step by step , this image description means in just one word:"'
+    ids = tok(prompt, return_tensors="pt")
+    # the tokenizer's own leading special tokens (none for SmolLM2, <bos> for Gemma), then the prompt's ids
+    assert ids.input_ids[0].tolist() == list(bos_ids(tok)) + tok(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        h = lm(**ids, output_hidden_states=True).hidden_states[ident["layer"]][0, -1].float()
+    ref = torch.nn.functional.normalize(h, dim=0)
+    ours = model.encode_text([caption])[0]
+    assert float(ours @ ref) >= 0.999
+
+
+def test_bad_input_is_one_line(run, model, tmp_path):
+    from flame_pipeline.model import InputError
+
+    with pytest.raises(InputError, match="at least one text"):
+        model.encode_text([])
+    with pytest.raises(InputError, match="blank"):
+        model.encode_text(["ok", "  "])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="bad.png"):
+        model.encode_image([tmp_path / "bad.png"])
+    with pytest.raises(ModelSourceError, match="not a flame model folder"):
+        flame_pipeline.load(str(tmp_path))
+    with pytest.raises(ModelSourceError, match="no such folder"):
+        flame_pipeline.load(str(tmp_path / "nope"))
+    with pytest.raises(ModelSourceError, match="not in the local hub cache"):
+        flame_pipeline.load("nobody/no-such-flame-model")
+    # mismatched text-side weights: the fingerprint names both values
+    folder = tmp_path / "m2"
+    folder.mkdir()
+    for name in ("model.safetensors", "README.md"):
+        (folder / name).write_bytes((run / "t" / "model" / name).read_bytes())
+    cfg = json.loads((run / "t" / "model" / "config.json").read_text())
+    cfg["cache_identity"]["llm_fingerprint"] = "sha256:0000"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CacheIdentityError, match="sha256:0000"):
+        flame_pipeline.load(str(folder), device="cpu").encode_text(["a cat"])
+
+
+def test_folder_is_a_hub_model_repo_and_loads_by_hub_id_offline(run, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    folder = run / "t" / "model"
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "flame-pipeline"
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["text_encoder"]["kind"] == "embedded" and config["text_encoder"]["name"] == LLM
+    assert "flame_pipeline.load(" in card.text
+    # a hub-style cache: models--user--repo/{refs/main, snapshots/<commit>/...}
+    hub = tmp_path / "hub"
+    snap = hub / "models--someone--flame-tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (hub / "models--someone--flame-tiny" / "refs").mkdir()
+    (hub / "models--someone--flame-tiny" / "refs" / "main").write_text("a" * 40)
+    code = ("import flame_pipeline, torch; m = flame_pipeline.load('someone/flame-tiny', device='cpu'); "
+            "print(m.folder.name, tuple(m.encode_image(torch.zeros(1, 3, 32, 32)).shape))")
+    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["a" * 40, "(1,", "576)"]
+
+
+def test_flame_eval_and_init_from_take_a_hub_id(run, tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    snap = hub / "models--someone--flame-tiny" / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    for f in (run / "t" / "model").iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (hub / "models--someone--flame-tiny" / "refs").mkdir()
+    (hub / "models--someone--flame-tiny" / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    rc = flame_main(["eval", "--model", "someone/flame-tiny", "--benchmark", "emoji", "--data", str(run / "m"),
+                     "--out", str(tmp_path / "e"), "--no-plots", "--text-cache", str(tmp_path / "tc")])
+    assert rc == 0
+    doc = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert doc["cache_identity"]["llm"] == LLM
+    rc = flame_main(["train", "--config", str(REPO / "configs" / "demo-cpu.toml"),
+                     *tiny_overrides(run / "m", run / "c", tmp_path / "t2", **{
+                         "train.mixed_precision": "no", "train.max_steps": 1, "data.mode": "memory",
+                         "model.init_from": "someone/flame-tiny"})])
+    assert rc == 0
