@@ -231,3 +231,93 @@ def test_flame_eval_and_init_from_take_a_hub_id(run, tmp_path, monkeypatch):
                          "train.mixed_precision": "no", "train.max_steps": 1, "data.mode": "memory",
                          "model.init_from": "someone/flame-tiny"})])
     assert rc == 0
+
+
+def test_index_and_search_find_an_images_name_at_flame_evals_recall(run, model, tmp_path, capsys):
+    """flame index over the manifest's test split; flame search with each retrieval text: the top-1 hit rate
+    equals flame eval's text->image R@1 on the same images and texts."""
+    vision, config, transform = load_model(run / "t" / "model")
+    bench = load_benchmark("emoji", run / "m", linear_probe=False)
+    enc = TextEncoder(model.text_side(), config["cache_identity"], tmp_path / "tc")
+    results, _ = evaluate_benchmark(bench, vision, transform, enc, tmp_path / "o", plots=False, batch_size=4)
+    r = next(r for r in results if r.name == "retrieval_en_raw")
+    task = next(t for t in bench.tasks if t.name == "retrieval_en_raw")
+    index = tmp_path / "idx"
+    assert flame_main(["index", str(run / "m"), "--split", "test", "--model", str(run / "t" / "model"),
+                       "--out", str(index), "--batch-size", "3"]) == 0
+    assert "indexed 4 images" in capsys.readouterr().out
+    from flame_pipeline.search import search
+
+    hits = search(model, index, list(task.texts), k=1)
+    keys = [bench.images[i].name for i in task.image_ids]
+    paired = {(t, keys[i]) for i, t in _image_text_pairs(task)}
+    found = np.mean([(ti, h[0]["key"]) in paired for ti, h in enumerate(hits)])
+    assert found == pytest.approx(r.metrics["image_retrieval_recall@1"])
+    assert flame_main(["search", str(index), task.texts[0], "--k", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in doc[0]["results"]] == [1, 2] and doc[0]["results"][0]["score"] <= 1.0
+
+
+def _image_text_pairs(task):
+    """(image position in task.image_ids, text index) pairs of a retrieval task."""
+    pairs = np.asarray(task.pairs)
+    return [(int(i), int(t)) for i, t in pairs]
+
+
+def test_index_skips_undecodable_images_and_refuses_empty_inputs(run, model, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png((200, 10, 10), size=32))
+    (folder / "b.png").write_bytes(b"<html>not an image</html>")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "c.png").write_bytes(png((10, 10, 200), size=32))
+    assert flame_main(["index", str(folder), "--model", str(run / "t" / "model"), "--out", str(tmp_path / "i")]) == 0
+    assert "indexed 2 images" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "i" / "index.json").read_text())
+    assert doc["skipped"] == {"undecodable_image": 1} and doc["count"] == 2
+    (tmp_path / "empty").mkdir()
+    assert flame_main(["index", str(tmp_path / "empty"), "--model", str(run / "t" / "model"),
+                       "--out", str(tmp_path / "i2")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert not (tmp_path / "i2").exists()
+    assert flame_main(["search", str(tmp_path / "nope"), "x"]) == 2
+    assert "not a flame index" in capsys.readouterr().err
+
+
+def test_push_card_only_adds_eval_metrics_and_refuses_a_local_text_side(run, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in (run / "t" / "model").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"benchmark": "emoji", "split": "test", "tasks": {
+        "classification_category": {"type": "classification", "text_mode": "single", "metrics": {"acc1": 0.537}}}}))
+    assert flame_main(["push", str(folder), "me/flame-tiny", "--results", str(results), "--card-only",
+                       "--dataset", "emoji"]) == 0
+    card = ModelCard.load(folder / "README.md")
+    (res,) = card.data.eval_results
+    assert (res.task_name, res.metric_type, res.metric_value) == ("classification_category", "acc1", 53.7)
+    assert card.data.datasets == ["emoji"] and 'flame_pipeline.load("me/flame-tiny")' in card.text
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_encoder"] = {"kind": "local", "path": "/home/me/llm"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert flame_main(["push", str(folder), "me/flame-tiny", "--card-only"]) == 2
+    assert "local path /home/me/llm" in capsys.readouterr().err
+
+
+def test_load_an_official_flame_checkpoint_file(tmp_path, monkeypatch):
+    """An official-format checkpoint (D = 5120, Mistral-Nemo's) loads directly; it is imported once."""
+    from tests.test_import_checkpoint import OfficialFlame
+
+    monkeypatch.setenv("FLAME_HOME", str(tmp_path / "home"))
+    official = OfficialFlame(64, 1, 16, 32, 5120)
+    ckpt = tmp_path / "epoch_32.pt"
+    torch.save(official.checkpoint(), ckpt)
+    m = flame_pipeline.load(str(ckpt), device="cpu")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(m.encode_image(x), official.official_embedding(x), atol=1e-5)
+    assert m.text_identity["llm"] == "mistralai/Mistral-Nemo-Instruct-2407" and m.dim == 5120
+    again = flame_pipeline.load(str(ckpt), device="cpu")
+    assert again.folder == m.folder and m.folder.parent == tmp_path / "home" / "models" / "imported"
