@@ -48,10 +48,9 @@ def load(src: str, device: str | None = None, dtype: str | torch.dtype | None = 
             cached while offline.
         flame_pipeline.imports.checkpoint.CheckpointImportError: a checkpoint file FLAME did not write.
     """
-    from flame_pipeline.model import from_folder
-    from flame_pipeline.sources import resolve_model
+    from flame_pipeline.model import load_model
 
-    return from_folder(resolve_model(src, revision), device=device, dtype=dtype)
+    return load_model(src, device=device, dtype=dtype, revision=revision)
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,7 @@ from PIL import Image
 from eval.embedding import check_identity, embedder_identity, load_model_text_encoder
 from eval.metrics import class_prototypes
 from eval.tasks import fill_template
+from flame_pipeline.sources import resolve_model
 from manifests.images import UndecodableImageError, decode_image
 from pipeline.errors import FlameError
 from stage1_embed_text.api import TextEmbedder
@@ -222,6 +223,13 @@ class FlameModel:
         elif self._text is not None:
             self._text = None  # a text tower encoder is rebuilt on the new device on next use
         return self
+
+
+def load_model(src: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+               revision: str | None = None) -> FlameModel:
+    """:func:`flame_pipeline.load`: resolve ``src`` (:func:`flame_pipeline.sources.resolve_model`), then
+    :func:`from_folder`."""
+    return from_folder(resolve_model(src, revision), device=device, dtype=dtype)
 
 
 def from_folder(folder: Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> FlameModel:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from flame_pipeline import load
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `flame index` and `flame search`."""
@@ -45,12 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    import flame_pipeline
     from flame_pipeline.search import build_index
 
     if args.batch_size < 1:
         raise SystemExit("flame index: --batch-size must be >= 1")
-    model = flame_pipeline.load(args.model, device=args.device)
+    model = load(args.model, device=args.device)
     doc = build_index(model, args.model, args.images, args.out, args.split, args.batch_size, args.workers)
     skipped = ", ".join(f"{k} {v}" for k, v in doc["skipped"].items()) or "none"
     print(f"indexed {doc['count']} images (D={doc['dim']}) into {args.out}; skipped: {skipped}")
@@ -58,11 +59,10 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    import flame_pipeline
     from flame_pipeline.search import read_index, search
 
     loaded = read_index(args.index)
-    model = flame_pipeline.load(args.model or loaded[0]["model"], device=args.device)
+    model = load(args.model or loaded[0]["model"], device=args.device)
     hits = search(model, args.index, args.query, args.k, args.mode, loaded=loaded)
     if args.json:
         print(json.dumps([{"query": q, "results": h} for q, h in zip(args.query, hits, strict=True)],

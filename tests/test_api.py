@@ -321,3 +321,21 @@ def test_load_an_official_flame_checkpoint_file(tmp_path, monkeypatch):
     assert m.text_identity["llm"] == "mistralai/Mistral-Nemo-Instruct-2407" and m.dim == 5120
     again = flame_pipeline.load(str(ckpt), device="cpu")
     assert again.folder == m.folder and m.folder.parent == tmp_path / "home" / "models" / "imported"
+
+
+def test_readme_python_example_runs_as_written(run, tmp_path):
+    """The README's "Use a trained model" block, verbatim, in a fresh interpreter, on a demo-shaped run folder."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("<!-- api:begin -->"):text.index("<!-- api:end -->")]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    model = tmp_path / "runs" / "demo-artifacts" / "train-0123" / "model"
+    model.parent.mkdir(parents=True)
+    model.symlink_to(run / "t" / "model", target_is_directory=True)
+    examples = tmp_path / "runs" / "demo-20260101-000000" / "examples"
+    examples.mkdir(parents=True)
+    for i, c in enumerate(COLOURS):
+        (examples / f"test_{i}.png").write_bytes(png(c, size=32))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tensor([" in out.stdout and out.stdout.count("\n") >= 4

@@ -94,5 +94,27 @@ def write_report_md(report: dict[str, Any], path: Path) -> Path:
             lines += [f"### {title}", "", f"![{title}]({rel})", ""]
     lines += ["## Cache anisotropy (mean cosine of random rows, per facet)", "",
               ", ".join(f"{k} {v:.3f}" for k, v in report["anisotropy"].items()), ""]
+    if report.get("model"):
+        lines += ["## Use this model", "", "```python", usage_snippet(report["model"], report.get("examples", [])),
+                  "```", "", f"Publish it: `flame push {report['model']} USER/NAME --results "
+                  f"{os.path.join(report['run_dir'], 'eval', 'results.json')}`.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def usage_snippet(model_dir: str, images: list[str]) -> str:
+    """Python that loads the demo's model with the public API and classifies ``images`` into the categories."""
+    shown = ", ".join(repr(p) for p in images[:3]) or "'image.png'"
+    return "\n".join([
+        "import flame_pipeline",
+        "",
+        f"model = flame_pipeline.load({model_dir!r})",
+        f"images = [{shown}]",
+        "img = model.encode_image(images)                           # float32 [n, D], unit rows",
+        "txt = model.encode_text([\"grinning face\", \"red apple\"])    # the frozen LLM, loaded once",
+        "print(img @ txt.T)                                          # cosine similarities",
+        "classifier = model.zero_shot_classifier(",
+        "    [\"Smileys & Emotion\", \"Animals & Nature\", \"Food & Drink\", \"Travel & Places\", \"Flags\"],",
+        "    [\"an emoji of {}.\"])",
+        "print(model.classify(images, classifier).argmax(1))       # top-1 category per image",
+    ])

@@ -33,6 +33,7 @@ from flame_pipeline.demo.config import DemoConfig
 from flame_pipeline.demo.report import key_numbers, write_report_md
 from flame_pipeline.inspect import inspect_cache, plot_facet_cosine
 from manifests.emoji import build_emoji_manifest
+from manifests.images import load_image
 from manifests.schema import ManifestWriter, iter_rows, read_manifest_info
 from pipeline import __version__
 from pipeline.assets import EMBEDDED_LLMS, fetch_all
@@ -41,6 +42,7 @@ from pipeline.machine import cpu_summary
 from pipeline.paths import flame_home
 from stage1_embed_text.job import EmbedConfig, run_embed
 from stage2_train_vision.config import load_config
+from stage2_train_vision.model_card import write_card
 from stage2_train_vision.train import train
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,18 @@ def build_subset(manifest_dir: Path, out_dir: Path, train_bases: int, test_bases
             writer.add(r)
     info = writer.close()
     return {"counts": info.counts, "bases": {s: len(b) for s, b in chosen.items()}}
+
+
+def _example_images(manifest_dir: Path, out: Path, n: int = 3) -> list[Path]:
+    """The first ``n`` test images of the manifest as PNG files (for the report's usage snippet)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for row in iter_rows(manifest_dir):
+        if row["split"] == "test" and len(paths) < n:
+            path = out / f"{row['key'].replace('/', '_')}.png"
+            load_image(row, manifest_dir).save(path)
+            paths.append(path)
+    return paths
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -121,6 +135,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t_eval = time.perf_counter()
     results = run_benchmark(model_dir, "emoji", data.path, run_dir / "eval")
     eval_s = time.perf_counter() - t_eval
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    write_card(model_dir, config, [results], datasets=["emoji (Noto Apache-2.0, Twemoji CC-BY-4.0, Unicode CLDR)"])
+    examples = _example_images(data.path, run_dir / "examples")
     print(f"== eval: {eval_s:.1f} s", flush=True)
 
     reader = CacheReader(cache_dir)
@@ -139,6 +156,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "train": trained.info,
         "anisotropy": cache_report.anisotropy,
         "results": results,
+        "model": str(model_dir),
+        "examples": [str(p) for p in examples],
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str, ensure_ascii=False))
     write_report_md(report, run_dir / "report.md")
