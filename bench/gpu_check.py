@@ -64,7 +64,8 @@ the process's peak RSS):
    and the **sigmoid loss** of one batch on the device vs on the CPU from the same fp32 embeddings (relative
    difference <= 1e-5).
 
-The run ends with ``checks`` (each True/False) and exit code 1 when one fails, after everything is written.
+The run ends with ``checks`` (each True/False) and exit code 3 when one fails, after everything is written
+(1 stays what it is for Python: a crash; 2 is refused input).
 ``--tiny`` runs all of it with tiny shapes (decoder hidden 128; ViT width 64 at 32 px, batch 16) and a few
 samples/steps, on the CPU unless ``--device`` says otherwise. On CUDA, timings are bracketed by
 ``torch.cuda.synchronize``; on the CPU the synchronisation is a no-op, so ``--tiny`` runs the same code.
@@ -125,6 +126,7 @@ PARITY_MIN_COSINE = 0.999
 FULL_SHAPE_MIN_COSINE = 0.99  # SDPA vs eager facet vectors of the Nemo-shaped decoder in bf16
 FORWARD_MIN_COSINE = 0.99  # stage-2 embeddings: device bf16 autocast vs CPU fp32
 FORWARD_IMAGES = 4
+CHECK_FAILED = 3  # exit code of a run that ran through but failed a check (1 is a crash, 2 refused input)
 LOSS_RTOL = 1e-5
 # Caption lengths in tokens, per group (FLAME: alt-text raw captions, short and long MLLM recaptions).
 CAPTION_TOKENS = {"raw": (10, 40), "short": (30, 80), "long": (150, 300)}
@@ -590,7 +592,7 @@ def resolve_device(requested: str | None, tiny: bool) -> torch.device:
     device = torch.device(requested or "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         why = ("--device cuda, but" if requested else "the full-size run needs a GPU and") + " torch sees no CUDA device"
-        print(f"gpu_check: {why} (torch {torch.__version__}); use --tiny for the CPU smoke test, or --device cpu "
+        print(f"gpu_check: {why} (torch {torch.__version__}); use --tiny alone for the CPU smoke test, or --device cpu "
               "to force the full shapes on the CPU", file=sys.stderr)
         raise SystemExit(2)
     return device
@@ -629,7 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     Raises:
         SystemExit(2): no CUDA device for a run that needs one (:func:`resolve_device`).
-        SystemExit(1): after everything is written and printed, when one of ``checks`` failed.
+        SystemExit(3): after everything is written and printed, when one of ``checks`` failed (:data:`CHECK_FAILED`).
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes, a few samples/steps (seconds; CPU unless --device)")
@@ -676,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict:
     save("done")
     print(markdown(result))
     if not result["ok"]:
-        raise SystemExit(1)
+        raise SystemExit(CHECK_FAILED)
     return result
 
 
