@@ -127,7 +127,10 @@ def test_sdpa_report_fails_when_the_math_kernel_ran():
     bad = gpu_facts.sdpa_report(_attention(force_math=True), cpu)
     assert bad["used"] == ["math"] and bad["ok"] is False and bad["fused_working"] == ["flash"]
     none = gpu_facts.sdpa_report(lambda: None, cpu)
-    assert none["ok"] is False and none["used"] == []
+    assert none["ok"] is False and none["used"] == [] and none["alone"] == []
+    q = torch.randn(1, 2, 8, 16)
+    bound = gpu_facts.sdpa_report(lambda: original(q, q, q, attn_mask=torch.zeros(1, 1, 8, 8)), cpu)
+    assert bound["used"] == ["flash"] and bound["ok"] and bound["alone"] == [] and "profiler" in bound["note"]
     assert torch.nn.functional.scaled_dot_product_attention is original  # the spy is removed again
 
 
