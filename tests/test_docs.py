@@ -1,5 +1,6 @@
 """The README and bench/README say only what the code does: every command shown parses, every config override
-names a real stage-2 key, every repository path exists, and the official recipe names the code's LLM and layer.
+names a real stage-2 key, every repository path exists, Python blocks compile, and the official recipe names the
+code's LLM and layer.
 
 Nothing is run: commands go through the ``flame`` argument parser (``flame_pipeline.cli.build_parser``) and
 overrides through :func:`stage2_train_vision.config.load_config`. Each check returns its problems as strings; the
@@ -41,6 +42,17 @@ def read(name: str) -> str:
 def code_blocks(text: str) -> list[str]:
     """The bodies of the fenced code blocks."""
     return FENCE.findall(text)
+
+
+def python_problems(text: str) -> list[str]:
+    """Fenced ``python`` blocks that are not valid Python (they are compiled, never run)."""
+    problems = []
+    for block in re.findall(r"^```python\n(.*?)^```", text, re.M | re.S):
+        try:
+            compile(block, "<README block>", "exec")
+        except SyntaxError as e:
+            problems.append(f"python block line {e.lineno}: {e.msg}")
+    return problems
 
 
 def inline_spans(text: str) -> list[str]:
@@ -180,6 +192,11 @@ def test_the_readme_shows_the_main_commands():
 
 
 @pytest.mark.parametrize("name", DOCS)
+def test_python_blocks_compile(name):
+    assert python_problems(read(name)) == []
+
+
+@pytest.mark.parametrize("name", DOCS)
 def test_every_override_is_a_config_key(name):
     assert override_problems(read(name)) == []
 
@@ -229,6 +246,11 @@ accelerate launch -m stage1_embed_text --manifest m --out c --llm mistralai/Mist
 python bench/no_such_script.py
 ```
 
+```python
+import flame_pipeline
+model = flame_pipeline.load("runs/my/train/model"
+```
+
 Set `data.modes=stream` or `train.batch_size=many`, or `train.epoch`; see `configs/nope.toml` and `pipeline/app/`.
 """
 
@@ -249,6 +271,7 @@ def test_each_check_finds_its_planted_error():
     assert any("--llm mistralai/Mistral-Nemo-Base-2407" in p for p in models)
     assert any("--layer 38, the recipe's is 39" in p for p in models)
     assert official_model_problems("no recipe here") == ["no section '## Train on GPUs'"]
+    assert python_problems(BAD_DOC) == ["python block line 2: '(' was never closed"]
 
 
 def test_shell_commands_split_and_map_to_flame():
