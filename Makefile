@@ -7,12 +7,15 @@ STAMP  := $(VENV)/.installed
 # GPU users: set TORCH_SPEC to the CUDA build they want, e.g. TORCH_SPEC="torch==2.7.1 torchvision==0.22.1".
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# One line and a stop on an interpreter older than 3.11 (zarr 3.1, numcodecs 0.16 and tomllib need 3.11).
+PYTHON_CHECK = $(PYTHON) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else "flame-pipeline needs Python >= 3.11, but $(PYTHON) is " + sys.version.split()[0] + "; run make PYTHON=python3.11 (or newer)")'
 
 .PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@$(PYTHON_CHECK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
@@ -46,6 +49,7 @@ VLLM_STAMP      := $(VLLM_VENV)/.installed
 setup-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml
+	@$(PYTHON_CHECK)
 	@start=$$(date +%s); \
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV); \
 	$(VLLM_PY) -m pip install --quiet --upgrade pip && \

@@ -1,8 +1,9 @@
-"""`flame eval`: zero-shot evaluation of an exported model (SPEC §6, §8).
+"""`flame eval`: zero-shot evaluation of an exported model.
 
-Example::
+Example (an emoji manifest, then a model that ``flame train`` exported into ``TRAIN.OUTPUT_DIR/model``)::
 
-    flame eval --model runs/demo/export --benchmark emoji --data ~/.cache/flame-pipeline/emoji-manifest --out eval-out
+    flame manifest emoji --out runs/emoji-manifest
+    flame eval --model runs/my/train/model --benchmark emoji --data runs/emoji-manifest --out runs/my/eval-emoji
 
 The text side is the stage-1 embedder named by the model's ``config.json`` cache identity (a different
 identity is refused). Text vectors are cached under ``--text-cache`` (default
@@ -25,11 +26,12 @@ log = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `flame eval`."""
-    p = sub.add_parser("eval", help="Zero-shot evaluation (SPEC §6)", description=__doc__,
+    p = sub.add_parser("eval", help="Zero-shot evaluation of an exported model", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported model directory (model.safetensors + config.json)")
     p.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="benchmark name")
-    p.add_argument("--data", required=True, help="benchmark files (for emoji: the manifest directory)")
+    p.add_argument("--data", required=True,
+                   help="benchmark files (for emoji: a manifest directory from `flame manifest emoji`)")
     p.add_argument("--out", required=True, help="output directory for results.json, results.md and PNGs")
     p.add_argument("--text-mode", choices=TEXT_MODES, default=None,
                    help="text mode for every task (default: multi for English/long-caption retrieval and "
