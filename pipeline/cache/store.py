@@ -107,6 +107,17 @@ class CacheWriter:
             atomic_write_bytes(files.meta, meta.to_json().encode())
         return cls(d, meta)
 
+    @classmethod
+    def open(cls, cache_dir: str | Path, identity: CacheIdentity) -> CacheWriter:
+        """Reopen a cache another process created (:meth:`create`), after checking its vectors are of
+        ``identity``; the meta on disk is used as it is (it is built once, by the creating process).
+
+        Raises:
+            CacheError: no ``meta.json`` yet. CacheIdentityError: the cache holds vectors of another identity.
+        """
+        meta = CacheMeta.read(cache_dir)
+        return cls(cache_dir, dataclasses.replace(meta, identity=identity))
+
     def _marker(self, shard: int) -> Path:
         return self.files.marker(shard)
 
@@ -232,8 +243,8 @@ class CacheReader:
         if expect:
             self.identity.check(expect)
         lay = self.meta.layout
-        done = {p.name for p in self.files.done_dir.glob("shard-*.json")} if self.files.done_dir.exists() else set()
-        self.missing_shards = [s for s in range(lay.n_shards) if self.files.marker(s).name not in done]
+        done = self.files.finished_shards()
+        self.missing_shards = [s for s in range(lay.n_shards) if s not in done]
         if self.missing_shards and not allow_incomplete:
             raise CacheError(
                 f"cache {self.dir} is unfinished: {len(self.missing_shards)} of {lay.n_shards} shards missing "

@@ -34,6 +34,12 @@ SHORT_PREFIX = 'Image description : "{caption}" . After thinking step by step ,'
 LONG_PREFIX = 'Detailed Image description : "{caption}" . After thinking step by step ,'
 
 
+def is_absent(text: str | None) -> bool:
+    """True if a caption is absent: ``None``, empty or whitespace only (SPEC §2.1). Such a caption's whole facet
+    group is masked in the cache, never filled with a vector of the bare template."""
+    return text is None or not text.strip()
+
+
 def clean_for_prompt(text: str | None) -> str | None:
     """The caption as it goes between the prompt's quotes: SPEC §2.1's clean-up, exactly.
 
@@ -44,7 +50,9 @@ def clean_for_prompt(text: str | None) -> str | None:
     Idempotent (a cleaned caption ends in ``.`` or ``'`` and holds no ``"``), so cleaning a cleaned text again
     changes nothing. Stage 1 applies it to whatever a manifest holds (a manifest written by another tool may
     keep surrounding whitespace or quotes); the manifest writers only turn blank captions into ``None``
-    (``manifests.common.caption_or_none``) and store the text otherwise unchanged.
+    (``manifests.common.caption_or_none``) and store the text otherwise unchanged. It runs in two places, one
+    per stage-1 phase: the planner digests the cleaned texts (:mod:`stage1_embed_text.plan.planner`), and packing
+    cleans what it embeds (:func:`stage1_embed_text.encode.packing.pack_samples`, both backends and free texts).
 
     Args:
         text: the caption, or ``None``.
@@ -54,11 +62,9 @@ def clean_for_prompt(text: str | None) -> str | None:
         is *absent*, so its whole facet group is absent (masked) in the cache, never filled with a vector of
         the bare template.
     """
-    if text is None:
+    if is_absent(text):
         return None
     s = text.strip()
-    if not s:
-        return None
     if s[-1] not in ".?\"'":
         s += "."
     s = s.replace('"', "'")
