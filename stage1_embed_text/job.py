@@ -31,7 +31,7 @@ from stage1_embed_text.config import EmbedConfig
 from stage1_embed_text.plan.files import GROUP_COLUMNS, PlanInfo
 from stage1_embed_text.plan.stored import StoredPlan
 from stage1_embed_text.ranks import combine_ranks, plan_and_create, run_token, wait_for_plan
-from stage1_embed_text.shards import compute_shard, index_table, plan_facet_mask
+from stage1_embed_text.shards import compute_shard, index_table
 from stage1_embed_text.summary import EmbedSummary, summarize
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _run(config: EmbedConfig, state, files: CacheFiles, token: str, encoder, loc
     work["encode_s"] = time.perf_counter() - t_work
     state.wait_for_everyone()
     if rank == 0:
-        writer.build_lookup(plan_facet_mask(plan, prompt_set))
+        writer.build_lookup()  # the facet mask as the shards stored it (the encoder's presence, SPEC §3)
     state.wait_for_everyone()
     totals = combine_ranks(state, {**work, "written": len(todo), "skipped": len(mine) - len(todo)})
     return summarize(config, plan, prompt_set, totals, world, time.perf_counter() - t0)

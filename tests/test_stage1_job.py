@@ -115,7 +115,7 @@ def test_plan_dedupes_rows_and_texts(tmp_path):
     fetcher = RowFetcher(manifest, ["raw_caption", "short_caption", "long_caption"])
     # the manifest's captions as they are (the encoder cleans them; the index holds the cleaned text's SHA-1)
     assert plan.texts(1, np.array([1]), fetcher) == [{"raw": 'say "hi"?', "short": None, "long": None}]
-    assert plan.sha1_hex(1, np.array([1]))["raw"] == [hashlib.sha1("say 'hi'.".encode()).hexdigest()]
+    assert plan.sha1_hex(1, np.array([1]))["raw"] == [hashlib.sha1(b"say 'hi'.").hexdigest()]
     assert plan.texts(0, np.array([0]), fetcher)[0]["long"] == "A red apple lies on a wooden table in the sun."
     owner = np.concatenate([plan.owner(s) for s in range(3)])
     assert owner.tolist() == [[0, 0, 0], [1, -1, 1], [0, 0, 2], [3, -1, -1], [4, 4, 4]]

@@ -172,8 +172,8 @@ class CacheWriter:
         of this plan is already there.
 
         Args:
-            mask: ``bool [N, F]`` facet presence of every row if the caller knows it (stage 1 derives it from the
-                plan); ``None`` reads ``store.zarr/mask`` shard by shard.
+            mask: ``bool [N, F]`` facet presence of every row if the caller holds it in memory (an importer);
+                ``None`` reads ``store.zarr/mask`` shard by shard, as the shards stored it.
         """
         return build_key_lookup(self.files, self.meta, mask)
 
