@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_bytes
+
 # (task-name predicate, metric, label) of the numbers printed at the end of the demo.
 _KEY_METRICS = (
     ("text_retrieval_recall@1", "image->text R@1"),
@@ -94,5 +96,5 @@ def write_report_md(report: dict[str, Any], path: Path) -> Path:
             lines += [f"### {title}", "", f"![{title}]({rel})", ""]
     lines += ["## Cache anisotropy (mean cosine of random rows, per facet)", "",
               ", ".join(f"{k} {v:.3f}" for k, v in report["anisotropy"].items()), ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
     return path

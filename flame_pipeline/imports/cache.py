@@ -162,7 +162,7 @@ def pth_path(root: Path, key: str, layout: str) -> Path:
         return root / key[:5] / f"{key}.pth"
     if layout == "underscore":
         return root / key.split("_")[0] / f"{key}.pth"
-    raise ValueError(f"layout must be one of {LAYOUTS[1:]}, got {layout!r}")
+    raise CacheError(f"layout must be one of {LAYOUTS[1:]}, got {layout!r}")
 
 
 def find_file(root: Path, key: str, layout: str) -> int:

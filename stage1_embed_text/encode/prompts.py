@@ -12,6 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from stage1_embed_text.config import EmbedConfigError
+
 GROUPS = ("raw", "short", "long")
 BOS_MARKERS = ("drop", "keep")
 CLEANUP_RULE = "spec-2.1-v1"  # bump if clean_for_prompt changes; part of every prompt-set hash
@@ -114,7 +116,7 @@ class PromptSet:
 
     def __post_init__(self) -> None:
         if self.bos_marker not in BOS_MARKERS:
-            raise ValueError(f"bos_marker must be one of {BOS_MARKERS}, got {self.bos_marker!r}")
+            raise EmbedConfigError(f"bos_marker must be one of {BOS_MARKERS}, got {self.bos_marker!r}")
         unknown = [g.name for g in self.groups if g.name not in GROUPS]
         if unknown:
             raise ValueError(f"unknown prompt groups {unknown}; expected names from {GROUPS}")
