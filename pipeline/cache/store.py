@@ -167,6 +167,17 @@ class CacheWriter:
             return direct
         return self.vectors.get_orthogonal_selection((rows, slice(None), slice(None)))
 
+    def record(self, extra: dict[str, Any]) -> None:
+        """Merge ``extra`` into the meta's ``extra`` (one level deep: a dict value updates the dict there) and
+        publish ``meta.json`` again (atomically); identity and layout never change. E.g. an import's final
+        counts, known only when every shard is written."""
+        for k, v in extra.items():
+            if isinstance(v, dict) and isinstance(self.meta.extra.get(k), dict):
+                self.meta.extra[k].update(v)
+            else:
+                self.meta.extra[k] = v
+        atomic_write_bytes(self.files.meta, self.meta.to_json().encode())
+
     def build_lookup(self, mask: np.ndarray | None = None) -> KeyLookup:
         """Store the key lookup of the finished cache (``lookup/``, :mod:`pipeline.cache.lookup`), unless a lookup
         of this plan is already there.
