@@ -21,6 +21,7 @@ import errno
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -34,10 +35,13 @@ from stage1_embed_text.ranks import combine_ranks, plan_and_create, run_token, w
 from stage1_embed_text.shards import compute_shard, index_table
 from stage1_embed_text.summary import EmbedSummary, summarize
 
+if TYPE_CHECKING:  # importing the backends loads torch
+    from stage1_embed_text.backends.registry import TextEncoder
+
 log = logging.getLogger(__name__)
 
 
-def run_embed(config: EmbedConfig, encoder=None) -> EmbedSummary:
+def run_embed(config: EmbedConfig, encoder: TextEncoder | None = None) -> EmbedSummary:
     """Run (or resume) the job of ``config`` on this process's shards; returns the whole job's summary.
 
     Rank 0 plans (or reuses the stored plan) and creates the cache while the others wait for its file marker (no
