@@ -14,7 +14,7 @@ Stages (``--stages``, any subset, always run in this order):
 ``manifest``     ``flame manifest webdataset`` on real tar shards (8x8 PNG/JPEG + ``.txt``, 10,000 samples
                  per shard) and FLAME recaption JSON files of the first ``--image-subset`` samples; also
                  reported per shard, since decoding and tar reading stream shard by shard
-``plan``         ``stage1_embed_text.job.plan_job`` (``load_plan`` in code that has no ``plan_job``)
+``plan``         ``stage1_embed_text.plan.plan_job`` (``job.plan_job`` or ``load_plan`` in older code)
 ``embed``        ``stage1_embed_text.job.run_embed`` with :class:`DigestStandInEncoder` in place of the LLM,
                  so that planning, copying and writing are measured at full N (the encoder's speed is
                  ``bench/stage1_throughput.py``'s business); reuses the plan the ``plan`` stage stored
@@ -542,10 +542,14 @@ def stage_plan(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     from stage1_embed_text import job
     from stage1_embed_text.encode.prompts import get_prompt_set
 
+    try:
+        from stage1_embed_text.plan import plan_job
+    except ImportError:  # older layouts: job.plan_job, or only job.load_plan
+        plan_job = getattr(job, "plan_job", None)
     config = embed_config(paths)
     clock = Clock(t)
-    if hasattr(job, "plan_job"):
-        entry, plan = "plan_job", job.plan_job(config)
+    if plan_job is not None:
+        entry, plan = "plan_job", plan_job(config)
     else:
         entry, plan = "load_plan", job.load_plan(config, get_prompt_set("flame"))
     seconds = clock()
@@ -554,14 +558,20 @@ def stage_plan(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stage_embed(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
-    """``run_embed`` with :class:`DigestStandInEncoder` patched in for ``build_encoder``."""
+    """``run_embed`` with :class:`DigestStandInEncoder` as its encoder (patched in for ``job.build_encoder`` in
+    older code, whose ``run_embed`` takes no encoder)."""
     t = time.perf_counter()
+    import inspect
+
     from stage1_embed_text import job
 
-    job.build_encoder = lambda config, device: DigestStandInEncoder(args.dim)
+    stand_in = DigestStandInEncoder(args.dim)
+    takes_encoder = "encoder" in inspect.signature(job.run_embed).parameters
+    if not takes_encoder:
+        job.build_encoder = lambda config, device: stand_in
     config = embed_config(paths)
     clock = Clock(t)
-    summary = job.run_embed(config).to_dict()
+    summary = (job.run_embed(config, encoder=stand_in) if takes_encoder else job.run_embed(config)).to_dict()
     seconds = clock()
     counts = {k: summary[k] for k in ("keys", "rows", "unique_texts", "shards") if k in summary}
     return clock.result(seconds, **counts, samples_per_s=round(args.samples / seconds, 1), dim=args.dim,

@@ -26,11 +26,18 @@ from manifests.images import UndecodableImageError
 from manifests.schema import ManifestError
 from pipeline.cache.meta import identity_differences
 from pipeline.cache.store import NORM_TOLERANCE, CacheIdentityError
+from pipeline.errors import FlameError
 from stage1_embed_text.api import TextEmbedder
 from stage1_embed_text.config import check_text_mode
 from stage2_train_vision.text_tower import TEXT_SIDE_KIND, TextTowerConfig, TowerTextEncoder
 
 log = logging.getLogger(__name__)
+
+
+class ModelConfigError(FlameError, ValueError):
+    """An exported model directory whose ``config.json`` lacks what eval needs (the cache identity or a known
+    text side)."""
+
 
 #: What opening a benchmark image may raise; each is a counted, logged skip (:func:`image_skip_reason`).
 IMAGE_ERRORS = (UndecodableImageError, ManifestError, OSError)
@@ -252,11 +259,11 @@ def load_model_text_encoder(model: torch.nn.Module, config: dict[str, Any], devi
     :mod:`stage2_train_vision.text_tower`): ``encode(texts, mode, desc) -> float32 [n, D]`` unit rows.
 
     Raises:
-        ValueError: ``config["text_side"]`` names an unknown kind.
+        ModelConfigError: ``config["text_side"]`` names an unknown kind.
     """
     side = config["text_side"]
     if side.get("kind") != TEXT_SIDE_KIND:
-        raise ValueError(f"unknown text_side kind {side.get('kind')!r} (known: {TEXT_SIDE_KIND})")
+        raise ModelConfigError(f"unknown text_side kind {side.get('kind')!r} (known: {TEXT_SIDE_KIND})")
     return TowerTextEncoder(model.text_tower, TextTowerConfig.from_dict(side),
                             device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from eval.benchmarks.base import BenchmarkError
 from eval.metrics import ClassificationOutcome, classification_metrics
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,11 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
         the outcome on the test set and the chosen ``C``.
 
     Raises:
-        ValueError: fewer than two classes in the training labels.
+        eval.benchmarks.base.BenchmarkError: fewer than two classes in the training labels.
     """
     train_y = np.asarray(train_y, np.int64)
     if len(np.unique(train_y)) < 2:
-        raise ValueError("linear probe needs at least two classes in the training set")
+        raise BenchmarkError("linear probe needs at least two classes in the training set")
     scaler = StandardScaler().fit(train_x)
     xtr, xte = scaler.transform(train_x), scaler.transform(test_x)
     best_c = c_grid[0]

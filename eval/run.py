@@ -16,21 +16,22 @@ import torch
 
 from eval.benchmarks import Benchmark, BenchmarkError, load_benchmark
 from eval.benchmarks.base import ClassificationTask, LinearProbeTask, RetrievalTask
-from eval.embedding import TextEncoder, embed_images, load_model_text_encoder, load_text_encoder
+from eval.embedding import (
+    ModelConfigError,
+    TextEncoder,
+    embed_images,
+    load_model_text_encoder,
+    load_text_encoder,
+)
 from eval.plots import plot_classification, plot_language_bars, plot_retrieval_examples
 from eval.report import build_results, render_markdown, write_results
 from eval.tasks import TaskResult, evaluate_task
 from eval.text_cache import default_root
-from pipeline.errors import FlameError
 from pipeline.hub import resolve_model_dir
 from stage2_train_vision.data.transforms import eval_transform
 from stage2_train_vision.export import load_exported
 
 log = logging.getLogger(__name__)
-
-
-class ModelConfigError(FlameError, ValueError):
-    """An exported model directory whose ``config.json`` lacks what eval needs (the cache identity)."""
 
 
 def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any], Any]:

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.atomic import atomic_file
 from pipeline.cache.files import KEY, ROW
-from pipeline.cache.store import NORM_TOLERANCE, CacheReader, read_index_part
+from pipeline.cache.store import NORM_TOLERANCE, CacheError, CacheReader, read_index_part
 
 
 @dataclass
@@ -158,12 +159,12 @@ def nearest_neighbours(
         ``[(keys of the row, cosine), ...]`` best first; a row shared by several keys lists all of them.
 
     Raises:
-        ValueError: unknown facet.
+        pipeline.cache.store.CacheError: a facet the cache does not have.
     """
     import faiss
 
     if facet not in reader.facets:
-        raise ValueError(f"unknown facet {facet!r}; the cache has {list(reader.facets)}")
+        raise CacheError(f"unknown facet {facet!r}; the cache has {list(reader.facets)}")
     i = reader.facets.index(facet)
     layout = reader.meta.layout
     q = np.ascontiguousarray(np.asarray(query, np.float32)[None])
@@ -215,7 +216,7 @@ def plot_facet_cosine(report: CacheReport, facets: tuple[str, ...], path: str | 
     ax.set_title(f"Facet similarity, {report.identity['llm']} layer {report.identity['layer']}")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")
     plt.close(fig)
     return path

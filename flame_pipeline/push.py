@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.errors import FlameError
 from pipeline.hub import resolve_model_dir
-from stage2_train_vision.model_card import write_card
+from stage2_train_vision.export import write_card
 
 
 class PushError(FlameError, ValueError):

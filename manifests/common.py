@@ -53,14 +53,23 @@ from tqdm import tqdm
 
 from manifests.images import ImageTooLargeError, UndecodableImageError, decode_image
 from manifests.registry import register_options
-from manifests.schema import CAPTION_COLUMNS, SCHEMA, ManifestError, ManifestInfo, ManifestWriter
+from manifests.schema import (
+    CAPTION_COLUMNS,
+    LONG_CAPTION,
+    RAW_CAPTION,
+    SCHEMA,
+    SHORT_CAPTION,
+    ManifestError,
+    ManifestInfo,
+    ManifestWriter,
+)
 from pipeline.paths import local_dir
 
 log = logging.getLogger(__name__)
 
 ON_DUPLICATE = ("error", "first", "skip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-CAPTION_FLAGS = {"raw_caption": "--raw-column", "short_caption": "--short-column", "long_caption": "--long-column"}
+CAPTION_FLAGS = {RAW_CAPTION: "--raw-column", SHORT_CAPTION: "--short-column", LONG_CAPTION: "--long-column"}
 STAGED_COLUMNS = ("key", "image_path", "image_member", "image_bytes", *CAPTION_COLUMNS, "split", "lang")
 _STAGE_SCHEMA = pa.schema(
     [SCHEMA.field(name) for name in STAGED_COLUMNS]

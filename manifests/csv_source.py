@@ -35,7 +35,7 @@ from manifests.common import (
     reference_path,
 )
 from manifests.registry import common_options, register_options, register_source
-from manifests.schema import ManifestError, ManifestInfo
+from manifests.schema import CAPTION_COLUMNS, ManifestError, ManifestInfo
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def build_csv_manifest(
         ManifestError: a named column is missing from a header, or a file is not UTF-8.
         DuplicateKeyError: a repeated key under ``on_duplicate="error"``.
     """
-    captions = {"raw_caption": raw_column, "short_caption": short_column, "long_caption": long_column}
+    captions = dict(zip(CAPTION_COLUMNS, (raw_column, short_column, long_column), strict=True))
     args = {
         "inputs": [str(p) for p in csv_paths],
         "sep": sep,

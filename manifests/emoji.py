@@ -46,7 +46,14 @@ from manifests.cldr import CldrEntry, CldrNames
 from manifests.emoji_captions import emoji_captions
 from manifests.images import composite_on_white
 from manifests.registry import no_inputs, register_options, register_source
-from manifests.schema import ManifestError, ManifestInfo, ManifestWriter
+from manifests.schema import (
+    LONG_CAPTION,
+    RAW_CAPTION,
+    SHORT_CAPTION,
+    ManifestError,
+    ManifestInfo,
+    ManifestWriter,
+)
 from pipeline.assets import NPM_PACKAGES, npm_package_dir
 
 logger = logging.getLogger(__name__)
@@ -194,9 +201,9 @@ def _row(entry: EmojiEntry, vendor: str, image: bytes, cldr: CldrNames, split: s
     return {
         "key": f"{vendor}/{entry.code}",
         "image_bytes": image,
-        "raw_caption": caps.raw,
-        "short_caption": caps.short,
-        "long_caption": caps.long,
+        RAW_CAPTION: caps.raw,
+        SHORT_CAPTION: caps.short,
+        LONG_CAPTION: caps.long,
         "split": split,
         "lang": "en",
         "labels": {

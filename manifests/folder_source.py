@@ -39,7 +39,7 @@ from manifests.common import (
     reference_path,
 )
 from manifests.registry import common_options, register_options, register_source
-from manifests.schema import ManifestError, ManifestInfo
+from manifests.schema import LONG_CAPTION, RAW_CAPTION, SHORT_CAPTION, ManifestError, ManifestInfo
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,12 @@ def _add_line(
     if not key:
         builder.reject("no_key")
         return
-    raw = entry["raw_caption"] if "raw_caption" in entry else entry.get("caption")
+    raw = entry[RAW_CAPTION] if RAW_CAPTION in entry else entry.get("caption")
     row = {
         "key": str(key),
-        "raw_caption": caption_value(raw, where),
-        "short_caption": caption_value(entry.get("short_caption"), where),
-        "long_caption": caption_value(entry.get("long_caption"), where),
+        RAW_CAPTION: caption_value(raw, where),
+        SHORT_CAPTION: caption_value(entry.get(SHORT_CAPTION), where),
+        LONG_CAPTION: caption_value(entry.get(LONG_CAPTION), where),
         "split": entry.get("split") or split,
         "lang": entry.get("lang"),
     }

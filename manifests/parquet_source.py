@@ -44,7 +44,7 @@ from manifests.common import (
     reference_path,
 )
 from manifests.registry import common_options, register_source
-from manifests.schema import ManifestError, ManifestInfo
+from manifests.schema import CAPTION_COLUMNS, ManifestError, ManifestInfo
 
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json")
 DEFAULT_KEY_COLUMNS = ("key", "__key__")
@@ -136,7 +136,7 @@ def build_parquet_manifest(
         ManifestError: a named column is missing or a caption is not a string.
         DuplicateKeyError: a repeated key under ``on_duplicate="error"``.
     """
-    captions = {"raw_caption": raw_column, "short_caption": short_column, "long_caption": long_column}
+    captions = dict(zip(CAPTION_COLUMNS, (raw_column, short_column, long_column), strict=True))
     args = {
         "inputs": [str(i) for i in inputs],
         "image_column": image_column,

@@ -43,7 +43,8 @@ from pipeline.paths import local_dir
 SCHEMA_VERSION = 1
 MANIFEST_JSON = "manifest.json"
 DATA_DIR = "data"
-CAPTION_COLUMNS = ("raw_caption", "short_caption", "long_caption")
+RAW_CAPTION, SHORT_CAPTION, LONG_CAPTION = "raw_caption", "short_caption", "long_caption"  # the one definition
+CAPTION_COLUMNS = (RAW_CAPTION, SHORT_CAPTION, LONG_CAPTION)
 
 SCHEMA = pa.schema(
     [

@@ -112,7 +112,8 @@ def _verified_download(filename: str, sha256: str, produce: Callable[[Path], Non
                 f"different bytes or the transfer was corrupted; nothing was stored under {final}. Retry; if "
                 f"it persists, check your registry mirror / proxy ({how_to})."
             )
-        os.replace(fetched, final)
+        with atomic_file(final) as tmp:  # fsynced, then renamed into place
+            os.replace(fetched, tmp)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("fetched and verified %s", final)

@@ -11,13 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.cache.store import CacheIdentity, CacheIdentityError
-from stage1_embed_text.backends.llm import load_llm
-from stage1_embed_text.config import check_text_mode
-from stage1_embed_text.encode.encoder import FacetEncoder
-from stage1_embed_text.encode.prompts import get_prompt_set
+from stage1_embed_text.backends import EncoderSpec, TextEncoder, build_encoder
+from stage1_embed_text.config import EmbedConfigError, check_text_mode
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +22,11 @@ class TextEmbedder:
     """Texts -> unit vectors in a cache's space: ``single`` (raw prompt) or ``multi`` (mean of long facets).
 
     Args:
-        encoder: a :class:`FacetEncoder` whose prompt set has a ``raw`` group (for ``single``) and/or a
-            ``long`` group (for ``multi``).
+        encoder: a stage-1 encoder (:class:`~stage1_embed_text.backends.registry.TextEncoder`) whose prompt set
+            has a ``raw`` group (for ``single``) and/or a ``long`` group (for ``multi``).
     """
 
-    def __init__(self, encoder: FacetEncoder):
+    def __init__(self, encoder: TextEncoder):
         self.encoder = encoder
 
     @property
@@ -52,20 +49,15 @@ class TextEmbedder:
                 both values.
         """
         ident = identity if isinstance(identity, CacheIdentity) else CacheIdentity.from_dict(identity)
-        prompt_set = get_prompt_set(ident.prompt_set, bos_marker=ident.bos_marker)
+        spec = EncoderSpec.of_identity(ident, dtype)
+        prompt_set = spec.prompt_set
         if prompt_set.content_hash != ident.prompt_set_hash:
             raise CacheIdentityError(
                 f"prompt set {ident.prompt_set!r}: cache has hash {ident.prompt_set_hash}, this code's "
                 f"definition hashes to {prompt_set.content_hash} (the prompts changed; re-embed or use the "
                 f"package version that built the cache)"
             )
-        llm = load_llm(ident.llm, dtype=dtype or ident.dtype_compute, layer=ident.layer)
-        if device is not None and torch.device(device).type != "cpu":
-            llm.model.to(device)
-            llm.final_norm.to(device)
-        encoder = FacetEncoder(
-            llm, prompt_set, readout=ident.readout, position_mode=ident.position_mode, context_tokens=ident.max_tokens
-        )
+        encoder = build_encoder(spec, device)
         encoder.identity().check(
             {"llm_fingerprint": ident.llm_fingerprint, "dim": ident.dim}, what=f"LLM loaded from {ident.llm!r}"
         )
@@ -83,16 +75,17 @@ class TextEmbedder:
             ``float32 [n, D]``, unit-norm rows.
 
         Raises:
-            ValueError: unknown mode, the prompt set lacks the group the mode needs, or a blank text.
+            stage1_embed_text.config.EmbedConfigError: unknown mode, the prompt set lacks the group the mode needs,
+                or a blank text.
         """
         check_text_mode(mode)
         group = "raw" if mode == "single" else "long"
         ps = self.encoder.prompt_set
         if group not in ps.group_names:
-            raise ValueError(f"mode {mode!r} needs a {group!r} group; prompt set {ps.name!r} has {ps.group_names}")
+            raise EmbedConfigError(f"mode {mode!r} needs a {group!r} group; prompt set {ps.name!r} has {ps.group_names}")
         blank = [i for i, t in enumerate(texts) if not (t and t.strip())]
         if blank:
-            raise ValueError(f"cannot embed blank texts (positions {blank[:5]})")
+            raise EmbedConfigError(f"cannot embed blank texts (positions {blank[:5]})")
         out = self.encoder.encode([{group: t} for t in texts])
         vecs = out.vectors[:, ps.facet_slice(group)]
         if mode == "single":

@@ -99,6 +99,21 @@ class EmbedConfig:
             raise EmbedConfigError(f"layer={self.layer}: hidden_states index must be at least 0")
 
 
+def default_layer(num_blocks: int) -> int:
+    """The ``hidden_states`` index read out when none is given: the penultimate block's output,
+    ``num_blocks - 1`` (SPEC §2.3), for every backend."""
+    return num_blocks - 1
+
+
+def check_encoder_modes(readout: str, position_mode: str) -> None:
+    """Raise :class:`EmbedConfigError` unless ``readout`` is one of :data:`READOUTS` and ``position_mode`` one of
+    :data:`POSITION_MODES` (checked by every backend's encoder)."""
+    if readout not in READOUTS:
+        raise EmbedConfigError(f"readout must be one of {READOUTS}, got {readout!r}")
+    if position_mode not in POSITION_MODES:
+        raise EmbedConfigError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+
+
 def check_shard_layout(shard_rows: int, chunk_rows: int) -> None:
     """Raise :class:`EmbedConfigError` unless ``chunk_rows >= 1`` divides ``shard_rows >= 1`` (a Zarr shard holds
     whole chunks)."""
@@ -133,8 +148,8 @@ def check_text_mode(mode: str) -> str:
     """``mode`` itself if it is one of :data:`TEXT_MODES`.
 
     Raises:
-        ValueError: any other value, naming the known modes.
+        EmbedConfigError: any other value, naming the known modes.
     """
     if mode not in TEXT_MODES:
-        raise ValueError(f"unknown text mode {mode!r} ({', '.join(TEXT_MODES)})")
+        raise EmbedConfigError(f"unknown text mode {mode!r} ({', '.join(TEXT_MODES)})")
     return mode

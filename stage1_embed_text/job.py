@@ -10,8 +10,9 @@
   (vectors, mask, index part, marker last).
 * The job's counts and speed: :mod:`stage1_embed_text.summary`.
 
-This module imports neither torch nor an LLM backend: planning (``flame embed --plan-only``, :func:`plan_job`)
-and the ``flame`` command line stay light. :func:`run_embed` loads them when it runs (:func:`build_encoder`).
+This module imports neither torch nor an LLM backend: planning (``flame embed --plan-only``,
+:func:`stage1_embed_text.plan.plan_job`) and the ``flame`` command line stay light. :func:`run_embed` loads them
+when it runs (:func:`stage1_embed_text.backends.build_encoder`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import errno
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -27,37 +29,29 @@ from manifests.schema import RowFetcher, read_manifest_info
 from pipeline.cache.files import CacheFiles
 from pipeline.cache.store import CacheError, CacheLock, CacheMeta, CacheWriter
 from stage1_embed_text.config import EmbedConfig
-from stage1_embed_text.plan import plan_job  # noqa: F401  (re-exported: bench/scale.py calls job.plan_job)
 from stage1_embed_text.plan.files import GROUP_COLUMNS, PlanInfo
 from stage1_embed_text.plan.stored import StoredPlan
 from stage1_embed_text.ranks import combine_ranks, plan_and_create, run_token, wait_for_plan
-from stage1_embed_text.shards import compute_shard, index_table, plan_facet_mask
+from stage1_embed_text.shards import compute_shard, index_table
 from stage1_embed_text.summary import EmbedSummary, summarize
+
+if TYPE_CHECKING:  # importing the backends loads torch
+    from stage1_embed_text.backends.registry import TextEncoder
 
 log = logging.getLogger(__name__)
 
 
-def build_encoder(config: EmbedConfig, device):
-    """The encoder of ``config`` on ``device`` (a ``torch.device``):
-    :func:`stage1_embed_text.backends.build_encoder`.
-
-    The one place the job loads torch, transformers and the backends; :func:`run_embed` calls it through this
-    module, so tests and ``bench/scale.py`` can put a stand-in encoder here.
-
-    Raises:
-        stage1_embed_text.backends.vllm_settings.VllmUnavailableError: ``vllm`` requested but not importable here.
-        ValueError: unknown backend.
-    """
-    from stage1_embed_text import backends  # heavy (torch); kept out of planning and `flame --help`
-
-    return backends.build_encoder(config, device)
-
-
-def run_embed(config: EmbedConfig) -> EmbedSummary:
+def run_embed(config: EmbedConfig, encoder: TextEncoder | None = None) -> EmbedSummary:
     """Run (or resume) the job of ``config`` on this process's shards; returns the whole job's summary.
 
     Rank 0 plans (or reuses the stored plan) and creates the cache while the others wait for its file marker (no
     collective timeout, however long planning takes); then every rank reads only its shards' part of the plan.
+
+    Args:
+        config: the job.
+        encoder: the encoder to use (a :class:`~stage1_embed_text.backends.registry.TextEncoder`, e.g. a stand-in
+            of a benchmark); default the one ``config`` names, built once the manifest is known to be readable
+            (:func:`stage1_embed_text.backends.build_encoder`).
 
     Raises:
         pipeline.cache.store.CacheIdentityError: ``out`` holds a cache of another model, prompt set or plan.
@@ -73,14 +67,18 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     state = PartialState(cpu=not torch.cuda.is_available())
     files = CacheFiles(config.out)
     token = run_token(state)
-    encoder = build_encoder(config, state.device)
+    if encoder is None:
+        # heavy (torch, transformers): not loaded for planning or `flame --help`
+        from stage1_embed_text import backends
+
+        encoder = backends.build_encoder(backends.EncoderSpec.of_config(config), state.device)
     lock = CacheLock(files) if state.process_index == 0 else None
     try:
         return _run(config, state, files, token, encoder, lock, t0)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        done = len(list(files.done_dir.glob("shard-*.json"))) if files.done_dir.exists() else 0
+        done = len(files.finished_shards())
         raise CacheError(
             f"no space left on the device writing {exc.filename or config.out}: the {done} finished shards are "
             "kept; free space and rerun the same command to finish the cache"
@@ -103,9 +101,7 @@ def _run(config: EmbedConfig, state, files: CacheFiles, token: str, encoder, loc
     if rank == 0:
         files.plan_ready(token).unlink(missing_ok=True)
     plan = StoredPlan(config.out)
-    meta = cache_meta(config, encoder, plan.info)
-    writer = CacheWriter(config.out, meta)
-    _warn_on_changed_batching(writer.meta, meta)
+    writer = CacheWriter.open(config.out, encoder.identity())
     mine = list(range(rank, plan.layout.n_shards, world))
     todo = [s for s in mine if not writer.is_done(s)]
     log.info("rank %d/%d: %d of its %d shards to do, %d already done", rank, world, len(todo), len(mine),
@@ -126,7 +122,7 @@ def _run(config: EmbedConfig, state, files: CacheFiles, token: str, encoder, loc
     work["encode_s"] = time.perf_counter() - t_work
     state.wait_for_everyone()
     if rank == 0:
-        writer.build_lookup(plan_facet_mask(plan, prompt_set))
+        writer.build_lookup()  # the facet mask as the shards stored it (the encoder's presence, SPEC §3)
     state.wait_for_everyone()
     totals = combine_ranks(state, {**work, "written": len(todo), "skipped": len(mine) - len(todo)})
     return summarize(config, plan, prompt_set, totals, world, time.perf_counter() - t0)
@@ -150,13 +146,3 @@ def cache_meta(config: EmbedConfig, encoder, info: PlanInfo) -> CacheMeta:
             "batching": {"max_batch_tokens": config.max_batch_tokens, "batch_size": config.batch_size},
         },
     )
-
-
-def _warn_on_changed_batching(old: CacheMeta, new: CacheMeta) -> None:
-    """Warn when a resumed cache was started with other batching settings (its bytes may then differ)."""
-    before, now = old.extra.get("batching"), new.extra.get("batching")
-    if before != now:
-        log.warning(
-            "resuming a cache built with batching %s using %s: vectors stay valid, but bytes may differ from a "
-            "run with one setting", before, now,
-        )

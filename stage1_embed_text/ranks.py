@@ -46,9 +46,9 @@ def plan_and_create(
     config: EmbedConfig, prompt_set: PromptSet, meta_of: Callable[[PlanInfo], CacheMeta], files: CacheFiles,
     token: str, lock: CacheLock, world: int,
 ) -> None:
-    """Rank 0: take the cache's lock, plan, create (or check) the cache with ``meta_of(plan info)``, remove a
-    killed run's temporaries, then write the plan-ready marker (with the error, if any, so that the other ranks
-    stop too).
+    """Rank 0: take the cache's lock, plan, create (or check) the cache with ``meta_of(plan info)`` (the one
+    place the job builds its meta; the other ranks read it from disk), remove a killed run's temporaries, then
+    write the plan-ready marker (with the error, if any, so that the other ranks stop too).
 
     Raises:
         Whatever planning or cache creation raised (e.g. :class:`pipeline.cache.store.CacheIdentityError`), after the
@@ -57,13 +57,24 @@ def plan_and_create(
     try:
         lock.acquire()
         info = _plan_in_child_process(config, prompt_set)
-        CacheWriter.create(config.out, meta_of(info))
+        meta = meta_of(info)
+        _warn_on_changed_batching(CacheWriter.create(config.out, meta).meta, meta)
         remove_stale_temp_files(files)
     except Exception as exc:
         if world > 1:
             atomic_write_bytes(files.plan_ready(token), json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
         raise
     atomic_write_bytes(files.plan_ready(token), json.dumps({"plan_hash": info.plan_hash}).encode())
+
+
+def _warn_on_changed_batching(old: CacheMeta, new: CacheMeta) -> None:
+    """Warn when a resumed cache was started with other batching settings (its bytes may then differ)."""
+    before, now = old.extra.get("batching"), new.extra.get("batching")
+    if before != now:
+        log.warning(
+            "resuming a cache built with batching %s using %s: vectors stay valid, but bytes may differ from a "
+            "run with one setting", before, now,
+        )
 
 
 def _plan_in_child_process(config: EmbedConfig, prompt_set: PromptSet) -> PlanInfo:

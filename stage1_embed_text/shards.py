@@ -146,14 +146,3 @@ def index_table(plan: StoredPlan, shard: int, keys: pa.Array, rows: np.ndarray, 
         cols[tokens_column(g)] = pa.array(arrays.tokens[local, i], pa.int32())
         cols[truncated_column(g)] = pa.array(arrays.truncated[local, i], pa.bool_())
     return pa.table(cols, schema=index_schema(plan.groups))
-
-
-def plan_facet_mask(plan: StoredPlan, prompt_set: PromptSet) -> np.ndarray:
-    """``bool [N, F]`` facet presence of every row, from the plan (a group's facets are present iff its text is)."""
-    mask = np.zeros((plan.layout.n_rows, len(prompt_set.facets)), bool)
-    for s in range(plan.layout.n_shards):
-        r = plan.layout.shard_range(s)
-        owner = plan.owner(s)
-        for i, g in enumerate(plan.groups):
-            mask[r.start : r.stop, prompt_set.facet_slice(g)] = (owner[:, i] >= 0)[:, None]
-    return mask

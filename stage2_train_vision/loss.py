@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from stage2_train_vision.config import ConfigError
+
 
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -140,4 +142,4 @@ def contrastive_loss(kind: str, image_emb, texts, text_valid, logit_scale, logit
         return sigmoid_loss(image_emb, texts, text_valid, logit_scale, logit_bias, image_valid)
     if kind == "infonce":
         return infonce_loss(image_emb, texts, text_valid, logit_scale, image_valid)
-    raise ValueError(f"unknown loss kind {kind!r} (known: sigmoid, infonce)")
+    raise ConfigError(f"unknown loss kind {kind!r} (known: sigmoid, infonce)")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage2_train_vision.config import ModelConfig
+from stage2_train_vision.config import ConfigError, ModelConfig
 from stage2_train_vision.text_tower import encode_tokens
 
 
@@ -56,7 +56,7 @@ class FlameVisionModel(nn.Module):
             final_norm=cfg.final_norm, **overrides,
         )
         if not hasattr(self.backbone, "num_prefix_tokens"):
-            raise ValueError(f"timm model {cfg.name!r} is not a ViT with prefix tokens")
+            raise ConfigError(f"timm model {cfg.name!r} is not a ViT with prefix tokens")
         self.backbone.set_grad_checkpointing(cfg.grad_checkpointing)
         self.width: int = self.backbone.num_features
         self.projector = Projector(self.width, projector_hidden(cfg, cfg.out_dim), cfg.out_dim)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manifests.schema import CAPTION_COLUMNS, read_manifest
+from stage2_train_vision.data.samples import DataError
 
 TEXT_SIDE_KIND = "text_tower"
 
@@ -115,7 +116,7 @@ class CaptionSampler:
         split: its training split.
 
     Raises:
-        ValueError: a key of the split has none of ``cfg.captions``.
+        stage2_train_vision.data.samples.DataError: a key of the split has none of ``cfg.captions``.
     """
 
     def __init__(self, cfg: TextTowerConfig, manifest_dir: str | Path, split: str):
@@ -125,7 +126,7 @@ class CaptionSampler:
         for r in rows:
             texts = [r[c] for c in cfg.captions if r.get(c)]
             if not texts:
-                raise ValueError(f"{manifest_dir}: key {r['key']!r} has none of the captions {cfg.captions}")
+                raise DataError(f"{manifest_dir}: key {r['key']!r} has none of the captions {cfg.captions}")
             self.tokens[r["key"]] = tok(texts)  # int64 [n_captions, L]
 
     def __call__(self, keys: Sequence[str], seed: int) -> torch.Tensor:

@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_write_bytes
 from pipeline.cache.store import CacheIdentityError, CacheReader
 from pipeline.errors import run_command
-from stage2_train_vision.arguments import add_arguments
 from stage2_train_vision.checkpoint import (
     TrainState,
     check_checkpoint_cache,
     find_checkpoint,
     save_checkpoint,
 )
+from stage2_train_vision.cli import add_arguments
 from stage2_train_vision.config import Config, ConfigError, ModelConfig, load_config
 from stage2_train_vision.data.pairs import TrainingData, build_training_data, sample_seed
 from stage2_train_vision.data.transforms import train_transform
@@ -379,7 +379,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the config named by ``args`` (:func:`stage2_train_vision.arguments.add_arguments`) and train;
+    """Load the config named by ``args`` (:func:`stage2_train_vision.cli.add_arguments`) and train;
     returns the exit code (0; refusals are raised for :func:`pipeline.errors.run_command`)."""
     train(load_config(args.config, args.overrides), resume=args.resume)
     return 0

@@ -25,12 +25,12 @@ def test_missing_config_file_is_one_line(capsys):
 
 
 def test_embed_refuses_a_missing_manifest_before_loading_the_llm(tmp_path, capsys, monkeypatch):
-    import stage1_embed_text.job as job
+    import stage1_embed_text.backends as backends
 
     def fail(*a, **k):
         raise AssertionError("the LLM must not be loaded for a missing manifest")
 
-    monkeypatch.setattr(job, "build_encoder", fail)
+    monkeypatch.setattr(backends, "build_encoder", fail)
     assert main(["embed", "--manifest", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2
     assert "is not a finished manifest" in capsys.readouterr().err
 

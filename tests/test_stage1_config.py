@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import stage1_embed_text.backends as backends
+import stage1_embed_text.backends.vllm_backend as vllm_backend
 import stage1_embed_text.job as job
 from flame_pipeline.cli import build_parser, main
 from manifests.schema import ManifestWriter
@@ -69,7 +70,7 @@ def test_vllm_settings_reach_the_engine_builder(monkeypatch):
         seen.update(kw, llm=llm)
         raise _Built
 
-    monkeypatch.setattr(backends, "VllmFacetEncoder", fake_encoder)
+    monkeypatch.setattr(vllm_backend, "VllmFacetEncoder", fake_encoder)
     monkeypatch.setattr(job, "read_manifest_info", lambda manifest: None)  # no manifest needed to build the encoder
     argv = ["embed", "--manifest", "m", "--out", "c", "--backend", "vllm", "--context-tokens", "300",
             "--vllm-setting", "gpu_memory_utilization=0.5", "--vllm-setting", "max_num_seqs=64",
@@ -83,8 +84,8 @@ def test_vllm_settings_reach_the_engine_builder(monkeypatch):
     assert (s.dtype, seen["context_tokens"], seen["llm"]) == ("bfloat16", 300, default("llm"))
     seen.clear()
     with pytest.raises(_Built):
-        backends.build_encoder(EmbedConfig(manifest="m", out="c", backend="vllm", vllm_settings={"block_size": 64}),
-                               torch.device("cpu"))
+        config = EmbedConfig(manifest="m", out="c", backend="vllm", vllm_settings={"block_size": 64})
+        backends.build_encoder(backends.EncoderSpec.of_config(config), torch.device("cpu"))
     assert (seen["settings"].block_size, seen["settings"].device) == (64, "cpu")
 
 

@@ -113,7 +113,9 @@ def test_plan_dedupes_rows_and_texts(tmp_path):
     assert (info.n_samples, info.n_keys, info.n_rows, info.n_empty) == (9, 7, 5, 2)
     assert info.empty_examples == ["k2", "k3"]
     fetcher = RowFetcher(manifest, ["raw_caption", "short_caption", "long_caption"])
-    assert plan.texts(1, np.array([1]), fetcher) == [{"raw": "say 'hi'.", "short": None, "long": None}]
+    # the manifest's captions as they are (the encoder cleans them; the index holds the cleaned text's SHA-1)
+    assert plan.texts(1, np.array([1]), fetcher) == [{"raw": 'say "hi"?', "short": None, "long": None}]
+    assert plan.sha1_hex(1, np.array([1]))["raw"] == [hashlib.sha1(b"say 'hi'.").hexdigest()]
     assert plan.texts(0, np.array([0]), fetcher)[0]["long"] == "A red apple lies on a wooden table in the sun."
     owner = np.concatenate([plan.owner(s) for s in range(3)])
     assert owner.tolist() == [[0, 0, 0], [1, -1, 1], [0, 0, 2], [3, -1, -1], [4, 4, 4]]

@@ -167,7 +167,7 @@ def test_export_roundtrip(tmp_path):
 def test_cli_arguments():
     import argparse
 
-    from stage2_train_vision.arguments import add_arguments
+    from stage2_train_vision.cli import add_arguments
 
     parser = add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--config", "c.toml", "--resume", "optim.lr=1e-3"])

@@ -37,13 +37,13 @@ from eval.benchmarks.base import (
     pairs_from_captions,
 )
 from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
-from manifests.schema import read_manifest
+from manifests.schema import LONG_CAPTION, RAW_CAPTION, read_manifest
 from stage1_embed_text.config import MULTI, SINGLE
 
 LANGUAGES = ("de", "fr", "es", "ja", "zh", "ar", "hi")
 TEMPLATES = ["an emoji of {}.", "an emoji of a {}.", "a {} emoji.", "an icon of {}."]
 LABEL_FIELDS = ("category", "subcategory")
-_COLUMNS = ["image_path", "image_member", "image_bytes", "raw_caption", "long_caption", "split", "labels", "names"]
+_COLUMNS = ["image_path", "image_member", "image_bytes", RAW_CAPTION, LONG_CAPTION, "split", "labels", "names"]
 
 
 def _rows(manifest_dir: Path, split: str | None, columns: list[str]) -> list[dict[str, Any]]:
@@ -86,7 +86,7 @@ def emoji(data: str | Path, split: str = "test", linear_probe: bool = False,
     images = [_ref(r, base) for r in rows]
     ids = np.arange(len(rows))
     tasks: list = []
-    for field, mode in (("raw_caption", SINGLE), ("long_caption", MULTI)):
+    for field, mode in ((RAW_CAPTION, SINGLE), (LONG_CAPTION, MULTI)):
         texts, pairs = pairs_from_captions([[r.get(field)] for r in rows], dedupe=True)
         if len(pairs):
             tasks.append(RetrievalTask(f"retrieval_en_{field.split('_')[0]}", ids, texts, pairs, text_mode=mode))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_bytes
+
 MARKER = "stage.json"
 
 
@@ -64,5 +66,5 @@ def run_stage(
     info = build(out) or {}
     seconds = time.perf_counter() - start
     payload = {"stage": name, "inputs": inputs, "info": info, "seconds": round(seconds, 1)}
-    marker.write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_bytes(marker, json.dumps(payload, indent=2, default=str).encode("utf-8"))  # published last
     return StageResult(name, out, False, seconds, info)

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_bytes
+
 # (task-name predicate, metric, label) of the numbers printed at the end of the demo.
 _KEY_METRICS = (
     ("text_retrieval_recall@1", "image->text R@1"),
@@ -98,7 +100,7 @@ def write_report_md(report: dict[str, Any], path: Path) -> Path:
         lines += ["## Use this model", "", "```python", usage_snippet(report["model"], report.get("examples", [])),
                   "```", "", f"Publish it: `flame push {report['model']} USER/NAME --results "
                   f"{os.path.join(report['run_dir'], 'eval', 'results.json')}`.", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
     return path
 
 

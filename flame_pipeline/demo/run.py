@@ -37,12 +37,13 @@ from manifests.images import load_image
 from manifests.schema import ManifestWriter, iter_rows, read_manifest_info
 from pipeline import __version__
 from pipeline.assets import EMBEDDED_LLMS, fetch_all
+from pipeline.atomic import atomic_file, atomic_write_bytes
 from pipeline.cache.store import CacheReader
 from pipeline.machine import cpu_summary
 from pipeline.paths import flame_home
 from stage1_embed_text.job import EmbedConfig, run_embed
 from stage2_train_vision.config import load_config
-from stage2_train_vision.model_card import write_card
+from stage2_train_vision.export import write_card
 from stage2_train_vision.train import train
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     cache_report = inspect_cache(reader)
     plot_facet_cosine(cache_report, reader.facets, run_dir / "facet_cosine.png")
     if (trained.path / "loss.png").exists():
-        shutil.copy(trained.path / "loss.png", run_dir / "loss.png")
+        with atomic_file(run_dir / "loss.png") as tmp:
+            shutil.copyfile(trained.path / "loss.png", tmp)
     report = {
         "run_dir": str(run_dir),
         "stages": {s.name: {"path": str(s.path), "reused": s.reused, "seconds": round(s.seconds, 1)} for s in stages}
@@ -159,7 +161,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "model": str(model_dir),
         "examples": [str(p) for p in examples],
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str, ensure_ascii=False))
+    atomic_write_bytes(run_dir / "report.json",
+                       json.dumps(report, indent=2, default=str, ensure_ascii=False).encode("utf-8"))
     write_report_md(report, run_dir / "report.md")
     print("\n" + key_numbers(report))
     print(f"\nreport: {run_dir / 'report.md'}")

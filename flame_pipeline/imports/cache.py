@@ -51,7 +51,6 @@ import torch
 from tqdm.auto import tqdm
 
 from manifests.schema import MANIFEST_JSON, iter_batches
-from pipeline.atomic import atomic_write_bytes
 from pipeline.cache.files import (
     KEY,
     ROW,
@@ -162,7 +161,7 @@ def pth_path(root: Path, key: str, layout: str) -> Path:
         return root / key[:5] / f"{key}.pth"
     if layout == "underscore":
         return root / key.split("_")[0] / f"{key}.pth"
-    raise ValueError(f"layout must be one of {LAYOUTS[1:]}, got {layout!r}")
+    raise CacheError(f"layout must be one of {LAYOUTS[1:]}, got {layout!r}")
 
 
 def find_file(root: Path, key: str, layout: str) -> int:
@@ -365,9 +364,7 @@ def import_cache(
         summary.bad = dict(sorted(bad.items()))
         summary.shards, summary.shards_skipped = lay.n_shards, skipped
         summary.imported = sum(pq.ParquetFile(files.index_part(s)).metadata.num_rows for s in range(lay.n_shards))
-        meta = CacheMeta.read(out)
-        meta.extra.setdefault("import", {}).update(summary.to_dict() | {"bad_total": found - summary.imported})
-        atomic_write_bytes(files.meta, meta.to_json().encode())
+        writer.record({"import": summary.to_dict() | {"bad_total": found - summary.imported}})
     finally:
         lock.release()
     log.info("imported %d keys into %s (%d missing, %d bad files: %s)", summary.imported, out, summary.missing,

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from manifests.schema import DATA_DIR, MANIFEST_JSON, SCHEMA, ManifestError, ManifestInfo
+from manifests.schema import DATA_DIR, MANIFEST_JSON, RAW_CAPTION, SCHEMA, ManifestError, ManifestInfo
 from manifests.wds.recaptions import RECAPTION_COLUMNS, SortedRuns
 from manifests.wds.samples import Samples, stage_file
 from manifests.wds.shards import shard_reference
@@ -52,8 +52,8 @@ def write_parts(samples: Samples, dropped: np.ndarray, joined: dict[str, list[Pa
     for i, (index, take) in enumerate(bar):
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         staged = pq.read_table(stage_file(stage, index)).slice(0, take)
-        captions = {c: staged["raw_caption"] if c == "raw_caption" else pa.nulls(take, pa.string())
-                    for c in ("raw_caption", *RECAPTION_COLUMNS)}
+        captions = {c: staged[RAW_CAPTION] if c == RAW_CAPTION else pa.nulls(take, pa.string())
+                    for c in (RAW_CAPTION, *RECAPTION_COLUMNS)}
         for column, merge in runs.items():
             found = merge.below(hi)
             pos = found["row"].to_numpy() - lo

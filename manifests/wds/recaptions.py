@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from manifests.common import DuplicateKeyError, caption_or_none
-from manifests.schema import ManifestError
+from manifests.schema import LONG_CAPTION, SHORT_CAPTION, ManifestError
 from manifests.wds.digests import key_digests
 
 log = logging.getLogger("manifests.webdataset_source")
 
-RECAPTION_COLUMNS = ("long_caption", "short_caption")
+RECAPTION_COLUMNS = (LONG_CAPTION, SHORT_CAPTION)
 """The manifest columns a recaption file can fill (``--long-captions``, ``--short-captions``)."""
 RECAPTION_BUCKET_BYTES = 32 << 20
 """Recaption JSON bytes per join bucket: bounds the captions one join step holds."""

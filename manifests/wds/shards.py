@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.common import caption_or_none, decode_text, image_problem, reference_path
+from manifests.schema import RAW_CAPTION
 from manifests.wds.digests import key_digests
 
 log = logging.getLogger("manifests.webdataset_source")
@@ -42,7 +43,7 @@ STAGE_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string()),
         pa.field("image_member", pa.string()),
-        pa.field("raw_caption", pa.string()),
+        pa.field(RAW_CAPTION, pa.string()),
         pa.field("skip", pa.string()),
         pa.field("notes", pa.list_(pa.string())),
         pa.field("location", pa.string()),
@@ -198,7 +199,7 @@ class _Shard:
         return {
             "key": key,
             "image_member": anchor.name if len(images) == 1 else None,
-            "raw_caption": raw,
+            RAW_CAPTION: raw,
             "skip": skip,
             "notes": notes,
             "location": f"{self.task.url} member {anchor.name} (#{anchor.ordinal})",

@@ -33,6 +33,8 @@ DONE_DIR = "done"
 PLAN_DIR = "plan"
 LOOKUP_DIR = "lookup"
 
+_SHARD = "shard-{:05d}"  # file stem of shard S in index/ and done/
+
 KEY = "key"
 ROW = "row"
 
@@ -96,10 +98,17 @@ class CacheFiles:
         return self.root / DONE_DIR
 
     def index_part(self, shard: int) -> Path:
-        return self.index_dir / f"shard-{shard:05d}.parquet"
+        return self.index_dir / f"{_SHARD.format(shard)}.parquet"
 
     def marker(self, shard: int) -> Path:
-        return self.done_dir / f"shard-{shard:05d}.json"
+        return self.done_dir / f"{_SHARD.format(shard)}.json"
+
+    def finished_shards(self) -> set[int]:
+        """Numbers of the shards whose finished marker is there (empty when ``done/`` is absent); one directory
+        listing."""
+        if not self.done_dir.exists():
+            return set()
+        return {int(p.stem.removeprefix("shard-")) for p in self.done_dir.glob("shard-*.json")}
 
     @property
     def plan_dir(self) -> Path:

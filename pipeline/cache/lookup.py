@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.atomic import atomic_directory
+from pipeline.cache.meta import CacheError
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class KeyLookup:
         a, b = self._keys_at(self.order[same]), self._keys_at(self.order[same + 1])
         dup = np.flatnonzero(pc.equal(a, b).to_numpy(zero_copy_only=False))
         if len(dup):
-            raise ValueError(f"{len(dup)} keys occur twice in the cache index, e.g. {a[int(dup[0])].as_py()!r}")
+            raise CacheError(f"{len(dup)} keys occur twice in the cache index, e.g. {a[int(dup[0])].as_py()!r}")
 
     def _keys_at(self, positions: np.ndarray) -> pa.Array:
         """The stored keys at ``positions`` (``int64 [B]``, ``keys.arrow`` order), in that order."""

@@ -107,6 +107,17 @@ class CacheWriter:
             atomic_write_bytes(files.meta, meta.to_json().encode())
         return cls(d, meta)
 
+    @classmethod
+    def open(cls, cache_dir: str | Path, identity: CacheIdentity) -> CacheWriter:
+        """Reopen a cache another process created (:meth:`create`), after checking its vectors are of
+        ``identity``; the meta on disk is used as it is (it is built once, by the creating process).
+
+        Raises:
+            CacheError: no ``meta.json`` yet. CacheIdentityError: the cache holds vectors of another identity.
+        """
+        meta = CacheMeta.read(cache_dir)
+        return cls(cache_dir, dataclasses.replace(meta, identity=identity))
+
     def _marker(self, shard: int) -> Path:
         return self.files.marker(shard)
 
@@ -156,13 +167,24 @@ class CacheWriter:
             return direct
         return self.vectors.get_orthogonal_selection((rows, slice(None), slice(None)))
 
+    def record(self, extra: dict[str, Any]) -> None:
+        """Merge ``extra`` into the meta's ``extra`` (one level deep: a dict value updates the dict there) and
+        publish ``meta.json`` again (atomically); identity and layout never change. E.g. an import's final
+        counts, known only when every shard is written."""
+        for k, v in extra.items():
+            if isinstance(v, dict) and isinstance(self.meta.extra.get(k), dict):
+                self.meta.extra[k].update(v)
+            else:
+                self.meta.extra[k] = v
+        atomic_write_bytes(self.files.meta, self.meta.to_json().encode())
+
     def build_lookup(self, mask: np.ndarray | None = None) -> KeyLookup:
         """Store the key lookup of the finished cache (``lookup/``, :mod:`pipeline.cache.lookup`), unless a lookup
         of this plan is already there.
 
         Args:
-            mask: ``bool [N, F]`` facet presence of every row if the caller knows it (stage 1 derives it from the
-                plan); ``None`` reads ``store.zarr/mask`` shard by shard.
+            mask: ``bool [N, F]`` facet presence of every row if the caller holds it in memory (an importer);
+                ``None`` reads ``store.zarr/mask`` shard by shard, as the shards stored it.
         """
         return build_key_lookup(self.files, self.meta, mask)
 
@@ -232,8 +254,8 @@ class CacheReader:
         if expect:
             self.identity.check(expect)
         lay = self.meta.layout
-        done = {p.name for p in self.files.done_dir.glob("shard-*.json")} if self.files.done_dir.exists() else set()
-        self.missing_shards = [s for s in range(lay.n_shards) if self.files.marker(s).name not in done]
+        done = self.files.finished_shards()
+        self.missing_shards = [s for s in range(lay.n_shards) if s not in done]
         if self.missing_shards and not allow_incomplete:
             raise CacheError(
                 f"cache {self.dir} is unfinished: {len(self.missing_shards)} of {lay.n_shards} shards missing "

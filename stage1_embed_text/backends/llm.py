@@ -24,7 +24,7 @@ from stage1_embed_text.backends.model_source import (
     resolve_source,
     weights_fingerprint,
 )
-from stage1_embed_text.config import EmbedConfigError
+from stage1_embed_text.config import EmbedConfigError, default_layer
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +79,18 @@ def load_llm(
         name_or_path: embedded name, ``.gguf`` file, local model folder or hub id.
         dtype: ``"bfloat16"`` (default), ``"float32"`` or ``"float16"``.
         layer: Hugging Face ``hidden_states`` index to read (0 = embedding output); default
-            ``num_hidden_layers - 1``, the penultimate block (SPEC §2.3).
+            :func:`stage1_embed_text.config.default_layer`, the penultimate block (SPEC §2.3).
         trust_remote_code: passed to transformers; off unless the user asks.
 
     Returns:
         :class:`LoadedLLM`.
 
     Raises:
-        ValueError: unknown dtype, or ``layer`` outside ``[0, num_hidden_layers]``.
+        stage1_embed_text.config.EmbedConfigError: unknown dtype, or ``layer`` outside ``[0, num_hidden_layers]``.
         FileNotFoundError: a path that does not exist, or an embedded model whose asset is missing.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise EmbedConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
     source = resolve_source(name_or_path)
     full, tokenizer = _load_model_and_tokenizer(source.location, source.gguf, DTYPES[dtype], trust_remote_code)
@@ -123,7 +123,7 @@ def base_decoder(model: nn.Module) -> nn.Module:
         return model
     inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if inner is None or not hasattr(inner, "layers"):
-        raise ValueError(f"{type(model).__name__}: no decoder with `layers` found (not a decoder-only LLM?)")
+        raise EmbedConfigError(f"{type(model).__name__}: no decoder with `layers` found (not a decoder-only LLM?)")
     return inner
 
 
@@ -149,7 +149,7 @@ def _prepare(model, tokenizer, name: str, fingerprint: str, layer: int | None, d
     base = base_decoder(model)
     config = base.config
     num_layers = int(config.num_hidden_layers)
-    layer = num_layers - 1 if layer is None else int(layer)
+    layer = default_layer(num_layers) if layer is None else int(layer)
     if not 0 <= layer <= num_layers:
         raise EmbedConfigError(f"layer must be in [0, {num_layers}] for {name} ({num_layers} blocks), got {layer}")
     base.layers = base.layers[:layer]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline.assets import EMBEDDED_LLMS, llm_gguf
-from pipeline.atomic import atomic_directory
+from pipeline.atomic import atomic_directory, atomic_write_bytes
 from pipeline.paths import flame_home
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,7 @@ def weights_fingerprint(source: str | Path) -> str:
                 h.update(block)
         total.update(f"{f.name}:{h.hexdigest()}\n".encode())
     fingerprint = "sha256:" + total.hexdigest()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"fingerprint": fingerprint, "files": [str(f) for f in files]}))
+    atomic_write_bytes(cache, json.dumps({"fingerprint": fingerprint, "files": [str(f) for f in files]}).encode())
     return fingerprint
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_directory
 from pipeline.paths import flame_home
+from stage1_embed_text.config import EmbedConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,13 @@ def truncated_config(config: dict, n_layers: int) -> dict:
     Handles the text config of multimodal wrappers (``text_config``) and per-layer lists (``layer_types``).
 
     Raises:
-        ValueError: ``n_layers`` outside ``[1, num_hidden_layers]``.
+        stage1_embed_text.config.EmbedConfigError: ``n_layers`` outside ``[1, num_hidden_layers]``.
     """
     cfg = json.loads(json.dumps(config))
     target = cfg["text_config"] if "num_hidden_layers" not in cfg and "text_config" in cfg else cfg
     total = int(target["num_hidden_layers"])
     if not 1 <= n_layers <= total:
-        raise ValueError(f"cannot cut a {total}-block checkpoint to {n_layers} blocks (need 1..{total})")
+        raise EmbedConfigError(f"cannot cut a {total}-block checkpoint to {n_layers} blocks (need 1..{total})")
     target["num_hidden_layers"] = n_layers
     if isinstance(target.get("layer_types"), list):
         target["layer_types"] = target["layer_types"][:n_layers]

@@ -30,13 +30,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.cache.store import CacheIdentity
 from stage1_embed_text.backends.model_source import resolve_source, safetensors_folder, weights_fingerprint
+from stage1_embed_text.backends.registry import EncoderSpec, register_backend
 from stage1_embed_text.backends.truncate import final_norm_scale, truncated_checkpoint
 from stage1_embed_text.backends.vllm_settings import (
     EngineSettings,
@@ -44,7 +45,13 @@ from stage1_embed_text.backends.vllm_settings import (
     apply_cpu_environment,
     vllm_available,
 )
-from stage1_embed_text.config import DEFAULT_CONTEXT_TOKENS, POSITION_MODES, READOUTS, default
+from stage1_embed_text.config import (
+    DEFAULT_CONTEXT_TOKENS,
+    EmbedConfigError,
+    check_encoder_modes,
+    default,
+    default_layer,
+)
 from stage1_embed_text.encode.encoded import EncodedSamples, check_template_room, text_identity
 from stage1_embed_text.encode.packing import PackedText, pack_samples
 from stage1_embed_text.encode.prompts import FLAME, PromptSet
@@ -76,7 +83,8 @@ class VllmFacetEncoder:
 
     Args:
         llm: embedded name, ``.gguf`` file, local safetensors folder or hub id (as ``load_llm``).
-        layer: Hugging Face ``hidden_states`` index read out, ``1..N``; default ``N - 1`` (SPEC §2.3).
+        layer: Hugging Face ``hidden_states`` index read out, ``1..N``; default the penultimate
+            block (:func:`stage1_embed_text.config.default_layer`, SPEC §2.3).
         prompt_set: prompt definition; its facets are the output columns (11 for FLAME).
         readout: ``"pre_norm"`` (final-norm scale divided out) or ``"post_norm"``.
         position_mode: only ``"restart"`` (separate requests cannot reproduce ``continuous`` numbering).
@@ -86,8 +94,8 @@ class VllmFacetEncoder:
 
     Raises:
         VllmUnavailableError: vLLM cannot be imported here.
-        ValueError: unknown readout, ``continuous`` positions, ``layer`` outside ``1..N``, or ``context_tokens``
-            too small for a template.
+        stage1_embed_text.config.EmbedConfigError: unknown readout, ``continuous`` positions, ``layer`` outside
+            ``1..N``, or ``context_tokens`` too small for a template.
         KeyError: ``pre_norm`` on a checkpoint without a recognisable final norm.
     """
 
@@ -117,9 +125,9 @@ class VllmFacetEncoder:
 
         self.source = self._resolve_source(llm)
         n = self.source.num_layers
-        self.layer = n - 1 if layer is None else int(layer)
+        self.layer = default_layer(n) if layer is None else int(layer)
         if not 1 <= self.layer <= n:
-            raise ValueError(f"layer must be in [1, {n}] for the vllm backend ({llm}: {n} blocks), got {layer}")
+            raise EmbedConfigError(f"layer must be in [1, {n}] for the vllm backend ({llm}: {n} blocks), got {layer}")
         self.dim = self.source.hidden_size
 
         from transformers import AutoTokenizer
@@ -165,11 +173,12 @@ class VllmFacetEncoder:
         """``float32 [D]`` final-norm scale of the truncated checkpoint, divided out for the ``pre_norm`` readout.
 
         Raises:
-            ValueError: a zero entry (the pre-norm direction cannot be recovered there).
+            stage1_embed_text.config.EmbedConfigError: a zero entry (the pre-norm direction cannot be recovered
+                there).
         """
         scale = final_norm_scale(self.model_dir)
         if not np.all(np.abs(scale) > 0):
-            raise ValueError(
+            raise EmbedConfigError(
                 f"the final norm of {llm} has zero scale entries {np.flatnonzero(scale == 0)[:5].tolist()}: "
                 f"the pre-norm direction cannot be recovered there; use readout='post_norm'"
             )
@@ -308,13 +317,28 @@ class VllmFacetEncoder:
 
 
 def _check_modes(readout: str, position_mode: str) -> None:
-    """Raise ``ValueError`` for an unknown readout or position mode, or ``continuous`` (not possible here)."""
-    if readout not in READOUTS:
-        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-    if position_mode not in POSITION_MODES:
-        raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+    """Raise :class:`EmbedConfigError` for an unknown readout or position mode, or ``continuous`` (not possible
+    here)."""
+    check_encoder_modes(readout, position_mode)
     if position_mode != "restart":
-        raise ValueError(
+        raise EmbedConfigError(
             "the vllm backend sends each facet as its own request, which is the 'restart' position mode; "
             "use --backend hf for 'continuous'"
         )
+
+
+@register_backend("vllm")
+def build_vllm_encoder(spec: EncoderSpec, device: str | None) -> VllmFacetEncoder:
+    """A :class:`VllmFacetEncoder` for ``spec``: its engine settings are
+    :meth:`EngineSettings.from_mapping` of ``spec.vllm_settings`` with ``spec.dtype`` as the engine dtype, on
+    ``device`` (``"cpu"``/``"cuda"``; ``None`` = the settings' device, ``auto``).
+
+    Raises:
+        VllmUnavailableError: vLLM cannot be imported here.
+    """
+    settings = EngineSettings.from_mapping(spec.vllm_settings)
+    settings = replace(settings, dtype=spec.dtype, device=device if device in ("cpu", "cuda") else settings.device)
+    return VllmFacetEncoder(
+        spec.llm, layer=spec.layer, prompt_set=spec.prompt_set, readout=spec.readout,
+        position_mode=spec.position_mode, context_tokens=spec.context_tokens, settings=settings,
+    )

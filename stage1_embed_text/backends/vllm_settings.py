@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.errors import FlameError
 from stage1_embed_text.backends.llm import DTYPES
+from stage1_embed_text.config import EmbedConfigError
 
 
 class VllmUnavailableError(FlameError, RuntimeError):
@@ -78,9 +79,9 @@ class EngineSettings:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+            raise EmbedConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+            raise EmbedConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         cpu = device == "cpu"
         return replace(
             self,

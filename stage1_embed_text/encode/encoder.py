@@ -20,8 +20,7 @@ from stage1_embed_text.backends.llm import LoadedLLM
 from stage1_embed_text.config import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_MAX_BATCH_TOKENS,
-    POSITION_MODES,
-    READOUTS,
+    check_encoder_modes,
     default,
 )
 from stage1_embed_text.encode.batching import Batch, collate, facet_mask, plan_batches
@@ -48,7 +47,8 @@ class FacetEncoder:
         max_batch_sequences: at most this many sequences per batch (``flame embed --batch-size``).
 
     Raises:
-        ValueError: unknown readout/position mode, or ``context_tokens`` too small for a template.
+        stage1_embed_text.config.EmbedConfigError: unknown readout/position mode, or ``context_tokens`` too small
+            for a template.
     """
 
     def __init__(
@@ -62,10 +62,7 @@ class FacetEncoder:
         padding_side: str = "right",
         max_batch_sequences: int | None = None,
     ):
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-        if position_mode not in POSITION_MODES:
-            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+        check_encoder_modes(readout, position_mode)
         self.llm = llm
         self.prompt_set = prompt_set
         self.readout = readout

@@ -12,6 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from stage1_embed_text.config import EmbedConfigError
+
 GROUPS = ("raw", "short", "long")
 BOS_MARKERS = ("drop", "keep")
 CLEANUP_RULE = "spec-2.1-v1"  # bump if clean_for_prompt changes; part of every prompt-set hash
@@ -34,6 +36,12 @@ SHORT_PREFIX = 'Image description : "{caption}" . After thinking step by step ,'
 LONG_PREFIX = 'Detailed Image description : "{caption}" . After thinking step by step ,'
 
 
+def is_absent(text: str | None) -> bool:
+    """True if a caption is absent: ``None``, empty or whitespace only (SPEC §2.1). Such a caption's whole facet
+    group is masked in the cache, never filled with a vector of the bare template."""
+    return text is None or not text.strip()
+
+
 def clean_for_prompt(text: str | None) -> str | None:
     """The caption as it goes between the prompt's quotes: SPEC §2.1's clean-up, exactly.
 
@@ -44,7 +52,9 @@ def clean_for_prompt(text: str | None) -> str | None:
     Idempotent (a cleaned caption ends in ``.`` or ``'`` and holds no ``"``), so cleaning a cleaned text again
     changes nothing. Stage 1 applies it to whatever a manifest holds (a manifest written by another tool may
     keep surrounding whitespace or quotes); the manifest writers only turn blank captions into ``None``
-    (``manifests.common.caption_or_none``) and store the text otherwise unchanged.
+    (``manifests.common.caption_or_none``) and store the text otherwise unchanged. It runs in two places, one
+    per stage-1 phase: the planner digests the cleaned texts (:mod:`stage1_embed_text.plan.planner`), and packing
+    cleans what it embeds (:func:`stage1_embed_text.encode.packing.pack_samples`, both backends and free texts).
 
     Args:
         text: the caption, or ``None``.
@@ -54,11 +64,9 @@ def clean_for_prompt(text: str | None) -> str | None:
         is *absent*, so its whole facet group is absent (masked) in the cache, never filled with a vector of
         the bare template.
     """
-    if text is None:
+    if is_absent(text):
         return None
     s = text.strip()
-    if not s:
-        return None
     if s[-1] not in ".?\"'":
         s += "."
     s = s.replace('"', "'")
@@ -108,7 +116,7 @@ class PromptSet:
 
     def __post_init__(self) -> None:
         if self.bos_marker not in BOS_MARKERS:
-            raise ValueError(f"bos_marker must be one of {BOS_MARKERS}, got {self.bos_marker!r}")
+            raise EmbedConfigError(f"bos_marker must be one of {BOS_MARKERS}, got {self.bos_marker!r}")
         unknown = [g.name for g in self.groups if g.name not in GROUPS]
         if unknown:
             raise ValueError(f"unknown prompt groups {unknown}; expected names from {GROUPS}")

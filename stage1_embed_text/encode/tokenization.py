@@ -166,7 +166,7 @@ def _lead_special(tokenizer, segment: str, specials: Mapping[str, int]) -> bool:
         return False
     lead = max((s for s in specials if segment.startswith(s)), key=len, default="")
     if not lead or _parses_specials(tokenizer, segment[len(lead) :]):
-        raise ValueError(
+        raise TokenizerError(
             f"facet segment {segment!r} holds special-token text other than at its start; only a leading "
             f"marker (the official <s>) is supported"
         )
@@ -208,7 +208,7 @@ def group_templates(tokenizer, prompt_set: PromptSet) -> dict[str, GroupTemplate
     for g in prompt_set.groups:
         head, tail = g.prefix_parts()
         if _parses_specials(tokenizer, head + tail):
-            raise ValueError(f"the {g.name!r} prompt words around the caption contain special-token text")
+            raise TokenizerError(f"the {g.name!r} prompt words around the caption contain special-token text")
         texts = prompt_set.segments(g.name)
         lead = tuple(_lead_special(tokenizer, s, specials) for s in texts)
         prefixes = [head + c + tail for c in PROBE_CAPTIONS]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from manifests.schema import RowFetcher
 from pipeline.cache.files import KEY, ROW, CacheFiles
 from pipeline.cache.store import CacheError, CacheLayout
-from stage1_embed_text.encode.prompts import clean_for_prompt
+from stage1_embed_text.encode.prompts import is_absent
 from stage1_embed_text.plan.files import (
     GROUP_COLUMNS,
     PLAN_FORMAT,
@@ -73,7 +73,8 @@ class StoredPlan:
         return t.column(KEY).combine_chunks(), t.column(ROW).to_numpy()
 
     def texts(self, shard: int, local_rows: np.ndarray, fetcher: RowFetcher) -> list[dict[str, str | None]]:
-        """The cleaned texts of rows ``local_rows`` (indices into the shard) as ``{group: text or None}``.
+        """The captions of rows ``local_rows`` (indices into the shard) as ``{group: caption or None}``, as the
+        manifest holds them (the encoder cleans what it embeds, SPEC §2.1).
 
         Texts are read from the manifest at each row's first sample. A manifest rewritten after planning is caught
         before any shard is embedded (its parts' sizes and times differ from :attr:`PlanInfo.inputs`, so the job
@@ -90,13 +91,12 @@ class StoredPlan:
         for g in self.groups:
             planned = ~pc.is_null(t.column(digest_column(g))).to_numpy(zero_copy_only=False)[local_rows]
             for k, caption in enumerate(captions.column(GROUP_COLUMNS[g]).to_pylist()):
-                text = clean_for_prompt(caption)
-                if (text is not None) != planned[k]:
+                if is_absent(caption) == planned[k]:
                     raise CacheError(
                         f"manifest row {int(samples[k])} no longer matches the stored plan ({g} caption changed); "
                         "the manifest was modified after planning: embed into a new cache directory"
                     )
-                out[k][g] = text
+                out[k][g] = caption
         return out
 
     def sha1_hex(self, shard: int, local_rows: np.ndarray) -> dict[str, list[str | None]]:

@@ -150,7 +150,9 @@ class TrainingData:
         steps_per_epoch: micro-batches per process per epoch (a multiple of ``grad_accum``).
         n_samples: usable samples (memory) or usable rows (stream).
         skipped: keys dropped before training, by reason.
-        mode: ``"memory"`` or ``"stream"``.
+        mode: ``"memory"`` or ``"stream"`` (for the log; nothing branches on it after it is chosen).
+        epochs: what orders an epoch, with ``set_epoch(epoch, start_batch)``: the batch sampler (memory) or the
+            streamed dataset.
     """
 
     loader: DataLoader
@@ -158,11 +160,11 @@ class TrainingData:
     n_samples: int
     skipped: Counter = field(default_factory=Counter)
     mode: str = "memory"
+    epochs: EpochBatchSampler | StreamPairs | None = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Make the loader yield epoch ``epoch`` from its batch ``start_batch`` on (resume)."""
-        source = self.loader.batch_sampler if self.mode == "memory" else self.loader.dataset
-        source.set_epoch(epoch, start_batch)
+        self.epochs.set_epoch(epoch, start_batch)
 
 
 def warn_if_manifest_changed(manifest: str | Path, reader: CacheReader) -> bool:
@@ -209,7 +211,7 @@ def build_training_data(
             raise DataError(f"{n} usable samples are fewer than one global batch ({glob} x {grad_accum} accumulation)")
         sampler = EpochBatchSampler(n, batch_size, rank, world, seed, steps)
         loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, **workers)
-        return TrainingData(loader, lambda epoch: steps, n, skipped, mode)
+        return TrainingData(loader, lambda epoch: steps, n, skipped, mode, sampler)
     shards, skipped = stream_shards(cfg, reader)
     stream = StreamPairs(cfg, shards, reader, transform, batch_size, rank, world, seed, size, grad_accum)
     n = stream.n
@@ -219,4 +221,4 @@ def build_training_data(
             f"{stream.rows_per_process()} rows per process for {world} processes"
         )
     loader = DataLoader(stream, batch_size=None, **workers)
-    return TrainingData(loader, stream.steps, n, skipped, mode)
+    return TrainingData(loader, stream.steps, n, skipped, mode, stream)

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from stage2_train_vision.config import Config, ImageConfig
+from stage2_train_vision.config import Config, ConfigError, ImageConfig
 
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of RandomResizedCrop (torchvision's default)
@@ -22,7 +22,7 @@ RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of RandomResizedCrop (torchvision's
 
 def _interpolation(name: str) -> InterpolationMode:
     if name not in _INTERPOLATION:
-        raise ValueError(f"unknown interpolation {name!r} (known: {', '.join(_INTERPOLATION)})")
+        raise ConfigError(f"unknown interpolation {name!r} (known: {', '.join(_INTERPOLATION)})")
     return _INTERPOLATION[name]
 
 
