@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import FlameError
-from pipeline.hub import resolve_model_dir
-from stage2_train_vision.export import write_card
+from pipeline.hub import resolve_model_dir, write_card
 
 
 class PushError(FlameError, ValueError):

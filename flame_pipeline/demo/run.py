@@ -39,11 +39,11 @@ from pipeline import __version__
 from pipeline.assets import EMBEDDED_LLMS, fetch_all
 from pipeline.atomic import atomic_file, atomic_write_bytes
 from pipeline.cache.store import CacheReader
+from pipeline.hub import write_card
 from pipeline.machine import cpu_summary
 from pipeline.paths import flame_home
 from stage1_embed_text.job import EmbedConfig, run_embed
 from stage2_train_vision.config import load_config
-from stage2_train_vision.export import write_card
 from stage2_train_vision.train import train
 
 log = logging.getLogger(__name__)
