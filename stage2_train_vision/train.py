@@ -9,13 +9,23 @@ model, optimizer, schedule, resume), then :func:`stage2_train_vision.step.train_
 :func:`end_step` after every optimizer step (loss, progress, trackers, checkpoints), then :func:`finish`
 (final checkpoint, export, loss plot).
 
-Outputs under ``train.output_dir``: ``checkpoints/step-NNNNNNN/`` (:mod:`stage2_train_vision.checkpoint`: the
-Accelerate state with :class:`TrainState` = epoch, position in the epoch, step, loss history; plus
-``cache_identity.json``, which ``--resume`` checks), ``model/`` (the export, :mod:`stage2_train_vision.export`),
-``loss.png``, ``train_config.json`` and tracker logs.
+Outputs under ``train.output_dir``: ``checkpoints/step-NNNNNNN/`` (:mod:`stage2_train_vision.checkpoint`:
+published atomically, safetensors and JSON only, with ``cache_identity.json``, which ``--resume`` checks),
+``metrics.jsonl`` (every step, :mod:`stage2_train_vision.metrics`), ``model/`` (the export,
+:mod:`stage2_train_vision.export`), ``loss.png``, ``train_config.json``, tracker logs under ``logs/`` and
+``train.lock`` (one run per folder, :mod:`stage2_train_vision.run_lock`). ``flame train`` ends by printing
+where each of them is.
+
+The launcher wins: ``train.mixed_precision = "launcher"`` (the default) takes what ``accelerate launch`` was
+told (its flags or config file, passed as ``ACCELERATE_MIXED_PRECISION``); an explicit TOML value that
+contradicts the launcher's is refused, naming both (:func:`resolve_mixed_precision`). A launch that asked for
+several processes but started one is refused too (:func:`check_world`).
 
 Processes: on a machine without CUDA the Accelerator is created with ``cpu=True``, so ``accelerate launch
 --multi_gpu --num_processes N`` trains on N CPU processes over gloo (``DistributedType.MULTI_CPU``).
+
+Training stops with one line at the first non-finite cache vector in a batch (naming its key) or non-finite
+loss (naming the step), before that step is checkpointed, and a model with a non-finite weight is never exported.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -35,17 +46,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import is_tensorboard_available, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.cache.check import check_parts
 from pipeline.cache.store import CacheIdentityError, CacheReader
-from pipeline.errors import run_command
+from pipeline.errors import FlameError, run_command
 from stage2_train_vision.arguments import add_arguments
 from stage2_train_vision.checkpoint import (
+    Checkpointed,
     TrainState,
     check_checkpoint_cache,
     find_checkpoint,
+    load_checkpoint,
+    published,
     save_checkpoint,
 )
 from stage2_train_vision.config import Config, ConfigError, ModelConfig, load_config
@@ -53,8 +68,10 @@ from stage2_train_vision.data.pairs import TrainingData, build_training_data, sa
 from stage2_train_vision.data.transforms import train_transform
 from stage2_train_vision.export import export_model
 from stage2_train_vision.init_from import apply_init_from, load_init_weights
+from stage2_train_vision.metrics import METRICS, MetricsLog
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.plots import plot_loss_curve
+from stage2_train_vision.run_lock import RunLock, RunLockError
 from stage2_train_vision.step import StepParts, prepare_step, train_step
 from stage2_train_vision.text_tower import (
     CaptionSampler,
@@ -64,6 +81,12 @@ from stage2_train_vision.text_tower import (
 )
 
 log = logging.getLogger(__name__)
+
+WORLD_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+class NonFiniteError(FlameError, RuntimeError):
+    """A cache vector in a batch or the loss is not finite: training stops before checkpointing or exporting."""
 
 
 def resolve_model_config(cfg: ModelConfig, cache_dim: int) -> ModelConfig:
@@ -86,42 +109,95 @@ def per_process_batch(global_batch: int, world: int, grad_accum: int) -> int:
     return global_batch // (world * grad_accum)
 
 
-def check_world(accelerator: Accelerator) -> None:
-    """Refuse a launch whose processes did not join one process group (each would train alone into the same
-    output directory). Raises :class:`ConfigError` naming the launched and the joined process counts."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+def resolve_mixed_precision(value: str, env: dict[str, str] | None = None) -> str:
+    """The precision to run: the launcher's for ``"launcher"``, else ``value`` if the launcher agrees.
+
+    ``accelerate launch`` passes its ``--mixed_precision`` flag or its config file's ``mixed_precision`` (``"no"``
+    when neither sets it) as ``ACCELERATE_MIXED_PRECISION``; without a launcher (``flame train``) the variable is
+    normally unset.
+
+    Args:
+        value: ``train.mixed_precision`` (``"launcher"``, ``"no"``, ``"bf16"`` or ``"fp16"``).
+        env: the environment (default ``os.environ``).
+
+    Returns:
+        ``"no"``, ``"bf16"``, ``"fp16"`` (or what else the launcher names, e.g. ``"fp8"``, for Accelerate to check).
+
+    Raises:
+        ConfigError: ``value`` is explicit and the launcher asks for another precision (naming both).
+    """
+    launcher = (os.environ if env is None else env).get("ACCELERATE_MIXED_PRECISION")
+    launcher = launcher.lower() if launcher else None
+    if value == "launcher":
+        return launcher or "no"
+    if launcher is not None and launcher != value:
+        raise ConfigError(
+            f"train.mixed_precision = {value!r} but accelerate launch asks for {launcher!r} (its --mixed_precision "
+            "flag or config file; 'no' when neither sets it): remove train.mixed_precision to take the launcher's, "
+            "or make them agree"
+        )
+    return value
+
+
+def check_world(accelerator: Accelerator, env: dict[str, str] | None = None) -> None:
+    """Refuse a launch that did not start the processes it asked for: processes that did not join one process
+    group (each would train alone into the same output directory), or ``accelerate launch`` told to start
+    several processes (it then sets ``MASTER_PORT``) that started only this one without a process group (a
+    ``MULTI_CPU`` config file on one machine does that). Raises :class:`ConfigError` naming the counts."""
+    env = os.environ if env is None else env
+    launched = int(env.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise ConfigError(
             f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up {accelerator.num_processes} "
             f"({accelerator.distributed_type.value}); check the accelerate launch options"
         )
+    by_accelerate = "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_USE_CPU" in env
+    if by_accelerate and "MASTER_PORT" in env and not any(k in env for k in WORLD_ENV):
+        raise ConfigError(
+            "accelerate launch was asked for several processes (it set MASTER_PORT) but started only this one, "
+            "without a process group; on one machine use `accelerate launch --multi_gpu --num_processes N` "
+            "(with CUDA_VISIBLE_DEVICES= for CPU processes), not distributed_type MULTI_CPU"
+        )
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """Check the config's run-wide settings, set the torch threads and create the run's Accelerator (``cpu=True``
-    without CUDA; precision, accumulation and trackers from ``cfg.train``).
+    without CUDA; precision per :func:`resolve_mixed_precision`, accumulation and trackers from ``cfg.train``,
+    tracker logs under ``output_dir/logs``).
 
     Raises:
-        ConfigError: ``data.manifest`` or ``data.cache`` unset, TensorBoard asked for but not installed, or the
-            launched processes did not join one group (:func:`check_world`).
+        ConfigError: ``data.manifest`` or ``data.cache`` unset, a precision that contradicts the launcher's, or
+            the launched processes did not all start and join one group (:func:`check_world`).
     """
     tc = cfg.train
     for name in ("manifest", "cache"):
         if not getattr(cfg.data, name):
             raise ConfigError(f"data.{name} is not set: pass data.{name}=DIR")
-    if "tensorboard" in tc.log_with and not is_tensorboard_available():
-        raise ConfigError("train.log_with names tensorboard but it is not installed: pip install tensorboard")
+    precision = resolve_mixed_precision(tc.mixed_precision)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    out = Path(tc.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=tc.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=tc.grad_accum,
         log_with=tc.log_with or None,
-        project_dir=str(Path(tc.output_dir)),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     check_world(accelerator)
     return accelerator
+
+
+def tracker_init_kwargs(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Accelerate's ``init_kwargs``: ``train.tracker_init`` with the run name (``train.run_name``, default the
+    output folder's name) filled in for the trackers that take one (wandb ``name``, mlflow ``run_name``)."""
+    tc = cfg.train
+    name = tc.run_name or Path(tc.output_dir).name
+    kwargs = {k: dict(v) for k, v in tc.tracker_init.items()}
+    for tracker, key in (("wandb", "name"), ("mlflow", "run_name")):
+        if tracker in tc.log_with or "all" in tc.log_with:
+            kwargs.setdefault(tracker, {}).setdefault(key, name)
+    return kwargs
 
 
 @dataclass
@@ -134,11 +210,13 @@ class TrainRun:
         reader: the training cache.
         data: this process's loader and the epoch sizes.
         parts: model, optimizer, schedule and loss settings of :func:`stage2_train_vision.step.train_step`.
-        state: where training stands (restored from the checkpoint when resuming; registered for checkpointing).
+        state: where training stands (restored from the checkpoint when resuming).
         total_steps: optimizer steps of the whole run (``train.max_steps`` or the epochs' steps).
         batch: images per process per micro-step.
         output_dir: ``train.output_dir``.
+        metrics: the run's ``metrics.jsonl`` (:mod:`stage2_train_vision.metrics`).
         text_tower: the tower config of a text-tower run, else ``None``.
+        progress: the loop's running totals, once it started.
     """
 
     cfg: Config
@@ -150,25 +228,42 @@ class TrainRun:
     total_steps: int
     batch: int
     output_dir: Path
+    metrics: MetricsLog
     text_tower: TextTowerConfig | None = None
+    progress: Progress | None = None
+
+    @property
+    def checkpointed(self) -> Checkpointed:
+        """What a checkpoint of this run saves and restores."""
+        p = self.parts
+        return Checkpointed(p.accelerator, p.core, p.optimizer, p.scheduler, self.state)
+
+
+def open_cache(cfg: Config) -> CacheReader:
+    """The training cache after the cheap check of every part (:func:`pipeline.cache.check.check_parts`: sizes
+    and presence, no vector read), with ``data.expect`` checked. Raises :class:`pipeline.cache.meta.CacheError`
+    naming the first damaged part, :class:`CacheIdentityError` for an unexpected identity."""
+    check_parts(cfg.data.cache)
+    return CacheReader(cfg.data.cache, expect=cfg.data.expect or None)
 
 
 def build_run(cfg: Config, accelerator: Accelerator, resume: str | None = None,
               text_tower: TextTowerConfig | None = None) -> TrainRun:
-    """Seed, open the cache, build the data, the model (fresh, ``model.init_from``'s weights, or the checkpoint's
-    when resuming ``resume``: a path or ``"latest"``), the optimizer and the schedule; write
-    ``train_config.json`` and start the trackers.
+    """Seed, open the cache (:func:`open_cache`), build the data, the model (fresh, ``model.init_from``'s
+    weights, or the checkpoint's when resuming ``resume``: a path or ``"latest"``, the newest complete one), the
+    optimizer and the schedule; write ``train_config.json``, open ``metrics.jsonl`` and start the trackers.
 
     Raises:
-        ConfigError, CacheIdentityError, DataError: refusals naming the values involved.
+        ConfigError, CacheError, CacheIdentityError, DataError, CheckpointError: refusals naming the values
+            involved (a run of 0 steps is a ConfigError).
         FileNotFoundError: no such checkpoint.
     """
     tc = cfg.train
     set_seed(tc.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     output_dir = Path(tc.output_dir)
-    reader = CacheReader(cfg.data.cache, expect=cfg.data.expect or None)
-    ckpt = find_checkpoint(output_dir, resume) if resume else None
+    reader = open_cache(cfg)
+    ckpt = find_checkpoint(output_dir, resume, rank) if resume else None
     if ckpt is not None:
         check_checkpoint_cache(ckpt, reader.identity)
     if cfg.model.init_from:  # model.init_from: the architecture comes from that model's config.json
@@ -188,23 +283,28 @@ def build_run(cfg: Config, accelerator: Accelerator, resume: str | None = None,
     if cfg.model.init_from and ckpt is None:  # model.init_from: its weights (a resumed run takes the checkpoint's)
         load_init_weights(model, cfg.model.init_from)
     total_steps = tc.max_steps or sum(data.steps_per_epoch(e) for e in range(tc.epochs)) // tc.grad_accum
+    if total_steps < 1:
+        raise ConfigError(f"train.epochs = {tc.epochs} gives 0 optimizer steps ({data.steps_per_epoch(0)} "
+                          f"micro-batches per epoch, train.grad_accum = {tc.grad_accum}): the run would train nothing")
     parts = prepare_step(cfg, accelerator, model, total_steps, captions)
     state = TrainState()
-    accelerator.register_for_checkpointing(parts.scheduler, state)
+    run = TrainRun(cfg, model_cfg, reader, data, parts, state, total_steps, batch, output_dir,
+                   MetricsLog(output_dir, enabled=False), text_tower)
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
+        load_checkpoint(run.checkpointed, ckpt)
         log.info("resumed from %s at epoch %d, batch %d, step %d", ckpt, state.epoch, state.batch, state.step)
+    run.metrics = MetricsLog(output_dir, state.step, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         atomic_write_bytes(output_dir / "train_config.json",
                            json.dumps(cfg.to_dict(), indent=2, default=list).encode("utf-8"))
     if tc.log_with:
-        accelerator.init_trackers("flame-stage2", config=_flat(cfg.to_dict()))
+        accelerator.init_trackers(tc.project_name, config=_flat(cfg.to_dict()), init_kwargs=tracker_init_kwargs(cfg))
     log.info(
-        "%s samples (%s), %d processes (%s) x %d images x %d accumulation = batch %d, %d steps, D=%d",
+        "%s samples (%s), %d processes (%s) x %d images x %d accumulation = batch %d, %d steps, D=%d, precision %s",
         data.n_samples, data.mode, world, accelerator.distributed_type.value, batch, tc.grad_accum, tc.batch_size,
-        total_steps, model_cfg.out_dim,
+        total_steps, model_cfg.out_dim, accelerator.mixed_precision,
     )
-    return TrainRun(cfg, model_cfg, reader, data, parts, state, total_steps, batch, output_dir, text_tower)
+    return run
 
 
 @dataclass
@@ -217,6 +317,8 @@ class Progress:
         started: ``time.perf_counter()`` at the first step of this process's run (seconds).
         images_start: ``state.images`` then (a resumed run's rate counts only its own images).
         accum: sum of this process's micro-batch losses of the current optimizer step (float32 scalar).
+        last: ``time.perf_counter()`` when the previous optimizer step ended (seconds).
+        data_wait: seconds spent waiting for the loader since then.
         stopped: ``train.stop_at_step`` was reached.
     """
 
@@ -225,34 +327,80 @@ class Progress:
     started: float
     images_start: int
     accum: torch.Tensor
+    last: float = 0.0
+    data_wait: float = 0.0
     stopped: bool = False
+
+
+def check_batch_finite(batch: dict[str, Any], step: int) -> None:
+    """Raise :class:`NonFiniteError` naming the first sample whose cache vectors in ``batch`` (``texts float32
+    [B, P, D]``) are not finite; the cache is damaged (a unit-norm check at write time makes this rare)."""
+    texts = batch["texts"]
+    finite = torch.isfinite(texts).all(dim=-1)  # [B, P]
+    if bool(finite.all()):
+        return
+    b, p = (int(i) for i in (~finite).nonzero()[0])
+    raise NonFiniteError(
+        f"the cache vector of key {batch['keys'][b]!r} is not finite ({texts[b, p][~torch.isfinite(texts[b, p])][0]}) "
+        f"in the batch of step {step + 1}: the cache is damaged (flame inspect names its bad rows); training stopped, "
+        "nothing was checkpointed or exported at this step"
+    )
 
 
 def end_step(run: TrainRun, progress: Progress) -> None:
     """After an optimizer step: count it, record the mean loss over processes and micro-steps in
-    ``state.history``, update the bar and the trackers, write a checkpoint every ``train.save_every`` steps and
-    mark ``train.stop_at_step``. Collective (the loss reduction and the checkpoint).
+    ``state.history`` and ``metrics.jsonl``, update the bar and the trackers, write a checkpoint every
+    ``train.save_every`` steps and mark ``train.stop_at_step``. Collective (the loss reduction and the checkpoint).
 
     Raises:
+        NonFiniteError: the loss is not finite (nothing of this step is saved).
         CheckpointError: see :func:`stage2_train_vision.checkpoint.save_checkpoint`.
     """
     state, tc, accelerator = run.state, run.cfg.train, run.parts.accelerator
     state.step += 1
     value = accelerator.reduce(progress.accum, "mean").item() / tc.grad_accum
     progress.accum.zero_()
+    if not math.isfinite(value):
+        done = [p.name for p in published(run.output_dir)]
+        raise NonFiniteError(
+            f"the loss is {value} at step {state.step}: training stopped, nothing of this step was saved and no "
+            f"model was exported; last checkpoint: {done[-1] if done else 'none'} (lower optim.lr, or check the "
+            "cache with flame inspect)"
+        )
     state.history.append([state.step, value])
     state.skipped = dict(progress.skipped)
-    rate = (state.images - progress.images_start) / (time.perf_counter() - progress.started)
+    now = time.perf_counter()
+    step_s = max(now - progress.last, 1e-9)
+    rate = (state.images - progress.images_start) / max(now - progress.started, 1e-9)
     lr = run.parts.scheduler.get_last_lr()[0]
-    t = run.parts.core.temperature().item()
+    t, b = run.parts.core.temperature().item(), run.parts.core.logit_bias.item()
+    record = {"step": state.step, "epoch": round(state.epoch + state.batch / max(run.data.steps_per_epoch(state.epoch), 1), 4),
+              "images": state.images, "loss": value, "lr": lr, "logit_scale": t, "logit_bias": b,
+              "images_per_s": round(tc.batch_size / step_s, 2), "data_wait_s": round(progress.data_wait, 6),
+              "step_s": round(step_s, 6)}
+    run.metrics.write(record)
+    progress.last, progress.data_wait = now, 0.0
     progress.bar.update(1)
     progress.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", t=f"{t:.2f}", img_s=f"{rate:.0f}")
     if tc.log_with and state.step % tc.log_every == 0:
-        accelerator.log({"loss": value, "lr": lr, "logit_scale": t, "images_per_s": rate}, step=state.step)
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
     if tc.save_every and state.step % tc.save_every == 0:
-        save_checkpoint(accelerator, run.output_dir, state.step, tc.keep_checkpoints, run.reader.identity)
+        save_checkpoint(run.checkpointed, run.output_dir, tc.keep_checkpoints, run.reader.identity)
     if tc.stop_at_step and state.step >= tc.stop_at_step:
         progress.stopped = True
+
+
+def outputs(run: TrainRun, exported: bool) -> dict[str, str | None]:
+    """Where the run's results are: ``metrics``, ``loss_plot``, ``checkpoints`` (the newest), ``tracker_logs``
+    (``None`` without trackers), ``model`` (``None`` when not exported)."""
+    out, done = run.output_dir, published(run.output_dir)
+    return {
+        "metrics": str(out / METRICS),
+        "loss_plot": str(out / "loss.png") if exported else None,
+        "checkpoints": str(done[-1]) if done else None,
+        "tracker_logs": (str(out / "logs") + f" ({', '.join(run.cfg.train.log_with)})") if run.cfg.train.log_with else None,
+        "model": str(out / "model") if exported else None,
+    }
 
 
 def finish(run: TrainRun, progress: Progress) -> dict[str, Any]:
@@ -261,13 +409,16 @@ def finish(run: TrainRun, progress: Progress) -> dict[str, Any]:
 
     Returns:
         The run summary (see :func:`train`).
+
+    Raises:
+        ExportError: the model has a non-finite weight (never exported).
     """
     state, tc, accelerator = run.state, run.cfg.train, run.parts.accelerator
     progress.bar.close()
     elapsed = time.perf_counter() - progress.started
     stopped = progress.stopped
     if not stopped and (not tc.save_every or state.step % tc.save_every):
-        save_checkpoint(accelerator, run.output_dir, state.step, tc.keep_checkpoints, run.reader.identity)
+        save_checkpoint(run.checkpointed, run.output_dir, tc.keep_checkpoints, run.reader.identity)
     summary = {
         "steps": state.step,
         "total_steps": run.total_steps,
@@ -275,6 +426,7 @@ def finish(run: TrainRun, progress: Progress) -> dict[str, Any]:
         "images": state.images,
         "images_per_s": round((state.images - progress.images_start) / max(elapsed, 1e-9), 2),
         "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
         "batch_size": tc.batch_size,
         "loss": run.cfg.loss.kind,
         "first_loss": state.history[0][1] if state.history else None,
@@ -295,46 +447,85 @@ def finish(run: TrainRun, progress: Progress) -> dict[str, Any]:
                             title=f"{run.cfg.model.name} / {run.cfg.loss.kind}")
     for tracker in accelerator.trackers:  # end_training() would also destroy the process group; main() does
         tracker.finish()
+    summary["outputs"] = outputs(run, exported=not stopped)
     return summary
 
 
 def train(cfg: Config, resume: str | None = None, text_tower: TextTowerConfig | None = None) -> dict[str, Any]:
-    """Train per ``cfg``; resume from a checkpoint (path or ``"latest"``) if given.
+    """Train per ``cfg``; resume from a checkpoint (path, or ``"latest"``: the newest complete one) if given.
 
     ``text_tower``: a :class:`stage2_train_vision.text_tower.TextTowerConfig` to train a text transformer from
     scratch jointly with the ViT instead of using the cached vectors (the CLIP-style baseline of
     ``bench/fidelity.py``); ``None`` (default): the FLAME recipe, texts from the cache only.
 
-    Accelerate's process-wide state is reset afterwards while the distributed setup (the process group) is kept,
-    so ``train`` can be called again in the same process with another precision or accumulation (tests,
-    ``flame demo``); :func:`main` destroys the process group when the script ends.
+    The main process holds ``output_dir/train.lock`` for the whole run. Accelerate's process-wide state is reset
+    afterwards while the distributed setup (the process group) is kept, so ``train`` can be called again in the
+    same process with another precision or accumulation (tests, ``flame demo``); :func:`main` destroys the
+    process group when the script ends.
 
     Returns:
-        The run summary (also written into the export's ``config.json["train"]``): ``steps``, ``total_steps``,
-        ``epochs`` (float), ``images``, ``images_per_s``, ``processes``, ``batch_size``, ``loss`` (kind),
-        ``first_loss`` / ``final_loss`` (float or ``None``), ``skipped_before_training``,
-        ``skipped_in_batches``, ``stopped`` (``True`` when ``train.stop_at_step`` ended the run early: no
-        export then) and ``seed``.
+        The run summary (also written into the export's ``config.json["train"]``, less ``outputs``): ``steps``,
+        ``total_steps``, ``epochs`` (float), ``images``, ``images_per_s``, ``processes``, ``mixed_precision``,
+        ``batch_size``, ``loss`` (kind), ``first_loss`` / ``final_loss`` (float or ``None``),
+        ``skipped_before_training``, ``skipped_in_batches``, ``stopped`` (``True`` when ``train.stop_at_step``
+        ended the run early: no export then), ``seed`` and ``outputs`` (:func:`outputs`).
 
     Raises:
-        ConfigError, CacheIdentityError, DataError: refusals with a message naming the values involved.
-        CheckpointError: no space left for a checkpoint.
+        ConfigError, CacheError, CacheIdentityError, DataError: refusals with a message naming the values involved.
+        RunLockError: another run holds the output folder.
+        NonFiniteError: a non-finite cache vector or loss (nothing exported).
+        CheckpointError: no space left for a checkpoint, or a checkpoint that cannot be resumed.
     """
+    lock = None
     try:
-        return _train(cfg, resume, text_tower)
+        accelerator = make_accelerator(cfg)
+        refused = None
+        if accelerator.is_main_process:
+            lock = RunLock(cfg.train.output_dir)
+            try:
+                lock.acquire()
+            except RunLockError as exc:
+                lock, refused = None, exc
+        if not _all_agree(accelerator, refused is None) and refused is None:
+            raise RunLockError(f"output folder {cfg.train.output_dir} is in use by another run (see the main process)")
+        if refused is not None:
+            raise refused
+        return _train(cfg, accelerator, resume, text_tower)
     finally:
+        if lock is not None:
+            lock.release()
         AcceleratorState._reset_state()
         GradientState._reset_state()
 
 
-def _train(cfg: Config, resume: str | None, text_tower: TextTowerConfig | None = None) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg)
+def _all_agree(accelerator: Accelerator, ok: bool) -> bool:
+    """Collective: whether ``ok`` holds on every process (so all stop together when the main one is refused)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor(float(ok), device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() == accelerator.num_processes
+
+
+def _train(cfg: Config, accelerator: Accelerator, resume: str | None,
+           text_tower: TextTowerConfig | None = None) -> dict[str, Any]:
     run = build_run(cfg, accelerator, resume, text_tower)
-    data, state, tc, rank = run.data, run.state, run.cfg.train, accelerator.process_index
-    progress = Progress(
+    try:
+        _loop(run)
+        return finish(run, run.progress)
+    finally:
+        run.metrics.close()
+
+
+def _loop(run: TrainRun) -> None:
+    """The epochs of :func:`_train`: micro-steps, optimizer steps (:func:`end_step`) until the run's steps are
+    done or ``train.stop_at_step``; sets ``run.progress``."""
+    data, state, tc, accelerator = run.data, run.state, run.cfg.train, run.parts.accelerator
+    rank = accelerator.process_index
+    now = time.perf_counter()
+    progress = run.progress = Progress(
         bar=tqdm(total=run.total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train"),
-        skipped=Counter(state.skipped), started=time.perf_counter(), images_start=state.images,
-        accum=torch.zeros((), device=accelerator.device),
+        skipped=Counter(state.skipped), started=now, images_start=state.images,
+        accum=torch.zeros((), device=accelerator.device), last=now,
     )
     run.parts.model.train()
     while state.step < run.total_steps:
@@ -346,7 +537,15 @@ def _train(cfg: Config, resume: str | None, text_tower: TextTowerConfig | None =
                 "batches per epoch; resume with the checkpoint's batch size, processes and data"
             )
         data.set_epoch(epoch, state.batch)
-        for b in data.loader:
+        batches = iter(data.loader)
+        while True:
+            waited = time.perf_counter()
+            b = next(batches, None)
+            progress.data_wait += time.perf_counter() - waited
+            if b is None:
+                break
+            if run.text_tower is None:
+                check_batch_finite(b, state.step)
             loss, synced = train_step(run.parts, b, sample_seed(tc.seed, epoch, state.batch, rank))
             progress.accum += loss
             progress.skipped.update(b["skipped"])
@@ -358,12 +557,9 @@ def _train(cfg: Config, resume: str | None, text_tower: TextTowerConfig | None =
                 continue
             end_step(run, progress)
             if progress.stopped or state.step == run.total_steps:
-                break
-        if progress.stopped or state.step == run.total_steps:
-            break
+                return
         if state.epoch == epoch:  # every process yields steps_per_epoch batches; anything else would hang
             raise RuntimeError(f"the data loader ended epoch {epoch} after {state.batch} of {n_batches} batches")
-    return finish(run, progress)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -378,11 +574,28 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+OUTPUT_NAMES = {"metrics": "metrics", "loss_plot": "loss plot", "checkpoints": "checkpoint",
+                "tracker_logs": "tracker logs", "model": "model"}
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the config named by ``args`` (:func:`stage2_train_vision.arguments.add_arguments`) and train;
+    """Load the config named by ``args`` (:func:`stage2_train_vision.arguments.add_arguments`), train, and print
+    where the results are (main process: metrics, loss plot, newest checkpoint, tracker logs, exported model);
     returns the exit code (0; refusals are raised for :func:`pipeline.errors.run_command`)."""
-    train(load_config(args.config, args.overrides), resume=args.resume)
+    summary = train(load_config(args.config, args.overrides), resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for key, name in OUTPUT_NAMES.items():
+            where = summary["outputs"][key]
+            print(f"{name + ':':14s}{where if where else '(none: ' + _why_none(key, summary) + ')'}")
     return 0
+
+
+def _why_none(key: str, summary: dict[str, Any]) -> str:
+    if key == "tracker_logs":
+        return "train.log_with is empty"
+    if summary["stopped"]:
+        return f"stopped at step {summary['steps']} by train.stop_at_step"
+    return "not written"
 
 
 def main(argv: list[str] | None = None) -> int:
