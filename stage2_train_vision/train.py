@@ -318,6 +318,7 @@ class Progress:
         images_start: ``state.images`` then (a resumed run's rate counts only its own images).
         accum: sum of this process's micro-batch losses of the current optimizer step (float32 scalar).
         last: ``time.perf_counter()`` when the previous optimizer step ended (seconds).
+        lr: the learning rate the current optimizer step uses (read before it; the schedule steps after it).
         data_wait: seconds spent waiting for the loader since then.
         stopped: ``train.stop_at_step`` was reached.
     """
@@ -328,6 +329,7 @@ class Progress:
     images_start: int
     accum: torch.Tensor
     last: float = 0.0
+    lr: float = 0.0
     data_wait: float = 0.0
     stopped: bool = False
 
@@ -372,7 +374,7 @@ def end_step(run: TrainRun, progress: Progress) -> None:
     now = time.perf_counter()
     step_s = max(now - progress.last, 1e-9)
     rate = (state.images - progress.images_start) / max(now - progress.started, 1e-9)
-    lr = run.parts.scheduler.get_last_lr()[0]
+    lr = progress.lr
     t, b = run.parts.core.temperature().item(), run.parts.core.logit_bias.item()
     record = {"step": state.step, "epoch": round(state.epoch + state.batch / max(run.data.steps_per_epoch(state.epoch), 1), 4),
               "images": state.images, "loss": value, "lr": lr, "logit_scale": t, "logit_bias": b,
@@ -546,6 +548,7 @@ def _loop(run: TrainRun) -> None:
                 break
             if run.text_tower is None:
                 check_batch_finite(b, state.step)
+            progress.lr = run.parts.optimizer.param_groups[0]["lr"]
             loss, synced = train_step(run.parts, b, sample_seed(tc.seed, epoch, state.batch, rank))
             progress.accum += loss
             progress.skipped.update(b["skipped"])
