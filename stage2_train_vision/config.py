@@ -348,7 +348,7 @@ def config_problems(cfg: Config) -> list[str]:
                  for key, value, allowed in _choices(cfg) if value not in allowed]
     m = cfg.model
     if not m.init_from and not timm.is_model(m.name):
-        close = timm.list_models(f"*{m.name.split('_')[0]}*")[:3] or timm.list_models("vit_*")[:3]
+        close = timm.list_models(f"{m.name.split('_')[0]}_*")[:3] or timm.list_models("vit_*")[:3]
         problems.append(f"model.name = {m.name!r} is not a timm model (e.g. {', '.join(close)}; "
                         "timm.list_models() lists them)")
     if m.patch_size and m.img_size % m.patch_size:
