@@ -144,6 +144,10 @@ class TrainConfig:
         run_name: the run's name in the trackers; ``""`` = the output folder's name.
         tracker_init: per-tracker init arguments, e.g. ``{wandb = {entity = "me", tags = ["cc3m"]}}``
             (Accelerate's ``init_kwargs``).
+        eval_every: every this many steps, held-out recall@1 (:mod:`stage2_train_vision.heldout`) into
+            ``metrics.jsonl`` and the trackers; 0 = off.
+        eval_split: the held-out manifest split for ``eval_every`` (its keys must be in the cache).
+        eval_samples: how many held-out samples (the first usable ones of the split).
         stop_at_step: stop after this step as if killed (the schedule still spans all epochs); 0 = off.
         threads: torch intra-op threads (0 = torch default).
     """
@@ -162,6 +166,9 @@ class TrainConfig:
     project_name: str = "flame-stage2"
     run_name: str = ""
     tracker_init: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 0
+    eval_split: str = ""
+    eval_samples: int = 512
     stop_at_step: int = 0
     threads: int = 0
 
@@ -307,6 +314,8 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, bool, str]]:
         ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 0, "at least 0 (0 = all)"),
         ("train.log_every", t.log_every, t.log_every >= 1, "at least 1"),
         ("train.stop_at_step", t.stop_at_step, t.stop_at_step >= 0, "at least 0 (0 = off)"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, "at least 0 (0 = off)"),
+        ("train.eval_samples", t.eval_samples, t.eval_samples >= 2, "at least 2"),
         ("train.threads", t.threads, t.threads >= 0, "at least 0 (0 = torch's default)"),
     ]
 
@@ -361,6 +370,9 @@ def config_problems(cfg: Config) -> list[str]:
     t = cfg.train
     if t.max_steps == 0 and t.epochs == 0 and not problems:
         problems.append("train.max_steps = 0 and train.epochs = 0: the run would train 0 steps")
+    if t.eval_every and t.eval_split in ("", cfg.data.split):
+        problems.append(f"train.eval_split = {t.eval_split!r}: train.eval_every needs a held-out manifest split "
+                        f"other than data.split = {cfg.data.split!r} (e.g. test)")
     if not t.output_dir:
         problems.append("train.output_dir is empty: name the run's folder")
     return problems + _tracker_problems(t)

@@ -63,10 +63,11 @@ from stage2_train_vision.checkpoint import (
     published,
     save_checkpoint,
 )
-from stage2_train_vision.config import Config, ConfigError, ModelConfig, load_config
+from stage2_train_vision.config import Config, ConfigError, ImageConfig, ModelConfig, load_config
 from stage2_train_vision.data.pairs import TrainingData, build_training_data, sample_seed
 from stage2_train_vision.data.transforms import train_transform
 from stage2_train_vision.export import export_model
+from stage2_train_vision.heldout import HeldOut
 from stage2_train_vision.init_from import apply_init_from, load_init_weights
 from stage2_train_vision.metrics import METRICS, MetricsLog
 from stage2_train_vision.model import FlameVisionModel
@@ -217,6 +218,7 @@ class TrainRun:
         metrics: the run's ``metrics.jsonl`` (:mod:`stage2_train_vision.metrics`).
         text_tower: the tower config of a text-tower run, else ``None``.
         progress: the loop's running totals, once it started.
+        heldout: the held-out samples of ``train.eval_every`` (main process only), else ``None``.
     """
 
     cfg: Config
@@ -231,6 +233,7 @@ class TrainRun:
     metrics: MetricsLog
     text_tower: TextTowerConfig | None = None
     progress: Progress | None = None
+    heldout: HeldOut | None = None
 
     @property
     def checkpointed(self) -> Checkpointed:
@@ -294,6 +297,11 @@ def build_run(cfg: Config, accelerator: Accelerator, resume: str | None = None,
         load_checkpoint(run.checkpointed, ckpt)
         log.info("resumed from %s at epoch %d, batch %d, step %d", ckpt, state.epoch, state.batch, state.step)
     run.metrics = MetricsLog(output_dir, state.step, enabled=accelerator.is_main_process)
+    if tc.eval_every and accelerator.is_main_process:
+        if text_tower is None:
+            run.heldout = HeldOut(cfg.data.manifest, tc.eval_split, reader, ImageConfig.of(cfg), tc.eval_samples)
+        else:
+            log.warning("train.eval_every: held-out recall is for the FLAME recipe, not a text-tower run; skipped")
     if accelerator.is_main_process:
         atomic_write_bytes(output_dir / "train_config.json",
                            json.dumps(cfg.to_dict(), indent=2, default=list).encode("utf-8"))
@@ -380,8 +388,11 @@ def end_step(run: TrainRun, progress: Progress) -> None:
               "images": state.images, "loss": value, "lr": lr, "logit_scale": t, "logit_bias": b,
               "images_per_s": round(tc.batch_size / step_s, 2), "data_wait_s": round(progress.data_wait, 6),
               "step_s": round(step_s, 6)}
+    if run.heldout is not None and state.step % tc.eval_every == 0:
+        record.update(run.heldout.recall_at_1(run.parts.core, accelerator))
+        log.info("step %d held-out recall@1: %s", state.step, {k: round(v, 4) for k, v in record.items() if "r1" in k})
     run.metrics.write(record)
-    progress.last, progress.data_wait = now, 0.0
+    progress.last, progress.data_wait = time.perf_counter(), 0.0  # held-out eval not counted in the next step
     progress.bar.update(1)
     progress.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", t=f"{t:.2f}", img_s=f"{rate:.0f}")
     if tc.log_with and state.step % tc.log_every == 0:

@@ -48,6 +48,8 @@ BAD = [
     ("model.max_logit_scale=5", "model.max_logit_scale = 5.0: must be at least model.init_logit_scale"),
     ("train.log_with=tensorflowboard", "train.log_with: unknown tracker 'tensorflowboard' (Accelerate knows: aim, "
      "clearml, comet_ml, dvclive, mlflow, swanlab, tensorboard, trackio, wandb)"),
+    ("train.eval_every=2", "train.eval_split = '': train.eval_every needs a held-out manifest split other than "
+     "data.split = 'train' (e.g. test)"),
     ("train.tracker_init={wandb = {entity = \"me\"}}",
      "train.tracker_init has arguments for wandb, which train.log_with does not name"),
 ]

@@ -4,9 +4,11 @@ closing list of where its results are."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +171,30 @@ def test_every_run_writes_metrics_jsonl_and_ends_by_printing_where_its_results_a
     assert (records[0]["loss"], records[-1]["loss"]) == (summary["first_loss"], summary["final_loss"])
     assert all(abs(r["logit_scale"] - 10) < 0.1 and abs(r["logit_bias"] + 10) < 0.1 for r in records)
     assert all(r["images_per_s"] > 0 and 0 <= r["data_wait_s"] <= r["step_s"] for r in records)
+
+
+def test_periodic_held_out_recall_is_logged_and_leaves_training_unchanged(data, tmp_path):
+    """``train.eval_every = 2`` on the 4 test samples: steps 2 and 4 carry recall@1 equal to a recomputation
+    from the exported model, and the weights equal those of the same run without eval, bit for bit."""
+    from safetensors.torch import load_file
+
+    from stage2_train_vision.config import ImageConfig
+    from stage2_train_vision.heldout import HeldOut
+    from stage2_train_vision.train import train
+
+    base = {"train.mixed_precision": "no", "train.max_steps": 4}
+    train(load_config(None, tiny_overrides(data / "m", data / "c", tmp_path / "plain", **base)))
+    cfg = load_config(None, tiny_overrides(data / "m", data / "c", tmp_path / "eval", **base, **{
+        "train.eval_every": 2, "train.eval_split": "test"}))
+    train(cfg)
+    records = read_metrics(tmp_path / "eval" / "metrics.jsonl")
+    r1 = [(r["step"], r.get("heldout_r1_image_to_text"), r.get("heldout_r1_text_to_image")) for r in records]
+    assert [s for s, a, b in r1 if a is not None and b is not None] == [2, 4]
+    held = HeldOut(str(data / "m"), "test", CacheReader(data / "c"), ImageConfig.of(cfg), 512)
+    assert held.keys == [key(i) for i in range(36, 40)] and held.texts.shape == (44, 16)  # 4 samples x 11 facets
+    model, _ = load_exported(tmp_path / "eval" / "model")
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    again = held.recall_at_1(model, cpu)
+    assert (r1[-1][1], r1[-1][2]) == (again["heldout_r1_image_to_text"], again["heldout_r1_text_to_image"])
+    a, b = load_file(tmp_path / "plain" / "model" / "model.safetensors"), load_file(tmp_path / "eval" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
