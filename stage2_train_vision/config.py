@@ -18,6 +18,7 @@ from typing import Any
 
 import tomllib
 
+from pipeline.cache.meta import CacheIdentity
 from pipeline.errors import FlameError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -298,7 +299,7 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, bool, str]]:
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "at least 0"),
         ("data.crop_scale", list(d.crop_scale), 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "0 < min <= max <= 1"),
         ("data.std", list(d.std), all(finite(x) and x > 0 for x in d.std), "numbers > 0"),
-        ("optim.lr", o.lr, finite(o.lr) and o.lr > 0, "a number > 0"),
+        ("optim.lr", o.lr, finite(o.lr) and o.lr >= 0, "a number >= 0"),
         ("optim.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
         ("optim.eps", o.eps, finite(o.eps) and o.eps > 0, "a number > 0"),
         ("optim.weight_decay", o.weight_decay, finite(o.weight_decay) and o.weight_decay >= 0, "a number >= 0"),
@@ -348,9 +349,7 @@ def config_problems(cfg: Config) -> list[str]:
     numeric ranges, choices (``loss.kind``, ``train.mixed_precision``, ...), ``model.name`` known to timm,
     ``data.expect`` keys that are cache identity fields, trackers Accelerate knows and that are installed, and a
     run of 0 steps (``train.max_steps = 0`` and ``train.epochs = 0``). Empty when the config is valid."""
-    import timm
-
-    from pipeline.cache.meta import CacheIdentity
+    import timm  # seconds to import: only when a config is checked, never for `flame --help`
 
     problems = [f"{key} = {value!r}: must be {allowed}" for key, value, ok, allowed in _ranges(cfg) if not ok]
     problems += [f"{key} = {value!r}: must be one of {', '.join(allowed)}"

@@ -16,13 +16,9 @@ published atomically, safetensors and JSON only, with ``cache_identity.json``, w
 ``train.lock`` (one run per folder, :mod:`stage2_train_vision.run_lock`). ``flame train`` ends by printing
 where each of them is.
 
-The launcher wins: ``train.mixed_precision = "launcher"`` (the default) takes what ``accelerate launch`` was
-told (its flags or config file, passed as ``ACCELERATE_MIXED_PRECISION``); an explicit TOML value that
-contradicts the launcher's is refused, naming both (:func:`resolve_mixed_precision`). A launch that asked for
-several processes but started one is refused too (:func:`check_world`).
-
-Processes: on a machine without CUDA the Accelerator is created with ``cpu=True``, so ``accelerate launch
---multi_gpu --num_processes N`` trains on N CPU processes over gloo (``DistributedType.MULTI_CPU``).
+The launcher's precision and processes win (:mod:`stage2_train_vision.launch`). Without CUDA the Accelerator
+is created with ``cpu=True``, so ``accelerate launch --multi_gpu --num_processes N`` trains on N CPU processes
+over gloo (``DistributedType.MULTI_CPU``).
 
 Training stops with one line at the first non-finite cache vector in a batch (naming its key) or non-finite
 loss (naming the step), before that step is checkpointed, and a model with a non-finite weight is never exported.
@@ -34,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -46,13 +41,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_bytes
 from pipeline.cache.check import check_parts
 from pipeline.cache.store import CacheIdentityError, CacheReader
-from pipeline.errors import FlameError, run_command
+from pipeline.errors import run_command
 from stage2_train_vision.arguments import add_arguments
 from stage2_train_vision.checkpoint import (
     Checkpointed,
@@ -69,10 +64,16 @@ from stage2_train_vision.data.transforms import train_transform
 from stage2_train_vision.export import export_model
 from stage2_train_vision.heldout import HeldOut
 from stage2_train_vision.init_from import apply_init_from, load_init_weights
+from stage2_train_vision.launch import flat_config, make_accelerator, take_run_lock, tracker_init_kwargs
 from stage2_train_vision.metrics import METRICS, MetricsLog
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.plots import plot_loss_curve
-from stage2_train_vision.run_lock import RunLock, RunLockError
+from stage2_train_vision.progress import (
+    Progress,
+    check_batch_finite,
+    check_loss_finite,
+    print_outputs,
+)
 from stage2_train_vision.step import StepParts, prepare_step, train_step
 from stage2_train_vision.text_tower import (
     CaptionSampler,
@@ -82,13 +83,6 @@ from stage2_train_vision.text_tower import (
 )
 
 log = logging.getLogger(__name__)
-
-WORLD_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-class NonFiniteError(FlameError, RuntimeError):
-    """A cache vector in a batch or the loss is not finite: training stops before checkpointing or exporting."""
-
 
 def resolve_model_config(cfg: ModelConfig, cache_dim: int) -> ModelConfig:
     """``cfg`` with ``out_dim`` = the cache's D. Raises :class:`CacheIdentityError` if ``cfg.out_dim`` is set
@@ -108,97 +102,6 @@ def per_process_batch(global_batch: int, world: int, grad_accum: int) -> int:
             f"train.batch_size={global_batch} is not divisible by processes x grad_accum = {world} x {grad_accum}"
         )
     return global_batch // (world * grad_accum)
-
-
-def resolve_mixed_precision(value: str, env: dict[str, str] | None = None) -> str:
-    """The precision to run: the launcher's for ``"launcher"``, else ``value`` if the launcher agrees.
-
-    ``accelerate launch`` passes its ``--mixed_precision`` flag or its config file's ``mixed_precision`` (``"no"``
-    when neither sets it) as ``ACCELERATE_MIXED_PRECISION``; without a launcher (``flame train``) the variable is
-    normally unset.
-
-    Args:
-        value: ``train.mixed_precision`` (``"launcher"``, ``"no"``, ``"bf16"`` or ``"fp16"``).
-        env: the environment (default ``os.environ``).
-
-    Returns:
-        ``"no"``, ``"bf16"``, ``"fp16"`` (or what else the launcher names, e.g. ``"fp8"``, for Accelerate to check).
-
-    Raises:
-        ConfigError: ``value`` is explicit and the launcher asks for another precision (naming both).
-    """
-    launcher = (os.environ if env is None else env).get("ACCELERATE_MIXED_PRECISION")
-    launcher = launcher.lower() if launcher else None
-    if value == "launcher":
-        return launcher or "no"
-    if launcher is not None and launcher != value:
-        raise ConfigError(
-            f"train.mixed_precision = {value!r} but accelerate launch asks for {launcher!r} (its --mixed_precision "
-            "flag or config file; 'no' when neither sets it): remove train.mixed_precision to take the launcher's, "
-            "or make them agree"
-        )
-    return value
-
-
-def check_world(accelerator: Accelerator, env: dict[str, str] | None = None) -> None:
-    """Refuse a launch that did not start the processes it asked for: processes that did not join one process
-    group (each would train alone into the same output directory), or ``accelerate launch`` told to start
-    several processes (it then sets ``MASTER_PORT``) that started only this one without a process group (a
-    ``MULTI_CPU`` config file on one machine does that). Raises :class:`ConfigError` naming the counts."""
-    env = os.environ if env is None else env
-    launched = int(env.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise ConfigError(
-            f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up {accelerator.num_processes} "
-            f"({accelerator.distributed_type.value}); check the accelerate launch options"
-        )
-    by_accelerate = "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_USE_CPU" in env
-    if by_accelerate and "MASTER_PORT" in env and not any(k in env for k in WORLD_ENV):
-        raise ConfigError(
-            "accelerate launch was asked for several processes (it set MASTER_PORT) but started only this one, "
-            "without a process group; on one machine use `accelerate launch --multi_gpu --num_processes N` "
-            "(with CUDA_VISIBLE_DEVICES= for CPU processes), not distributed_type MULTI_CPU"
-        )
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    """Check the config's run-wide settings, set the torch threads and create the run's Accelerator (``cpu=True``
-    without CUDA; precision per :func:`resolve_mixed_precision`, accumulation and trackers from ``cfg.train``,
-    tracker logs under ``output_dir/logs``).
-
-    Raises:
-        ConfigError: ``data.manifest`` or ``data.cache`` unset, a precision that contradicts the launcher's, or
-            the launched processes did not all start and join one group (:func:`check_world`).
-    """
-    tc = cfg.train
-    for name in ("manifest", "cache"):
-        if not getattr(cfg.data, name):
-            raise ConfigError(f"data.{name} is not set: pass data.{name}=DIR")
-    precision = resolve_mixed_precision(tc.mixed_precision)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    out = Path(tc.output_dir)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=precision,
-        gradient_accumulation_steps=tc.grad_accum,
-        log_with=tc.log_with or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
-    check_world(accelerator)
-    return accelerator
-
-
-def tracker_init_kwargs(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Accelerate's ``init_kwargs``: ``train.tracker_init`` with the run name (``train.run_name``, default the
-    output folder's name) filled in for the trackers that take one (wandb ``name``, mlflow ``run_name``)."""
-    tc = cfg.train
-    name = tc.run_name or Path(tc.output_dir).name
-    kwargs = {k: dict(v) for k, v in tc.tracker_init.items()}
-    for tracker, key in (("wandb", "name"), ("mlflow", "run_name")):
-        if tracker in tc.log_with or "all" in tc.log_with:
-            kwargs.setdefault(tracker, {}).setdefault(key, name)
-    return kwargs
 
 
 @dataclass
@@ -306,55 +209,13 @@ def build_run(cfg: Config, accelerator: Accelerator, resume: str | None = None,
         atomic_write_bytes(output_dir / "train_config.json",
                            json.dumps(cfg.to_dict(), indent=2, default=list).encode("utf-8"))
     if tc.log_with:
-        accelerator.init_trackers(tc.project_name, config=_flat(cfg.to_dict()), init_kwargs=tracker_init_kwargs(cfg))
+        accelerator.init_trackers(tc.project_name, config=flat_config(cfg.to_dict()), init_kwargs=tracker_init_kwargs(cfg))
     log.info(
         "%s samples (%s), %d processes (%s) x %d images x %d accumulation = batch %d, %d steps, D=%d, precision %s",
         data.n_samples, data.mode, world, accelerator.distributed_type.value, batch, tc.grad_accum, tc.batch_size,
         total_steps, model_cfg.out_dim, accelerator.mixed_precision,
     )
     return run
-
-
-@dataclass
-class Progress:
-    """The loop's running totals (not checkpointed; :class:`TrainState` is).
-
-    Attributes:
-        bar: the progress bar (main process only).
-        skipped: invalid batch slots by reason, from the checkpoint's count on.
-        started: ``time.perf_counter()`` at the first step of this process's run (seconds).
-        images_start: ``state.images`` then (a resumed run's rate counts only its own images).
-        accum: sum of this process's micro-batch losses of the current optimizer step (float32 scalar).
-        last: ``time.perf_counter()`` when the previous optimizer step ended (seconds).
-        lr: the learning rate the current optimizer step uses (read before it; the schedule steps after it).
-        data_wait: seconds spent waiting for the loader since then.
-        stopped: ``train.stop_at_step`` was reached.
-    """
-
-    bar: tqdm
-    skipped: Counter
-    started: float
-    images_start: int
-    accum: torch.Tensor
-    last: float = 0.0
-    lr: float = 0.0
-    data_wait: float = 0.0
-    stopped: bool = False
-
-
-def check_batch_finite(batch: dict[str, Any], step: int) -> None:
-    """Raise :class:`NonFiniteError` naming the first sample whose cache vectors in ``batch`` (``texts float32
-    [B, P, D]``) are not finite; the cache is damaged (a unit-norm check at write time makes this rare)."""
-    texts = batch["texts"]
-    finite = torch.isfinite(texts).all(dim=-1)  # [B, P]
-    if bool(finite.all()):
-        return
-    b, p = (int(i) for i in (~finite).nonzero()[0])
-    raise NonFiniteError(
-        f"the cache vector of key {batch['keys'][b]!r} is not finite ({texts[b, p][~torch.isfinite(texts[b, p])][0]}) "
-        f"in the batch of step {step + 1}: the cache is damaged (flame inspect names its bad rows); training stopped, "
-        "nothing was checkpointed or exported at this step"
-    )
 
 
 def end_step(run: TrainRun, progress: Progress) -> None:
@@ -370,13 +231,7 @@ def end_step(run: TrainRun, progress: Progress) -> None:
     state.step += 1
     value = accelerator.reduce(progress.accum, "mean").item() / tc.grad_accum
     progress.accum.zero_()
-    if not math.isfinite(value):
-        done = [p.name for p in published(run.output_dir)]
-        raise NonFiniteError(
-            f"the loss is {value} at step {state.step}: training stopped, nothing of this step was saved and no "
-            f"model was exported; last checkpoint: {done[-1] if done else 'none'} (lower optim.lr, or check the "
-            "cache with flame inspect)"
-        )
+    check_loss_finite(value, state.step, run.output_dir)
     state.history.append([state.step, value])
     state.skipped = dict(progress.skipped)
     now = time.perf_counter()
@@ -492,31 +347,13 @@ def train(cfg: Config, resume: str | None = None, text_tower: TextTowerConfig | 
     lock = None
     try:
         accelerator = make_accelerator(cfg)
-        refused = None
-        if accelerator.is_main_process:
-            lock = RunLock(cfg.train.output_dir)
-            try:
-                lock.acquire()
-            except RunLockError as exc:
-                lock, refused = None, exc
-        if not _all_agree(accelerator, refused is None) and refused is None:
-            raise RunLockError(f"output folder {cfg.train.output_dir} is in use by another run (see the main process)")
-        if refused is not None:
-            raise refused
+        lock = take_run_lock(accelerator, cfg.train.output_dir)
         return _train(cfg, accelerator, resume, text_tower)
     finally:
         if lock is not None:
             lock.release()
         AcceleratorState._reset_state()
         GradientState._reset_state()
-
-
-def _all_agree(accelerator: Accelerator, ok: bool) -> bool:
-    """Collective: whether ``ok`` holds on every process (so all stop together when the main one is refused)."""
-    if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor(float(ok), device=accelerator.device)
-    return accelerator.reduce(flag, "sum").item() == accelerator.num_processes
 
 
 def _train(cfg: Config, accelerator: Accelerator, resume: str | None,
@@ -576,40 +413,14 @@ def _loop(run: TrainRun) -> None:
             raise RuntimeError(f"the data loader ended epoch {epoch} after {state.batch} of {n_batches} batches")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> ``{"section.key": scalar or str}`` for trackers (TensorBoard hparams take scalars)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{name}."))
-        else:
-            out[name] = v if isinstance(v, int | float | str | bool) else str(v)
-    return out
-
-
-OUTPUT_NAMES = {"metrics": "metrics", "loss_plot": "loss plot", "checkpoints": "checkpoint",
-                "tracker_logs": "tracker logs", "model": "model"}
-
-
 def run(args: argparse.Namespace) -> int:
     """Load the config named by ``args`` (:func:`stage2_train_vision.arguments.add_arguments`), train, and print
     where the results are (main process: metrics, loss plot, newest checkpoint, tracker logs, exported model);
     returns the exit code (0; refusals are raised for :func:`pipeline.errors.run_command`)."""
     summary = train(load_config(args.config, args.overrides), resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        for key, name in OUTPUT_NAMES.items():
-            where = summary["outputs"][key]
-            print(f"{name + ':':14s}{where if where else '(none: ' + _why_none(key, summary) + ')'}")
+        print_outputs(summary)
     return 0
-
-
-def _why_none(key: str, summary: dict[str, Any]) -> str:
-    if key == "tracker_logs":
-        return "train.log_with is empty"
-    if summary["stopped"]:
-        return f"stopped at step {summary['steps']} by train.stop_at_step"
-    return "not written"
 
 
 def main(argv: list[str] | None = None) -> int:

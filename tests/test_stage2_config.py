@@ -11,7 +11,8 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
 from flame_pipeline.cli import main as flame_main
 from stage2_train_vision.config import ConfigError, config_problems, load_config
-from stage2_train_vision.train import check_world, resolve_mixed_precision, train
+from stage2_train_vision.launch import check_world, resolve_mixed_precision
+from stage2_train_vision.train import train
 from tests.helpers.stage2_data import key, make_cache, make_manifest, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +29,8 @@ def data(tmp_path_factory):
 
 
 BAD = [
-    ("optim.lr=-1", "optim.lr = -1.0: must be a number > 0"),
-    ("optim.lr=nan", "optim.lr = nan: must be a number > 0"),
+    ("optim.lr=-1", "optim.lr = -1.0: must be a number >= 0"),
+    ("optim.lr=nan", "optim.lr = nan: must be a number >= 0"),
     ("train.grad_accum=0", "train.grad_accum = 0: must be at least 1"),
     ("loss.kind=hinge", "loss.kind = 'hinge': must be one of sigmoid, infonce"),
     ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8': must be one of launcher, no, bf16, fp16"),
@@ -88,7 +89,7 @@ def test_an_installed_tracker_is_accepted_with_its_init_arguments(monkeypatch):
                              "train.project_name=p1"])
     assert (cfg.train.log_with, cfg.train.tracker_init, cfg.train.project_name) == (
         ["tensorboard"], {"tensorboard": {"flush_secs": 5}}, "p1")
-    from stage2_train_vision.train import tracker_init_kwargs
+    from stage2_train_vision.launch import tracker_init_kwargs
 
     cfg = load_config(None, ["train.log_with=[\"wandb\"]", "train.output_dir=runs/r7",
                              "train.tracker_init={wandb = {entity = \"me\"}}"])
@@ -100,7 +101,7 @@ def test_an_installed_tracker_is_accepted_with_its_init_arguments(monkeypatch):
 def test_several_bad_values_are_named_together_and_the_shipped_configs_are_valid():
     cfg = load_config(None, [])
     cfg.optim.lr, cfg.train.grad_accum = -1.0, 0
-    assert config_problems(cfg) == ["optim.lr = -1.0: must be a number > 0", "train.grad_accum = 0: must be at least 1"]
+    assert config_problems(cfg) == ["optim.lr = -1.0: must be a number >= 0", "train.grad_accum = 0: must be at least 1"]
     for name in ("demo-cpu.toml", "flame-cc3m-vitb16.toml"):
         assert config_problems(load_config(REPO / "configs" / name)) == [], name
 
