@@ -211,3 +211,57 @@ def test_a_second_run_into_a_folder_in_use_stops_with_one_line_naming_the_holder
         holder.wait()
     assert flame_main(args) == 0
     assert RunLock(out).holder()["pid"] == os.getpid()
+
+
+def test_save_and_load_restore_every_part_exactly_including_an_fp16_scaler(tmp_path):
+    """One process, no training loop: weights, AdamW moments and step, schedule, gradient scaler (fp16 runs on
+    GPUs), train state, Accelerate's micro-step counter and the Python, NumPy and torch generators come back equal."""
+    import random
+    import types
+
+    import numpy as np
+
+    def parts(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (10 + seed))
+        acc = types.SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, step=seed,
+                                    wait_for_everyone=lambda: None, scaler=scaler)
+        return checkpoint.Checkpointed(acc, model, opt, sched, checkpoint.TrainState(step=seed))
+
+    a = parts(1)
+    scaler = a.accelerator.scaler
+    for _ in range(3):
+        scaler.scale(a.model(torch.randn(4, 3)).sum()).backward()
+        scaler.step(a.optimizer)
+        scaler.update()
+        a.optimizer.zero_grad()
+        a.scheduler.step()
+    scaler.update(new_scale=96.0)
+    a.state.history = [[1, 0.5]]
+    a.state.step = 7
+    path = checkpoint.save_checkpoint(a, tmp_path, keep=0, identity=_identity())
+    expect = (random.random(), np.random.rand(), torch.rand(2))
+    b = parts(2)
+    checkpoint.load_checkpoint(b, path)
+    assert (random.random(), np.random.rand()) == expect[:2] and torch.equal(torch.rand(2), expect[2])
+    x, y = a.model.state_dict(), b.model.state_dict()
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert json.loads(json.dumps(sa["param_groups"])) == sb["param_groups"]  # betas: a list after JSON
+    for pid in sa["state"]:
+        assert sa["state"][pid].keys() == sb["state"][pid].keys()
+        assert all(torch.equal(sa["state"][pid][k], sb["state"][pid][k]) for k in sa["state"][pid])
+    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+    assert b.accelerator.scaler.get_scale() == 96.0 and b.accelerator.step == 1
+    assert (b.state.step, b.state.history) == (7, [[1, 0.5]])
+    assert json.loads((path / "scaler.json").read_text())["scale"] == 96.0
+
+
+def _identity():
+    from pipeline.cache.store import CacheIdentity
+
+    return CacheIdentity(llm="l", llm_fingerprint="f", tokenizer="t", layer=1, readout="pre_norm", dim=2,
+                         prompt_set="flame", prompt_set_hash="h", facets=("a",))
