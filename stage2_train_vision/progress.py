@@ -49,11 +49,15 @@ class Progress:
 
 def check_batch_finite(batch: dict[str, Any], step: int) -> None:
     """Raise :class:`NonFiniteError` naming the first sample whose cache vectors in ``batch`` (``texts float32
-    [B, P, D]``) are not finite; the cache is damaged (a unit-norm check at write time makes this rare)."""
+    [B, P, D]``) are not finite; the cache is damaged (a unit-norm check at write time makes this rare).
+
+    Cost: one sum over the batch's texts (a NaN or infinity anywhere makes it non-finite; unit vectors never
+    overflow): 0.04 ms for 128 x 6 x 640, 4.9 ms for the recipe's 384 x 6 x 5120 on one CPU thread, against
+    0.18 s for an element-wise ``isfinite`` (2-core AMD EPYC); the element-wise search runs only on failure."""
     texts = batch["texts"]
-    finite = torch.isfinite(texts).all(dim=-1)  # [B, P]
-    if bool(finite.all()):
+    if bool(torch.isfinite(texts.sum())):
         return
+    finite = torch.isfinite(texts).all(dim=-1)  # [B, P]
     b, p = (int(i) for i in (~finite).nonzero()[0])
     raise NonFiniteError(
         f"the cache vector of key {batch['keys'][b]!r} is not finite ({texts[b, p][~torch.isfinite(texts[b, p])][0]}) "
