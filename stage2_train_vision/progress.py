@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import FlameError
 from stage2_train_vision.checkpoint import published
+from stage2_train_vision.metrics import METRICS
 
 
 class NonFiniteError(FlameError, RuntimeError):
@@ -83,11 +84,24 @@ OUTPUT_NAMES = {"metrics": "metrics", "loss_plot": "loss plot", "checkpoints": "
                 "tracker_logs": "tracker logs", "model": "model"}
 
 
-def print_outputs(summary: dict[str, Any]) -> None:
-    """Print where the run's results are, one line each (``summary["outputs"]``, :func:`stage2_train_vision.train.outputs`)."""
+def outputs(output_dir: Path, log_with: list[str], exported: bool) -> dict[str, str | None]:
+    """Where a run's results are: ``metrics``, ``loss_plot``, ``checkpoints`` (the newest), ``tracker_logs``
+    (``None`` without trackers), ``model`` (``None`` when not exported)."""
+    done = published(output_dir)
+    return {
+        "metrics": str(output_dir / METRICS),
+        "loss_plot": str(output_dir / "loss.png") if exported else None,
+        "checkpoints": str(done[-1]) if done else None,
+        "tracker_logs": f"{output_dir / 'logs'} ({', '.join(log_with)})" if log_with else None,
+        "model": str(output_dir / "model") if exported else None,
+    }
+
+
+def print_outputs(output_dir: Path, log_with: list[str], summary: dict[str, Any]) -> None:
+    """Print where the run's results are (:func:`outputs`), one line each."""
+    where = outputs(output_dir, log_with, exported=not summary["stopped"])
     for key, name in OUTPUT_NAMES.items():
-        where = summary["outputs"][key]
-        print(f"{name + ':':14s}{where if where else '(none: ' + _why_none(key, summary) + ')'}")
+        print(f"{name + ':':14s}{where[key] if where[key] else '(none: ' + _why_none(key, summary) + ')'}")
 
 
 def _why_none(key: str, summary: dict[str, Any]) -> str:

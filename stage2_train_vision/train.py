@@ -55,7 +55,6 @@ from stage2_train_vision.checkpoint import (
     check_checkpoint_cache,
     find_checkpoint,
     load_checkpoint,
-    published,
     save_checkpoint,
 )
 from stage2_train_vision.config import Config, ConfigError, ImageConfig, ModelConfig, load_config
@@ -65,7 +64,7 @@ from stage2_train_vision.export import export_model
 from stage2_train_vision.heldout import HeldOut
 from stage2_train_vision.init_from import apply_init_from, load_init_weights
 from stage2_train_vision.launch import flat_config, make_accelerator, take_run_lock, tracker_init_kwargs
-from stage2_train_vision.metrics import METRICS, MetricsLog
+from stage2_train_vision.metrics import MetricsLog
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.plots import plot_loss_curve
 from stage2_train_vision.progress import (
@@ -258,19 +257,6 @@ def end_step(run: TrainRun, progress: Progress) -> None:
         progress.stopped = True
 
 
-def outputs(run: TrainRun, exported: bool) -> dict[str, str | None]:
-    """Where the run's results are: ``metrics``, ``loss_plot``, ``checkpoints`` (the newest), ``tracker_logs``
-    (``None`` without trackers), ``model`` (``None`` when not exported)."""
-    out, done = run.output_dir, published(run.output_dir)
-    return {
-        "metrics": str(out / METRICS),
-        "loss_plot": str(out / "loss.png") if exported else None,
-        "checkpoints": str(done[-1]) if done else None,
-        "tracker_logs": (str(out / "logs") + f" ({', '.join(run.cfg.train.log_with)})") if run.cfg.train.log_with else None,
-        "model": str(out / "model") if exported else None,
-    }
-
-
 def finish(run: TrainRun, progress: Progress) -> dict[str, Any]:
     """End the run: the final checkpoint (unless stopped early or just written), the summary, and on the main
     process the export to ``output_dir/model`` and ``loss.png`` (not when stopped early); closes the trackers.
@@ -315,7 +301,6 @@ def finish(run: TrainRun, progress: Progress) -> dict[str, Any]:
                             title=f"{run.cfg.model.name} / {run.cfg.loss.kind}")
     for tracker in accelerator.trackers:  # end_training() would also destroy the process group; main() does
         tracker.finish()
-    summary["outputs"] = outputs(run, exported=not stopped)
     return summary
 
 
@@ -332,11 +317,11 @@ def train(cfg: Config, resume: str | None = None, text_tower: TextTowerConfig | 
     process group when the script ends.
 
     Returns:
-        The run summary (also written into the export's ``config.json["train"]``, less ``outputs``): ``steps``,
+        The run summary (also written into the export's ``config.json["train"]``): ``steps``,
         ``total_steps``, ``epochs`` (float), ``images``, ``images_per_s``, ``processes``, ``mixed_precision``,
         ``batch_size``, ``loss`` (kind), ``first_loss`` / ``final_loss`` (float or ``None``),
         ``skipped_before_training``, ``skipped_in_batches``, ``stopped`` (``True`` when ``train.stop_at_step``
-        ended the run early: no export then), ``seed`` and ``outputs`` (:func:`outputs`).
+        ended the run early: no export then) and ``seed``.
 
     Raises:
         ConfigError, CacheError, CacheIdentityError, DataError: refusals with a message naming the values involved.
@@ -417,9 +402,10 @@ def run(args: argparse.Namespace) -> int:
     """Load the config named by ``args`` (:func:`stage2_train_vision.arguments.add_arguments`), train, and print
     where the results are (main process: metrics, loss plot, newest checkpoint, tracker logs, exported model);
     returns the exit code (0; refusals are raised for :func:`pipeline.errors.run_command`)."""
-    summary = train(load_config(args.config, args.overrides), resume=args.resume)
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print_outputs(summary)
+        print_outputs(Path(cfg.train.output_dir), cfg.train.log_with, summary)
     return 0
 
 
