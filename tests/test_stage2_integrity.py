@@ -69,6 +69,11 @@ DAMAGE = {  # what is done to a copy of the cache -> the one line training stops
                                                                   (c / "store.zarr/vectors/c/2/0/0").read_bytes()),
         r"{c}/store.zarr/vectors/c/2/0/0 is truncated or damaged \(a chunk lies past its end\); delete "
         r"{c}/done/shard-00002.json and rerun flame embed to redo the shard"),
+    "a flipped byte in a shard's chunk index": (
+        lambda c: (lambda p, b: p.write_bytes(b[:-30] + bytes([b[-30] ^ 1]) + b[-29:]))(
+            c / "store.zarr/vectors/c/1/0/0", (c / "store.zarr/vectors/c/1/0/0").read_bytes()),
+        r"the chunk index of {c}/store.zarr/vectors/c/1/0/0 fails its crc32c \(a changed byte\); delete "
+        r"{c}/done/shard-00001.json and rerun flame embed to redo the shard"),
     "a marker with another key count": (
         lambda c: (c / "done/shard-00002.json").write_text(json.dumps({"shard": 2, "rows": [32, 40], "keys": 9})),
         r"{c}/index/shard-00002.parquet holds 8 keys, its marker says 9; delete {c}/done/shard-00002.json and rerun "

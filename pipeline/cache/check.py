@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import google_crc32c  # zarr's own crc32c (its shard index codec)
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,7 +57,7 @@ def check_shard(files: CacheFiles, meta: CacheMeta, shard: int) -> None:
 
 def _check_zarr_shard(files: CacheFiles, meta: CacheMeta, array: str, shard: int, redo: str) -> None:
     """The Zarr v3 shard file of ``array`` for ``shard`` exists, and its trailing index (``(offset, nbytes)``
-    uint64 pairs per inner chunk + a crc32c) lies inside the file and points inside it."""
+    uint64 pairs per inner chunk + a crc32c) lies inside the file, matches its crc32c and points inside it."""
     adir = files.store / array
     try:
         zmeta = json.loads((adir / "zarr.json").read_text(encoding="utf-8"))
@@ -76,7 +77,10 @@ def _check_zarr_shard(files: CacheFiles, meta: CacheMeta, array: str, shard: int
         return
     with open(path, "rb") as f:
         f.seek(size - n_index)
-        index = np.frombuffer(f.read(n_index - 4), "<u8").reshape(-1, 2)
+        raw = f.read(n_index)
+    if int(np.frombuffer(raw[-4:], "<u4")[0]) != google_crc32c.value(raw[:-4]):
+        raise CacheError(f"the chunk index of {path} fails its crc32c (a changed byte); {redo}")
+    index = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
     stored = index[:, 0] != np.uint64(2**64 - 1)
     if (index[stored, 0] + index[stored, 1] > size - n_index).any():
         raise CacheError(f"{path} is truncated or damaged (a chunk lies past its end); {redo}")
