@@ -203,3 +203,27 @@ def test_periodic_held_out_recall_is_logged_and_leaves_training_unchanged(data, 
     assert (r1[-1][1], r1[-1][2]) == (again["heldout_r1_image_to_text"], again["heldout_r1_text_to_image"])
     a, b = load_file(tmp_path / "plain" / "model" / "model.safetensors"), load_file(tmp_path / "eval" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trackers_get_the_project_run_name_init_arguments_and_every_log_every_step(data, tmp_path, monkeypatch):
+    """Through Accelerate: ``init_trackers(train.project_name, flat config, init_kwargs)`` and ``log(record,
+    step)`` every ``train.log_every`` steps (the tracker itself is Accelerate's; here its calls are recorded)."""
+    import accelerate.tracking
+    from accelerate import Accelerator
+
+    from stage2_train_vision.train import train
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["wandb"])
+    calls = []
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, *a, **kw: calls.append(("init", a, kw)))
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: calls.append(("log", step, values)))
+    cfg = load_config(None, tiny_overrides(data / "m", data / "c", tmp_path / "r9", **{
+        "train.mixed_precision": "no", "train.max_steps": 4, "train.log_every": 2, "train.log_with": "wandb",
+        "train.project_name": "p1", "train.tracker_init": "{wandb = {entity = \"me\"}}"}))
+    train(cfg)
+    (kind, args, kw), logs = calls[0], calls[1:]
+    assert (kind, args, kw["init_kwargs"]) == ("init", ("p1",), {"wandb": {"entity": "me", "name": "r9"}})
+    assert kw["config"]["train.project_name"] == "p1" and kw["config"]["optim.lr"] == 1e-3
+    records = read_metrics(tmp_path / "r9" / "metrics.jsonl")
+    assert [(k, s) for k, s, _ in logs] == [("log", 2), ("log", 4)]
+    assert [v for _, _, v in logs] == [{k: v for k, v in records[i].items() if k != "step"} for i in (1, 3)]
