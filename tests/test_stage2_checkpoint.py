@@ -265,3 +265,34 @@ def _identity():
 
     return CacheIdentity(llm="l", llm_fingerprint="f", tokenizer="t", layer=1, readout="pre_norm", dim=2,
                          prompt_set="flame", prompt_set_hash="h", facets=("a",))
+
+
+KILLER = """
+import json, os, signal, sys
+from stage2_train_vision import checkpoint
+from stage2_train_vision.config import load_config
+from stage2_train_vision.train import train
+
+def die(path):  # SIGKILL this process right after the checkpoint of step 4 wrote its weights
+    if path.name == "model.safetensors" and path.parent.name == ".step-0000004.partial":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint._written = die
+train(load_config(None, json.loads(sys.argv[1])))
+"""
+
+
+def test_a_real_sigkill_during_a_save_then_resume_matches_an_uninterrupted_run(data, full, tmp_path):
+    """The issue's case with a real ``kill -9`` (no cleanup code runs): the weights of step 4 written, its
+    optimizer not. The run lock dies with the process, and --resume continues from step 2 bit-identically."""
+    out = tmp_path / "run"
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(tiny_overrides(data / "m", data / "c", out,
+                                                                                   **EXTRA))],
+                          cwd=REPO, env=env, capture_output=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    partial = out / "checkpoints" / ".step-0000004.partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["model.safetensors", "rng-0.json", "rng-0.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".step-0000004.partial", "step-0000002"]
+    assert train(_cfg(data, out), resume="latest")["steps"] == 10
+    assert _same_weights(full, load_file(out / "model" / "model.safetensors"))
