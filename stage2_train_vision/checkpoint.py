@@ -237,6 +237,15 @@ def _write(path: Path, writer: Callable[[Path], Any]) -> None:
     _written(path)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (the folder's entry reaches the disk, not only the files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """This process's generator states: Python's and NumPy's as JSON, torch's as tensors (no pickle)."""
     version, internal, gauss = random.getstate()
@@ -331,6 +340,7 @@ def save_checkpoint(what: Checkpointed, output_dir: Path, keep: int, identity: C
             if path.exists():
                 shutil.rmtree(path)
             os.rename(tmp, path)
+            _fsync_dir(root)
             _written(path)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:

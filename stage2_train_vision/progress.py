@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def check_batch_finite(batch: dict[str, Any], step: int) -> None:
 def check_loss_finite(value: float, step: int, output_dir: Path) -> None:
     """Raise :class:`NonFiniteError` if the step's loss ``value`` is NaN or infinite, naming the step and the last
     checkpoint (the step is neither checkpointed nor exported)."""
-    if value == value and abs(value) != float("inf"):
+    if math.isfinite(value):
         return
     done = [p.name for p in published(output_dir)]
     raise NonFiniteError(
