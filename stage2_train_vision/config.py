@@ -367,7 +367,7 @@ def config_problems(cfg: Config) -> list[str]:
     problems += [f"data.expect: {k!r} is not a cache identity field (known: {', '.join(fields)})"
                  for k in cfg.data.expect if k not in fields]
     t = cfg.train
-    if t.max_steps == 0 and t.epochs == 0 and not problems:
+    if t.max_steps == 0 and t.epochs == 0:
         problems.append("train.max_steps = 0 and train.epochs = 0: the run would train 0 steps")
     if t.eval_every and t.eval_split in ("", cfg.data.split):
         problems.append(f"train.eval_split = {t.eval_split!r}: train.eval_every needs a held-out manifest split "
