@@ -144,12 +144,13 @@ def published(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def check_checkpoint(ckpt: Path, rank: int = 0) -> dict[str, Any]:
-    """Check that ``ckpt`` is a complete flame checkpoint made only of its data files; returns its manifest.
+def check_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check that ``ckpt`` is a complete flame checkpoint made only of its data files; returns its manifest
+    (``checkpoint.json``: ``format``, ``step``, ``processes``, ``files``).
 
     Raises:
-        CheckpointError: a file that is not part of a checkpoint (a pickle, ...), no ``checkpoint.json`` (an
-            interrupted save), a listed file missing or of another size, or no RNG state of process ``rank``.
+        ForeignCheckpointError: a file that is not part of a checkpoint (a pickle, ...).
+        CheckpointError: no ``checkpoint.json`` (an interrupted save), or a listed file missing or of another size.
     """
     names = sorted(p.name for p in ckpt.iterdir())
     foreign = [n for n in names if n not in _FIXED and not _RNG.fullmatch(n)]
@@ -170,15 +171,10 @@ def check_checkpoint(ckpt: Path, rank: int = 0) -> dict[str, Any]:
         if not path.is_file() or path.stat().st_size != size:
             got = path.stat().st_size if path.is_file() else "missing"
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is {got}, expected {size} bytes")
-    if f"rng-{rank}.json" not in files:
-        raise CheckpointError(
-            f"checkpoint {ckpt} was written by {manifest.get('processes')} processes and has no state for process "
-            f"{rank}: resume with the same number of processes"
-        )
     return manifest
 
 
-def find_checkpoint(output_dir: str | Path, resume: str, rank: int = 0) -> Path:
+def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     """``resume`` as a checkpoint directory, or for ``"latest"`` the newest *complete* one under
     ``output_dir/checkpoints``; each incomplete one skipped (an interrupted save) is named in a warning.
 
@@ -190,14 +186,14 @@ def find_checkpoint(output_dir: str | Path, resume: str, rank: int = 0) -> Path:
         path = Path(resume)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        check_checkpoint(path, rank)
+        check_checkpoint(path)
         return path
     root = Path(output_dir) / CHECKPOINTS
     for partial in sorted(root.glob(f".step-*{PARTIAL}")) if root.is_dir() else []:
         log.warning("--resume: skipping %s, a checkpoint whose save was interrupted", partial)
     for path in reversed(published(output_dir)):
         try:
-            check_checkpoint(path, rank)
+            check_checkpoint(path)
         except ForeignCheckpointError:
             raise
         except CheckpointError as exc:
@@ -366,10 +362,16 @@ def load_checkpoint(what: Checkpointed, ckpt: Path) -> None:
     states. Reads only safetensors and JSON.
 
     Raises:
-        CheckpointError: incomplete, foreign files, or a file that does not parse or fit the model.
+        CheckpointError: incomplete, foreign files, written by another number of processes, or a file that does
+            not parse or fit the model.
     """
     acc = what.accelerator
-    check_checkpoint(ckpt, acc.process_index)
+    manifest = check_checkpoint(ckpt)
+    if manifest.get("processes") != acc.num_processes:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was written by {manifest.get('processes')} processes and this run has "
+            f"{acc.num_processes}: resume with the same number of processes (each restores its own RNG state)"
+        )
     try:
         what.model.load_state_dict(load_file(ckpt / MODEL), strict=True)
         meta = json.loads((ckpt / OPTIMIZER_JSON).read_text(encoding="utf-8"))

@@ -168,7 +168,7 @@ def build_run(cfg: Config, accelerator: Accelerator, resume: str | None = None,
     rank, world = accelerator.process_index, accelerator.num_processes
     output_dir = Path(tc.output_dir)
     reader = open_cache(cfg)
-    ckpt = find_checkpoint(output_dir, resume, rank) if resume else None
+    ckpt = find_checkpoint(output_dir, resume) if resume else None
     if ckpt is not None:
         check_checkpoint_cache(ckpt, reader.identity)
     if cfg.model.init_from:  # model.init_from: the architecture comes from that model's config.json

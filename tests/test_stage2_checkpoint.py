@@ -258,6 +258,11 @@ def test_save_and_load_restore_every_part_exactly_including_an_fp16_scaler(tmp_p
     assert b.accelerator.scaler.get_scale() == 96.0 and b.accelerator.step == 1
     assert (b.state.step, b.state.history) == (7, [[1, 0.5]])
     assert json.loads((path / "scaler.json").read_text())["scale"] == 96.0
+    c = parts(3)
+    c.accelerator.num_processes = 2
+    with pytest.raises(checkpoint.CheckpointError, match=r"was written by 1 processes and this run has 2: resume "
+                                                         r"with the same number of processes"):
+        checkpoint.load_checkpoint(c, path)
 
 
 def _identity():
