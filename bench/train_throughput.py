@@ -33,6 +33,7 @@ from pipeline.cache.store import CacheReader
 from stage2_train_vision.config import load_config
 from stage2_train_vision.data.pairs import build_training_data
 from stage2_train_vision.data.transforms import train_transform
+from stage2_train_vision.launch import resolve_mixed_precision
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.step import prepare_step, train_step
 from stage2_train_vision.train import resolve_model_config
@@ -80,7 +81,7 @@ def main() -> None:
         cache = random_cache(Path(tmp) / "cache", keys, 11, args.dim)
         reader = CacheReader(cache)
         model_cfg = resolve_model_config(cfg.model, reader.dim)
-        accelerator = Accelerator(cpu=True, mixed_precision=cfg.train.mixed_precision)
+        accelerator = Accelerator(cpu=True, mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
         total_steps = (len(args.workers) + 2) * (args.steps + 2)  # every run below, so the schedule never ends
         parts = prepare_step(cfg, accelerator, FlameVisionModel(model_cfg), total_steps)
         parts.model.train()

@@ -65,12 +65,17 @@ def export_model(
 
     Raises:
         ValueError: ``model_cfg.out_dim`` is unset (export the resolved config the model was built from).
+        ExportError: a weight is not finite (NaN or infinite): nothing is written.
     """
     if model_cfg.out_dim is None:
         raise ValueError("export needs the resolved ModelConfig (out_dim set from the cache)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ExportError(f"not exporting to {out}: {len(bad)} of {len(state)} weight tensors are not finite "
+                          f"(e.g. {bad[0]}); the training diverged")
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
     image = ImageConfig(

@@ -28,17 +28,17 @@ def test_official_recipe_config():
     assert (m.name, m.img_size, m.final_norm, m.proj_hidden, m.out_dim) == ("vit_base_patch16_224", 224, False, 5120, None)
     assert (d.positives, d.crop_scale, d.interpolation, d.mean, d.std) == (6, (0.9, 1.0), "bicubic", CLIP_MEAN, CLIP_STD)
     assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_steps) == (5e-4, (0.9, 0.95), 1e-8, 0.5, 2000)
-    assert (t.epochs, t.batch_size, t.mixed_precision, cfg.loss.kind) == (32, 3072, "bf16", "sigmoid")
+    assert (t.epochs, t.batch_size, t.mixed_precision, cfg.loss.kind) == (32, 3072, "launcher", "sigmoid")
 
 
 def test_demo_config_and_typed_overrides():
     cfg = load_config(REPO / "configs" / "demo-cpu.toml",
-                      ["data.manifest=/m", "data.cache=/c", "optim.lr=2e-3", "train.log_with=tensorboard",
+                      ["data.manifest=/m", "data.cache=/c", "optim.lr=2e-3", "train.project_name=p1",
                        "data.crop_scale=[0.8, 1]", "model.out_dim=640", "data.expect={layer = 17}"])
     assert (cfg.train.max_steps, cfg.train.batch_size, cfg.model.patch_size, cfg.model.depth) == (200, 128, 8, 4)
     assert (cfg.model.img_size, cfg.data.manifest, cfg.data.cache, cfg.optim.lr) == (64, "/m", "/c", 2e-3)
-    assert (cfg.train.log_with, cfg.data.crop_scale, cfg.model.out_dim, cfg.data.expect) == (
-        ["tensorboard"], (0.8, 1.0), 640, {"layer": 17})
+    assert (cfg.train.project_name, cfg.data.crop_scale, cfg.model.out_dim, cfg.data.expect) == (
+        "p1", (0.8, 1.0), 640, {"layer": 17})
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.stage2_data import key, make_cache, make_manifest, tiny_overrides
 
@@ -37,6 +38,16 @@ for name, overrides in runs.items():
     summary["distributed_type"] = state.distributed_type.value
     with open(f"{out}/{name}-rank{state.process_index}.json", "w") as f:
         json.dump(summary, f)
+"""
+
+# Trainings one after the other in one process group, each `[name, overrides, resume]`.
+RESUME_DRIVER = """
+import json, sys
+from stage2_train_vision.config import load_config
+from stage2_train_vision.train import train
+
+for name, overrides, resume in json.loads(sys.argv[1]):
+    train(load_config(None, overrides), resume=resume)
 """
 
 
@@ -87,7 +98,44 @@ def test_train_py_uses_gloo_across_two_cpu_processes_and_exports(data, tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000015"]
     ckpt = out / "checkpoints" / "step-0000015"
     assert json.loads((ckpt / "cache_identity.json").read_text())["llm"] == "test-llm"
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
+    assert {"rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "checkpoint.json").read_text())["processes"] == 2
+    assert not list((out / "checkpoints").glob(".*"))  # published: no partial folder left
+
+
+def test_resume_under_two_processes_matches_an_uninterrupted_run(data, tmp_path):
+    """Each rank restores its own RNG state from the atomically published checkpoint; a kill is simulated by
+    train.stop_at_step, and the resumed run's weights equal the uninterrupted run's bit for bit."""
+    from safetensors.torch import load_file
+
+    base = {"data.mode": "memory", "train.epochs": 2, "train.save_every": 2}
+    runs = [["full", _overrides(data, tmp_path / "full", **base), None],
+            ["part", _overrides(data, tmp_path / "part", **base, **{"train.stop_at_step": 4}), None],
+            ["resumed", _overrides(data, tmp_path / "part", **base), "latest"]]
+    (tmp_path / "driver.py").write_text(RESUME_DRIVER)
+    rc = _launch([str(tmp_path / "driver.py"), json.dumps(runs)], tmp_path / "log.txt")
+    assert rc == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_multi_cpu_config_that_starts_one_process_is_refused(data, tmp_path):
+    """The issue's case: an accelerate config file with distributed_type MULTI_CPU and num_processes 2 starts one
+    process (accelerate's simple launcher); training refuses in one line instead of silently running alone."""
+    (tmp_path / "multi_cpu.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\n"
+        "machine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "multi_cpu.yaml"),
+         "stage2_train_vision/train.py", "--config", str(data / "empty.toml"), *_overrides(data, tmp_path / "run")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode != 0
+    assert ("train.py: accelerate launch was asked for several processes (it set MASTER_PORT) but started only this "
+            "one, without a process group;") in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_stream_and_memory_give_every_rank_the_same_steps_for_any_seed_and_epochs(data, tmp_path):

@@ -167,7 +167,7 @@ def test_refusals_name_the_values(data, tmp_path):
         train(_cfg(data, tmp_path, **{"train.batch_size": 6, "train.grad_accum": 4}))
     with pytest.raises(ConfigError, match="data.cache is not set"):
         train(_cfg(data, tmp_path, **{"data.cache": ""}))
-    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
         train(_cfg(data, tmp_path / "fresh"), resume="latest")
 
 
@@ -189,20 +189,17 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_complete_c
                                                                                           monkeypatch, capsys):
     import errno
 
-    from accelerate import Accelerator
+    from stage2_train_vision import checkpoint
 
-    real = Accelerator.save_state
     calls = []
 
-    def full_on_second(self, output_dir=None, **kw):
-        calls.append(output_dir)
-        if len(calls) == 2:
-            Path(output_dir).mkdir(parents=True)
-            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, output_dir, **kw)
+    def full_on_second(path):
+        if path.name == "model.safetensors":
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Accelerator, "save_state", full_on_second)
+    monkeypatch.setattr(checkpoint, "_written", full_on_second)
     out = tmp_path / "run"
     rc = flame_main(["train", "--config", str(REPO / "configs" / "demo-cpu.toml"),
                      *tiny_overrides(data / "m", data / "c", out, **{"train.save_every": 1, "train.stop_at_step": 3})])

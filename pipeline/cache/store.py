@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline.atomic import atomic_file, atomic_write_bytes
+from pipeline.cache.check import check_parts
 from pipeline.cache.files import KEY, META_JSON, ROW, CacheFiles
 from pipeline.cache.lock import CacheLock
 from pipeline.cache.lookup import KeyLookup
@@ -270,6 +271,11 @@ class CacheReader:
             self._lookup = build_key_lookup(self.files, self.meta, persist=False, shards=finished)
         else:
             self._lookup = build_key_lookup(self.files, self.meta, persist=_writable(self.files.root))
+
+    def check_parts(self) -> None:
+        """The cheap check of every part's presence and size (:func:`pipeline.cache.check.check_parts`; no
+        vector is read). Raises :class:`CacheError` naming the first damaged part and how to repair it."""
+        check_parts(self.dir)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"args": self._args}
