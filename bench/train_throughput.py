@@ -33,8 +33,8 @@ from pipeline.cache.store import CacheReader
 from stage2_train_vision.config import load_config
 from stage2_train_vision.data.pairs import build_training_data
 from stage2_train_vision.data.transforms import train_transform
-from stage2_train_vision.launch import resolve_mixed_precision
 from stage2_train_vision.model import FlameVisionModel
+from stage2_train_vision.run.launch import resolve_mixed_precision
 from stage2_train_vision.step import prepare_step, train_step
 from stage2_train_vision.train import resolve_model_config
 

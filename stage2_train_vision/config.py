@@ -126,7 +126,7 @@ class TrainConfig:
 
     Attributes:
         output_dir: checkpoints, ``metrics.jsonl``, plots, tracker logs and the exported model go here; one run at
-            a time (``train.lock``, :mod:`stage2_train_vision.run_lock`).
+            a time (``train.lock``, :mod:`stage2_train_vision.run.run_lock`).
         epochs: passes over the data (ignored when ``max_steps`` is set).
         max_steps: total optimizer steps; 0 = ``epochs`` full epochs. When set, training runs as many epochs as
             it takes, stops after this step, and the LR schedule spans exactly these steps (a fixed time budget
@@ -145,7 +145,7 @@ class TrainConfig:
         run_name: the run's name in the trackers; ``""`` = the output folder's name.
         tracker_init: per-tracker init arguments, e.g. ``{wandb = {entity = "me", tags = ["cc3m"]}}``
             (Accelerate's ``init_kwargs``).
-        eval_every: every this many steps, held-out recall@1 (:mod:`stage2_train_vision.heldout`) into
+        eval_every: every this many steps, held-out recall@1 (:mod:`stage2_train_vision.run.heldout`) into
             ``metrics.jsonl`` and the trackers; 0 = off.
         eval_split: the held-out manifest split for ``eval_every`` (its keys must be in the cache).
         eval_samples: how many held-out samples (the first usable ones of the split).

@@ -9,14 +9,14 @@ model, optimizer, schedule, resume), then :func:`stage2_train_vision.step.train_
 :func:`end_step` after every optimizer step (loss, progress, trackers, checkpoints), then :func:`finish`
 (final checkpoint, export, loss plot).
 
-Outputs under ``train.output_dir``: ``checkpoints/step-NNNNNNN/`` (:mod:`stage2_train_vision.checkpoint`:
+Outputs under ``train.output_dir``: ``checkpoints/step-NNNNNNN/`` (:mod:`stage2_train_vision.run.checkpoint`:
 published atomically, safetensors and JSON only, with ``cache_identity.json``, which ``--resume`` checks),
-``metrics.jsonl`` (every step, :mod:`stage2_train_vision.metrics`), ``model/`` (the export,
+``metrics.jsonl`` (every step, :mod:`stage2_train_vision.run.metrics`), ``model/`` (the export,
 :mod:`stage2_train_vision.export`), ``loss.png``, ``train_config.json``, tracker logs under ``logs/`` and
-``train.lock`` (one run per folder, :mod:`stage2_train_vision.run_lock`). ``flame train`` ends by printing
+``train.lock`` (one run per folder, :mod:`stage2_train_vision.run.run_lock`). ``flame train`` ends by printing
 where each of them is.
 
-The launcher's precision and processes win (:mod:`stage2_train_vision.launch`). Without CUDA the Accelerator
+The launcher's precision and processes win (:mod:`stage2_train_vision.run.launch`). Without CUDA the Accelerator
 is created with ``cpu=True``, so ``accelerate launch --multi_gpu --num_processes N`` trains on N CPU processes
 over gloo (``DistributedType.MULTI_CPU``).
 
@@ -48,7 +48,14 @@ from pipeline.atomic import atomic_write_bytes
 from pipeline.cache.check import check_parts
 from pipeline.cache.store import CacheIdentityError, CacheReader
 from pipeline.errors import run_command
-from stage2_train_vision.checkpoint import (
+from stage2_train_vision.cli import add_arguments
+from stage2_train_vision.config import Config, ConfigError, ImageConfig, ModelConfig, load_config
+from stage2_train_vision.data.pairs import TrainingData, build_training_data, sample_seed
+from stage2_train_vision.data.transforms import train_transform
+from stage2_train_vision.export import export_model
+from stage2_train_vision.init_from import apply_init_from, load_init_weights
+from stage2_train_vision.model import FlameVisionModel
+from stage2_train_vision.run.checkpoint import (
     Checkpointed,
     TrainState,
     check_checkpoint_cache,
@@ -56,18 +63,11 @@ from stage2_train_vision.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from stage2_train_vision.cli import add_arguments
-from stage2_train_vision.config import Config, ConfigError, ImageConfig, ModelConfig, load_config
-from stage2_train_vision.data.pairs import TrainingData, build_training_data, sample_seed
-from stage2_train_vision.data.transforms import train_transform
-from stage2_train_vision.export import export_model
-from stage2_train_vision.heldout import HeldOut
-from stage2_train_vision.init_from import apply_init_from, load_init_weights
-from stage2_train_vision.launch import flat_config, make_accelerator, take_run_lock, tracker_init_kwargs
-from stage2_train_vision.metrics import MetricsLog
-from stage2_train_vision.model import FlameVisionModel
-from stage2_train_vision.plots import plot_loss_curve
-from stage2_train_vision.progress import (
+from stage2_train_vision.run.heldout import HeldOut
+from stage2_train_vision.run.launch import flat_config, make_accelerator, take_run_lock, tracker_init_kwargs
+from stage2_train_vision.run.metrics import MetricsLog
+from stage2_train_vision.run.plots import plot_loss_curve
+from stage2_train_vision.run.progress import (
     Progress,
     check_batch_finite,
     check_loss_finite,
@@ -117,7 +117,7 @@ class TrainRun:
         total_steps: optimizer steps of the whole run (``train.max_steps`` or the epochs' steps).
         batch: images per process per micro-step.
         output_dir: ``train.output_dir``.
-        metrics: the run's ``metrics.jsonl`` (:mod:`stage2_train_vision.metrics`).
+        metrics: the run's ``metrics.jsonl`` (:mod:`stage2_train_vision.run.metrics`).
         text_tower: the tower config of a text-tower run, else ``None``.
         progress: the loop's running totals, once it started.
         heldout: the held-out samples of ``train.eval_every`` (main process only), else ``None``.
@@ -224,7 +224,7 @@ def end_step(run: TrainRun, progress: Progress) -> None:
 
     Raises:
         NonFiniteError: the loss is not finite (nothing of this step is saved).
-        CheckpointError: see :func:`stage2_train_vision.checkpoint.save_checkpoint`.
+        CheckpointError: see :func:`stage2_train_vision.run.checkpoint.save_checkpoint`.
     """
     state, tc, accelerator = run.state, run.cfg.train, run.parts.accelerator
     state.step += 1

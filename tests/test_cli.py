@@ -59,9 +59,9 @@ def test_every_user_facing_error_is_one_flame_error():
     from pipeline.errors import FlameError, is_user_error
     from stage1_embed_text.backends.vllm_settings import VllmUnavailableError
     from stage1_embed_text.encode.tokenization import TokenizerError
-    from stage2_train_vision.checkpoint import CheckpointError
     from stage2_train_vision.config import ConfigError
     from stage2_train_vision.data.samples import DataError
+    from stage2_train_vision.run.checkpoint import CheckpointError
 
     classes = [BenchmarkError, ModelConfigError, DuplicateKeyError, ImageTooLargeError, UndecodableImageError,
                ManifestError, AssetError, CacheError, CacheIdentityError, TokenizerError, VllmUnavailableError,

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from flame_pipeline.cli import main as flame_main
 from stage2_train_vision import checkpoint
 from stage2_train_vision.config import load_config
-from stage2_train_vision.metrics import read_metrics
-from stage2_train_vision.run_lock import RunLock
+from stage2_train_vision.run.metrics import read_metrics
+from stage2_train_vision.run.run_lock import RunLock
 from stage2_train_vision.train import train
 from tests.helpers.stage2_data import key, make_cache, make_manifest, tiny_overrides
 
@@ -183,7 +183,7 @@ def test_rotation_keeps_the_same_checkpoints_as_accelerates_total_limit(data, tm
 
 HOLDER = """
 import sys, time
-from stage2_train_vision.run_lock import RunLock
+from stage2_train_vision.run.run_lock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)

@@ -11,7 +11,7 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
 from flame_pipeline.cli import main as flame_main
 from stage2_train_vision.config import ConfigError, config_problems, load_config
-from stage2_train_vision.launch import check_world, resolve_mixed_precision
+from stage2_train_vision.run.launch import check_world, resolve_mixed_precision
 from stage2_train_vision.train import train
 from tests.helpers.stage2_data import key, make_cache, make_manifest, tiny_overrides
 
@@ -89,7 +89,7 @@ def test_an_installed_tracker_is_accepted_with_its_init_arguments(monkeypatch):
                              "train.project_name=p1"])
     assert (cfg.train.log_with, cfg.train.tracker_init, cfg.train.project_name) == (
         ["tensorboard"], {"tensorboard": {"flush_secs": 5}}, "p1")
-    from stage2_train_vision.launch import tracker_init_kwargs
+    from stage2_train_vision.run.launch import tracker_init_kwargs
 
     cfg = load_config(None, ["train.log_with=[\"wandb\"]", "train.output_dir=runs/r7",
                              "train.tracker_init={wandb = {entity = \"me\"}}"])

@@ -23,8 +23,8 @@ from pipeline.cache.store import CacheReader
 from stage2_train_vision import step as step_module
 from stage2_train_vision.config import ModelConfig, load_config
 from stage2_train_vision.export import ExportError, export_model, load_exported
-from stage2_train_vision.metrics import read_metrics
 from stage2_train_vision.model import FlameVisionModel
+from stage2_train_vision.run.metrics import read_metrics
 from tests.helpers.stage2_data import key, make_cache, make_manifest, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_periodic_held_out_recall_is_logged_and_leaves_training_unchanged(data, 
     from safetensors.torch import load_file
 
     from stage2_train_vision.config import ImageConfig
-    from stage2_train_vision.heldout import HeldOut
+    from stage2_train_vision.run.heldout import HeldOut
     from stage2_train_vision.train import train
 
     base = {"train.mixed_precision": "no", "train.max_steps": 4}

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from stage2_train_vision.config import Config, ConfigError
-from stage2_train_vision.run_lock import RunLock, RunLockError
+from stage2_train_vision.run.run_lock import RunLock, RunLockError
 
 WORLD_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 

@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.errors import FlameError
-from stage2_train_vision.checkpoint import published
-from stage2_train_vision.metrics import METRICS
+from stage2_train_vision.run.checkpoint import published
+from stage2_train_vision.run.metrics import METRICS
 
 
 class NonFiniteError(FlameError, RuntimeError):

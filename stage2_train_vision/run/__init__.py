@@ -1,0 +1,1 @@
+"""A training run's bookkeeping (SPEC §5): the launcher's settings, the output-folder lock, kill-safe checkpoints,\nper-step metrics and trackers, progress, plots and the held-out recall during training."""
