@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from flame_pipeline.cli import main as flame_main
-from stage2_train_vision import checkpoint
+from stage2_train_vision.run import checkpoint
 from stage2_train_vision.config import load_config
 from stage2_train_vision.run.metrics import read_metrics
 from stage2_train_vision.run.run_lock import RunLock
@@ -274,7 +274,7 @@ def _identity():
 
 KILLER = """
 import json, os, signal, sys
-from stage2_train_vision import checkpoint
+from stage2_train_vision.run import checkpoint
 from stage2_train_vision.config import load_config
 from stage2_train_vision.train import train
 

@@ -189,7 +189,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_complete_c
                                                                                           monkeypatch, capsys):
     import errno
 
-    from stage2_train_vision import checkpoint
+    from stage2_train_vision.run import checkpoint
 
     calls = []
 
