@@ -130,7 +130,8 @@ def test_smoke_study_writes_json_table_and_plot(study_data, no_llm, tmp_path):
     assert configs["clip_scratch"]["text_side"]["kind"] == "text_tower"
     assert configs["clip_scratch"]["text_side"]["width"] == 32 and configs["clip_scratch"]["model"]["out_dim"] == D
     for n in ("flame", "flame_single", "flame_english_llm"):
-        assert set(configs[n]) == {"model", "image", "cache_identity", "train"}  # FLAME export format unchanged
+        assert set(configs[n]) == {"library_name", "architectures", "format_version", "model", "image", "cache_identity",
+                                   "text_encoder", "train"}  # the FLAME export format (a Hub model repo)
     assert configs["flame"]["cache_identity"]["llm"] == fidelity.GEMMA
     assert configs["flame_english_llm"]["cache_identity"]["llm"] == fidelity.SMOLLM
     assert json.loads((run_dirs["flame_single"] / "train" / "train_config.json").read_text())["data"]["positives"] == 1
