@@ -150,7 +150,11 @@ def test_export_roundtrip(tmp_path):
     export_model(model, TINY, data_cfg, identity, tmp_path, {"steps": 3})
     loaded, config = load_exported(tmp_path)
     assert not loaded.training
-    assert set(config) == {"model", "image", "cache_identity", "train"}
+    assert set(config) == {"library_name", "architectures", "format_version", "model", "image", "cache_identity",
+                           "text_encoder", "train"}
+    assert (config["library_name"], config["architectures"], config["format_version"]) == (
+        "flame-pipeline", ["FlameVisionModel"], 2)
+    assert config["text_encoder"] == {"kind": "local", "path": identity["llm"]}
     assert config["image"] == {"size": 32, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
                                "interpolation": "bicubic", "crop_scale": [0.9, 1.0]}
     assert config["cache_identity"] == identity and config["train"] == {"steps": 3}

@@ -126,12 +126,14 @@ def _identity(**kw) -> CacheIdentity:
     return CacheIdentity(**{**base, **kw})
 
 
-def test_export_writes_only_its_two_files_and_init_from_names_text_side_differences(tmp_path, caplog):
+def test_export_writes_only_its_three_files_and_init_from_names_text_side_differences(tmp_path, caplog):
     model = _tiny_model()
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "README").write_text("kept")
+    (tmp_path / "m" / "NOTES").write_text("kept")
     export_model(model, model.cfg, Config().data, _identity().to_dict(), tmp_path / "m", {"steps": 1})
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["NOTES", "README.md", "config.json",
+                                                                  "model.safetensors"]
+    assert (tmp_path / "m" / "NOTES").read_text() == "kept"
     assert json.loads((tmp_path / "m" / "config.json").read_text())["train"] == {"steps": 1}
 
     cfg = load_config(None, [f"model.init_from={json.dumps(str(tmp_path / 'm'))}"])
