@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from flame_pipeline.cli import main as flame_main
-from stage2_train_vision.run import checkpoint
 from stage2_train_vision.config import load_config
+from stage2_train_vision.run import checkpoint
 from stage2_train_vision.run.metrics import read_metrics
 from stage2_train_vision.run.run_lock import RunLock
 from stage2_train_vision.train import train
