@@ -136,6 +136,25 @@ def test_plan_dedupes_rows_and_texts(tmp_path):
         make_plan(manifest, FLAME, tmp_path / "bad", shard_rows=4, chunk_rows=3)
 
 
+def test_unicode_is_not_normalized_texts_and_keys_stay_byte_exact(tmp_path):
+    """Issue 24 item 7 (README "Unicode"): captions and keys are used byte for byte as the manifest holds them.
+    "café" in NFC (é = U+00E9) and in NFD (e + U+0301) are two texts (two rows, two SHA-1s) and two keys; the
+    prompt text handed to the tokenizer is the stored one; equal bytes still dedupe into one row."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd and len(nfc.encode()) == 5 and len(nfd.encode()) == 6
+    samples = [(nfc, f"un {nfc} noir", None, None), (nfd, f"un {nfd} noir", None, None),
+               ("again", f"un {nfc} noir", None, None)]
+    manifest, info, plan = _plan(tmp_path, samples)
+    assert (info.n_keys, info.n_rows) == (3, 2)  # the NFC caption of "again" shares row 0; NFD is its own row
+    assert [k for s in range(info.layout.n_shards) for k in plan.keys(s)[0].to_pylist()] == [nfc, "again", nfd]
+    fetcher = RowFetcher(manifest, ["raw_caption", "short_caption", "long_caption"])
+    texts = [plan.texts(0, np.array([r]), fetcher)[0]["raw"] for r in (0, 1)]
+    assert texts == [f"un {nfc} noir.", f"un {nfd} noir."]
+    assert len({hashlib.sha1(t.encode()).digest() for t in texts}) == 2
+
+
 def test_plan_with_split_and_limit_counts_manifest_positions(tmp_path):
     w = ManifestWriter(tmp_path / "m", {"name": "test", "args": {}}, rows_per_part=3)
     for i in range(10):
