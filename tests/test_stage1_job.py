@@ -223,6 +223,42 @@ def test_rerun_of_finished_cache_does_nothing(env, tmp_path):
         run_embed(_config(env, manifest, cache, limit=3))
 
 
+def test_verify_names_a_damaged_shard_and_its_command_redoes_only_that_shard(env, tmp_path, capsys):
+    """Issue 24 item 2: a negated stored vector (still finite and unit-norm) is found only by the checksums; the
+    printed command (delete the marker, rerun the same `flame embed`) rewrites that shard alone, byte-identical."""
+    import shlex
+
+    import zarr
+
+    from flame_pipeline.cli import main
+    from pipeline.cache.verify import verify_cache
+
+    manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
+    cache = tmp_path / "cache"
+    run_embed(_config(env, manifest, cache))
+    original = _files(cache)
+    assert verify_cache(cache).ok
+    vectors = zarr.open_group(cache / "store.zarr", mode="r+")["vectors"]
+    vectors[2, 0] = -vectors[2, 0]  # row 2 = shard 1
+    assert main(["inspect", str(cache), "--json"]) == 0  # finite and unit-norm: invisible without checksums
+    capsys.readouterr()
+    report = verify_cache(cache)
+    assert list(report.damaged) == [1]
+    assert report.damaged[1] == ["store.zarr/vectors/c/1/0/0 differs from its checksum"]
+    assert main(["inspect", str(cache), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "shard 1: store.zarr/vectors/c/1/0/0 differs from its checksum" in out and report.redo[1] in out
+    rm, command = report.redo[1].split(" && ")
+    assert shlex.split(rm) == ["rm", str(cache / "done" / "shard-00001.json")]
+    (cache / "done" / "shard-00001.json").unlink()
+    others = {p: (cache / p).stat().st_mtime_ns for p in original if "/c/1/" not in p and "00001" not in p}
+    assert main(shlex.split(command)[1:]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["shards_written"], summary["shards_skipped"]) == (1, 2)
+    assert _files(cache) == original and verify_cache(cache).ok
+    assert {p: (cache / p).stat().st_mtime_ns for p in others} == others  # nothing else was rewritten
+
+
 def test_cli_without_vllm_refuses_backend_vllm_cleanly(env, tmp_path, capsys):
     from flame_pipeline.cli import main
     from stage1_embed_text.backends.vllm_settings import vllm_available

@@ -40,6 +40,7 @@ from pipeline.cache.meta import (
     check_unit_vectors,
 )
 from pipeline.cache.shards import ShardFiles
+from pipeline.cache.verify import shard_checksums
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,10 @@ class CacheWriter:
             self.mask[rows.start : rows.stop] = mask
         part = self.files.index_part(shard)
         with atomic_file(part) as tmp:
-            pq.write_table(index, tmp)
-        marker = {"shard": shard, "rows": [rows.start, rows.stop], "keys": index.num_rows}
+            pq.write_table(index, tmp, write_page_checksum=True)
+        # the digests of the shard's files as committed (pipeline.cache.verify checks them)
+        marker = {"shard": shard, "rows": [rows.start, rows.stop], "keys": index.num_rows,
+                  "sha256": shard_checksums(self.files, shard)}
         atomic_write_bytes(self._marker(shard), json.dumps(marker).encode())
 
     def read_vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -171,17 +174,19 @@ def read_index_part(files: CacheFiles, shard: int, columns: list[str] | None = N
     """The index part of a finished shard (:func:`pipeline.cache.files.index_schema`, ``columns`` only).
 
     Raises:
-        CacheError: the part is missing or not readable Parquet (deleted, truncated): the cache is damaged, and
-            the message says how to redo the shard.
+        CacheError: the part is missing or not readable Parquet (deleted, truncated, a page whose checksum does not
+            match): the cache is damaged, and the message says how to redo the shard.
     """
     path = files.index_part(shard)
-    redo = f"delete {files.marker(shard)} and rerun flame embed to redo the shard"
+    redo = (f"delete {files.marker(shard)} and rerun the command that built the cache to redo the shard "
+            "(`flame inspect --verify` prints it)")
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
     except FileNotFoundError:
         raise CacheError(f"{path} is missing although shard {shard} is finished; {redo}") from None
-    except pa.ArrowInvalid as e:
-        raise CacheError(f"{path} is damaged ({e}); {redo}") from None
+    except (OSError, ValueError, pa.ArrowException) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CacheError(f"{path} is damaged ({first}); {redo}") from None
 
 
 def build_key_lookup(files: CacheFiles, meta: CacheMeta, mask: np.ndarray | None = None,
@@ -305,7 +310,13 @@ class CacheReader:
             return direct, mask
         order = np.argsort(rows, kind="stable")
         uniq, inverse = np.unique(rows[order], return_inverse=True)
-        vec = self.vectors.get_orthogonal_selection((uniq, slice(None), slice(None)))
+        try:
+            vec = self.vectors.get_orthogonal_selection((uniq, slice(None), slice(None)))
+        except (OSError, ValueError) as e:  # zarr: "Stored and computed checksum do not match", truncated shard
+            shards = sorted({int(r) // self.meta.layout.shard_rows for r in uniq})
+            raise CacheError(
+                f"cache {self.dir}: reading rows of shards {shards[:5]} failed ({str(e)[:200]}): a shard file is "
+                "damaged; `flame inspect --verify` names it and the command that redoes it") from None
         out_v = np.empty((len(rows),) + vec.shape[1:], dtype=vec.dtype)
         out_v[order] = vec[inverse]
         return out_v, self.mask_rows(rows)
