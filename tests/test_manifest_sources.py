@@ -270,7 +270,7 @@ def test_parquet_source(tmp_path):
         assert load_image(row, out).getpixel((0, 0)) == colour(int(key[1]))
     table = pads.dataset(out / "data").to_table()  # plain pyarrow, no project code
     assert table.column("key").to_pylist() == ["p0", "p2", "p3"]
-    assert table.column("image_bytes").to_pylist() == [png(0), png(2), png(3)]
+    assert [im["bytes"] for im in table.column("image").to_pylist()] == [png(0), png(2), png(3)]
     with pytest.raises(ManifestError, match=r"no column 'title' \(--raw-column\)"):
         build_parquet_manifest([src], out, raw_column="title")
 
