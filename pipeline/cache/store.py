@@ -95,14 +95,16 @@ class CacheWriter:
             lay, ident = meta.layout, meta.identity
             group = zarr.open_group(files.store, mode="w")
             n, f = max(lay.n_rows, 1), len(ident.facets)
+            attrs = zarr_attributes(meta)
             group.create_array(
                 "vectors", shape=(n, f, ident.dim), dtype="float16", chunks=(lay.chunk_rows, f, ident.dim),
-                shards=(lay.shard_rows, f, ident.dim), compressors=None, fill_value=0,
+                shards=(lay.shard_rows, f, ident.dim), compressors=None, fill_value=0, attributes=attrs["vectors"],
             )
             group.create_array(
                 "mask", shape=(n, f), dtype="bool", chunks=(lay.chunk_rows, f), shards=(lay.shard_rows, f),
-                fill_value=False,
+                fill_value=False, attributes=attrs["mask"],
             )
+            group.attrs.update(attrs["group"])
             files.index_dir.mkdir(exist_ok=True)
             files.done_dir.mkdir(exist_ok=True)
             atomic_write_bytes(files.meta, meta.to_json().encode())
@@ -168,6 +170,26 @@ class CacheWriter:
                 plan); ``None`` reads ``store.zarr/mask`` shard by shard.
         """
         return build_key_lookup(self.files, self.meta, mask)
+
+
+def zarr_attributes(meta: CacheMeta) -> dict[str, dict[str, Any]]:
+    """The attributes stored with the Zarr arrays (``zarr.json``), so a plain Zarr reader knows what it holds
+    (informative; ``meta.json`` stays the contract): per array its axes, facet names and what a value means,
+    and the cache identity with its hash (:meth:`pipeline.cache.meta.CacheIdentity.digest`)."""
+    ident = meta.identity
+    facets = list(ident.facets)
+    common = {"flame_cache_format": meta.format_version, "identity_hash": ident.digest(), "facets": facets}
+    return {
+        "group": common | {"identity": ident.to_dict(), "rows": meta.layout.n_rows,
+                           "description": "flame stage-1 text cache: see meta.json and the index/ parts for keys"},
+        "vectors": common | {
+            "axes": ["row", "facet", "dim"],
+            "meaning": f"L2-normalized hidden state of {ident.llm} (layer {ident.layer}, {ident.readout}) per row "
+                       "and facet, stored float16; zero where the facet is absent (see mask); the rows of a key are "
+                       "given by index/*.parquet",
+        },
+        "mask": common | {"axes": ["row", "facet"], "meaning": "true where the facet's text is present"},
+    }
 
 
 def read_index_part(files: CacheFiles, shard: int, columns: list[str] | None = None) -> pa.Table:
