@@ -151,8 +151,9 @@ def _read_part(path: Path, columns: list[str] | None) -> pa.Table:
     return to_logical(pq.read_table(path, columns=_stored_columns(columns, names)), columns)
 
 
-def _iter_part(path: Path, columns: list[str] | None, batch_rows: int) -> Iterator[pa.Table]:
-    """One part as :data:`SCHEMA` tables of up to ``batch_rows`` rows."""
+def iter_part(path: str | Path, columns: list[str] | None, batch_rows: int = 65_536) -> Iterator[pa.Table]:
+    """One part file (``DIR/data/part-NNNNN.parquet``, schema version 1 or 2) as :data:`SCHEMA` tables
+    (``columns`` of it) of up to ``batch_rows`` rows: how code that streams parts by itself reads them."""
     part = pq.ParquetFile(path)
     for batch in part.iter_batches(batch_size=batch_rows, columns=_stored_columns(columns, part.schema_arrow.names)):
         yield to_logical(batch, columns)
@@ -365,7 +366,7 @@ def iter_batches(
         raise ManifestError(f"unknown manifest columns {sorted(unknown)}")
     start = 0
     for path in _part_paths(manifest_dir):
-        for table in _iter_part(path, columns, batch_rows):
+        for table in iter_part(path, columns, batch_rows):
             batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
             if batch is not None:
                 yield start, batch
@@ -426,7 +427,7 @@ def _part_paths(manifest_dir: str | Path) -> list[Path]:
 def iter_rows(manifest_dir: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Yield manifest rows as dicts (``labels``/``names`` as ``dict``), part by part, in row order."""
     for path in _part_paths(manifest_dir):
-        for table in _iter_part(path, columns, 65_536):
+        for table in iter_part(path, columns, 65_536):
             for row in table.to_pylist():
                 for name in ("labels", "names"):
                     if name in row:
