@@ -334,6 +334,8 @@ def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
 
 
 def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, tmp_path, capsys):
+    """The lock is filelock's OS lock on writer.lock, whose content names the holder: a live holder (another
+    process) refuses the job in one line; once that process is killed (-9) the next job takes the lock over."""
     import socket
 
     from flame_pipeline.cli import main
@@ -342,16 +344,24 @@ def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, t
     cache = tmp_path / "cache"
     cache.mkdir()
     lock = cache / "writer.lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "t0"}))
-    args = ["embed", *_cli(env, manifest, cache)]
-    assert main(args) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flame")]
-    assert err == [f"flame embed: cache {cache} is being written by process {os.getpid()} on "
-                   f"{socket.gethostname()} since t0; wait for that job, or delete {lock} if it is dead"]
-    assert sorted(p.name for p in cache.iterdir()) == ["writer.lock"]  # nothing planned, nothing deleted
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "t0"}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.cache.files import CacheFiles; "
+         "from pipeline.cache.lock import CacheLock; lock = CacheLock(CacheFiles(sys.argv[1])); lock.acquire(); "
+         "print('held', "
+         "flush=True); time.sleep(120)", str(cache)], env=env["env"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = json.loads(lock.read_text())["started"]
+        args = ["embed", *_cli(env, manifest, cache)]
+        assert main(args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flame")]
+        assert err == [f"flame embed: cache {cache} is being written by process {holder.pid} on "
+                       f"{socket.gethostname()} since {started}; wait for that job, or delete {lock} if it is dead"]
+        assert sorted(p.name for p in cache.iterdir()) == ["writer.lock"]  # nothing planned, nothing deleted
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # a killed holder's file stays; its OS lock is gone
     assert main(args) == 0
     assert not lock.exists() and len(CacheReader(cache)) == 7
 
