@@ -36,7 +36,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 from eval.benchmarks.base import (
     Benchmark,
@@ -101,6 +100,9 @@ def _wds_samples(data: Path, split: str) -> list[dict[str, object]]:
     is the member name up to the first ``.`` of its base name, as webdataset groups them (``base_plus_ext``).
     Images are kept as references (shard, member), read again when the benchmark embeds them.
     """
+    # webdataset imports torch: only here, so registering the benchmarks stays light
+    from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+
     samples: dict[tuple[int, str], dict[str, object]] = defaultdict(dict)
     shards = _shards(data, split)
     index = {str(shard): si for si, shard in enumerate(shards)}
