@@ -283,10 +283,10 @@ def write_synthetic_manifest(out: Path, n: int) -> None:
     """The canonical manifest (:mod:`manifests.schema`) of samples ``0..n-1``, written part by part.
 
     The files :class:`manifests.schema.ManifestWriter` writes (``data/part-NNNNN.parquet`` of
-    :data:`manifests.schema.SCHEMA`, zstd, ``manifest.json`` last), without a Python object per row. Row
+    :func:`manifests.schema.stored_schema`, zstd, ``manifest.json`` last), without a Python object per row. Row
     ``i`` references image ``i mod 256`` of the image pool in ``out/images``.
     """
-    from manifests.schema import DATA_DIR, MANIFEST_JSON, SCHEMA, ManifestInfo
+    from manifests.schema import DATA_DIR, MANIFEST_JSON, SCHEMA, ManifestInfo, to_stored
     from pipeline.atomic import atomic_write_bytes
 
     shutil.rmtree(out, ignore_errors=True)
@@ -306,7 +306,8 @@ def write_synthetic_manifest(out: Path, n: int) -> None:
         }
         arrays = [columns[f.name] if f.name in columns else pa.nulls(rows, f.type) for f in SCHEMA]
         name = f"{DATA_DIR}/part-{len(info.parts):05d}.parquet"
-        pq.write_table(pa.Table.from_arrays(arrays, schema=SCHEMA), out / name, compression="zstd")
+        pq.write_table(to_stored(pa.Table.from_arrays(arrays, schema=SCHEMA), image_feature=False), out / name,
+                       compression="zstd")
         info.parts.append(name)
     info.counts = {"train": n, "total": n}
     atomic_write_bytes(out / MANIFEST_JSON, info.to_json().encode("utf-8"))

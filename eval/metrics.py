@@ -5,6 +5,11 @@ queries the images), ``text_retrieval_recall@k`` is **image -> text**; ``acc1``,
 ``mean_per_class_recall``. Every value is a fraction in ``[0, 1]``.
 
 Rankings come from :func:`eval.ranking.topk` (descending score, ties broken by the lower index).
+
+Recall@k, accuracy@k and the class prototypes are computed here rather than by CLIP_benchmark's
+``recall_at_k`` / ``accuracy`` / ``zero_shot_classifier``: those rank with ``torch.topk`` in float32, whose order
+of tied scores is unspecified (and they need a model object, not cached vectors). On inputs without ties the
+values are equal, which ``tests/test_eval_metrics.py`` checks against CLIP_benchmark itself.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def hits_at_k(ranked: np.ndarray, queries: np.ndarray, positives: np.ndarray,
 
 
 def recall_from_hits(hits: np.ndarray, ks: tuple[int, ...] = RECALL_KS) -> dict[int, float]:
-    """Recall@k: the fraction of queries with **any** positive in their top k, for each k in ``ks``."""
+    """Recall@k: the fraction of queries with **any** positive in their top k, for each k in ``ks``
+    (CLIP_benchmark's ``(recall_at_k(...) > 0).float().mean()``)."""
     return {k: float(hits[:, :k].any(axis=1).mean()) if len(hits) else float("nan") for k in ks}
 
 
@@ -176,7 +182,8 @@ def duplicate_text_ceiling(texts: Sequence[str], pairs: np.ndarray) -> tuple[int
 
 
 def class_prototypes(template_emb: np.ndarray) -> np.ndarray:
-    """Zero-shot class vectors: L2-normalize each prompt vector, average over templates, renormalize.
+    """Zero-shot class vectors: L2-normalize each prompt vector, average over templates, renormalize
+    (CLIP_benchmark's ``zero_shot_classifier`` on already embedded prompts, in float64).
 
     Args:
         template_emb: ``float [C, T, D]`` (class x template).
@@ -212,7 +219,8 @@ class ClassificationOutcome:
 
 
 def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> ClassificationOutcome:
-    """Top-1 / top-5 accuracy and mean per-class recall from image x class scores.
+    """Top-1 / top-5 accuracy and mean per-class recall from image x class scores (CLIP_benchmark's ``accuracy``
+    and ``balanced_accuracy_score``, with deterministic ties).
 
     Ranking per image: descending score, ties broken by the lower class index.
 

@@ -11,6 +11,9 @@ Both backends only *propose* candidates in float32 (``torch.matmul`` over all ke
 float64 rescoring above. The two backends therefore return identical rankings whenever the true top-k is
 inside both candidate lists, i.e. unless more than ``margin`` keys sit within float32 rounding (~1e-7) of
 the k-th score.
+
+Kept rather than ``torch.topk`` alone (what CLIP_benchmark ranks with): its order of tied scores is unspecified
+and differs between CPU, GPU and faiss, so metrics would not be reproducible across machines.
 """
 
 from __future__ import annotations

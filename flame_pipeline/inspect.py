@@ -33,6 +33,8 @@ class CacheReport:
         facet_cosine: ``[F, F]`` float mean cosine between facets of the same row (rows where both are present).
         anisotropy: facet name -> mean cosine between vectors of random distinct rows (0 = isotropic).
         coverage: against a manifest: keys in both, manifest keys missing from the cache, cache keys not in it.
+        unreadable_shards: shard -> the one-line error its vectors gave (a damaged shard file); its rows are not
+            counted in the statistics.
     """
 
     identity: dict[str, Any]
@@ -45,6 +47,7 @@ class CacheReport:
     facet_cosine: list[list[float]] = field(default_factory=list)
     anisotropy: dict[str, float] = field(default_factory=dict)
     coverage: dict[str, int] | None = None
+    unreadable_shards: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -77,11 +80,16 @@ def inspect_cache(
     cos_sum = np.zeros((f, f), np.float64)
     cos_cnt = np.zeros((f, f), np.int64)
     bad: list[tuple[int, int]] = []
+    unreadable: dict[int, str] = {}
     for shard in range(layout.n_shards):
         if shard in reader.missing_shards:
             continue
         rows = layout.shard_range(shard)
-        vec, mask = reader.read_rows(np.arange(rows.start, rows.stop))
+        try:
+            vec, mask = reader.read_rows(np.arange(rows.start, rows.stop))
+        except CacheError as exc:  # a damaged shard file: listed, the other shards are still checked
+            unreadable[shard] = str(exc)
+            continue
         v = vec.astype(np.float32)
         norms = np.linalg.norm(v, axis=-1)
         invalid = mask & (~np.isfinite(norms) | (np.abs(norms - 1) > NORM_TOLERANCE))
@@ -104,7 +112,8 @@ def inspect_cache(
         bad_rows=bad,
         facet_presence={name: int(c) for name, c in zip(facets, presence)},
         facet_cosine=np.round(facet_cos, 4).tolist(),
-        anisotropy=anisotropy(reader, pairs=pairs, seed=seed),
+        anisotropy=anisotropy(reader, pairs=pairs, seed=seed) if not unreadable else {},
+        unreadable_shards=unreadable,
     )
     if manifest_keys is not None:
         n_manifest = n_in = 0

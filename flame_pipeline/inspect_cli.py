@@ -1,4 +1,10 @@
-"""`flame inspect CACHE`: identity, counts, completeness, validity, facet statistics and neighbours."""
+"""`flame inspect CACHE`: identity, counts, completeness, integrity, validity, facet statistics and neighbours.
+
+Every run checks each finished shard's files cheaply (present, index part readable with the recorded key
+count, sizes); ``--verify`` also recomputes the SHA-256 digests each shard recorded when it was written
+(:mod:`pipeline.cache.verify`), which finds any changed vector (negated, NaN, a flipped bit), and prints for each
+damaged shard the command that redoes only that shard. Exit status: 0 all fine, 1 something found, 2 error.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from tqdm import tqdm
 from flame_pipeline.inspect import inspect_cache, nearest_neighbours, plot_facet_cosine
 from manifests.schema import iter_batches
 from pipeline.cache.store import CacheError, CacheReader
+from pipeline.cache.verify import VerifyReport, verify_cache
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,18 +30,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--facet", default=None, help="facet used for neighbours (default: raw for --query/--key)")
     p.add_argument("-k", type=int, default=10, help="neighbours to show")
     p.add_argument("--plot", metavar="DIR", help="write facet_cosine.png (F x F heatmap) into DIR")
+    p.add_argument("--verify", action="store_true",
+                   help="recompute the checksums every shard and the key lookup recorded (reads the whole cache once); "
+                        "names each damaged shard with the command that redoes it")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    integrity = verify_cache(args.cache, checksums=args.verify)
+    if integrity.lookup:  # a damaged lookup: the reader cannot open; say so with the fix, as part of the report
+        _print_integrity(integrity, args.json)
+        return 1
     reader = CacheReader(args.cache, allow_incomplete=True)
     manifest_keys = None
     if args.manifest:
         manifest_keys = (batch.column(0) for _, batch in iter_batches(args.manifest, ["key"]))
     with tqdm(total=reader.meta.layout.n_rows, unit="row", desc="checking rows", disable=args.json) as bar:
         report = inspect_cache(reader, manifest_keys=manifest_keys, progress=bar.update)
-    out = report.to_dict()
+    out = report.to_dict() | {"integrity": integrity.to_dict()}
     facet = args.facet or reader.facets[0]
     if args.key or args.query:
         if args.key:
@@ -62,7 +76,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         _print_text(out, reader.facets)
-    return 0 if not report.bad_rows and report.shards_done == report.n_shards else 1
+    if not args.json:
+        for line in integrity.lines():
+            print(line)
+    fine = not report.bad_rows and not report.unreadable_shards and integrity.ok
+    return 0 if fine and report.shards_done == report.n_shards else 1
+
+
+def _print_integrity(integrity: VerifyReport, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"integrity": integrity.to_dict()}, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(integrity.lines()))
 
 
 def _print_text(out: dict, facets: tuple[str, ...]) -> None:
@@ -73,6 +98,8 @@ def _print_text(out: dict, facets: tuple[str, ...]) -> None:
     print(f"shards     : {out['shards_done']}/{out['n_shards']} finished")
     print(f"validity   : {len(out['bad_rows'])} non-finite or non-unit vectors"
           + (f" (first {out['bad_rows'][:5]})" if out["bad_rows"] else ""))
+    for shard, error in out["unreadable_shards"].items():
+        print(f"unreadable : shard {shard}: {error}")
     if out["coverage"]:
         print("coverage   : " + ", ".join(f"{k} {v}" for k, v in out["coverage"].items()))
     print("facets     : present rows / anisotropy (mean cosine of random rows)")

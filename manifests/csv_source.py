@@ -9,6 +9,9 @@
   image listed twice is a duplicate key).
 * Relative image paths are resolved against the CSV file's folder; rows reference the file (``image_path``,
   relative to the manifest folder if the image lies under it, else absolute).
+* Image paths must lie inside the image root: ``--image-root`` (default: the CSV file's folder). A path outside
+  it (absolute elsewhere, or ``..`` climbing out) is never opened and is counted as
+  ``skipped_image_outside_root``; pass ``--image-root /`` to accept any path on purpose.
 
 Outcomes (besides those in :mod:`manifests.common`): missing file or empty path cell ->
 ``skipped_no_image``; undecodable file -> ``skipped_undecodable_image``; a row with neither key nor path ->
@@ -36,6 +39,7 @@ from manifests.common import (
 )
 from manifests.registry import common_options, register_options, register_source
 from manifests.schema import CAPTION_COLUMNS, ManifestError, ManifestInfo
+from pipeline.paths import confined_path
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,7 @@ def build_csv_manifest(
     short_column: str | None = None,
     long_column: str | None = None,
     key_column: str | None = None,
+    image_root: str | Path | None = None,
     split: str = "train",
     on_duplicate: str = "error",
     limit: int | None = None,
@@ -88,6 +93,7 @@ def build_csv_manifest(
         image_column: the image path column.
         raw_column, short_column, long_column: caption columns (``None``: that caption is absent).
         key_column: the key column; ``None``: the image path as written.
+        image_root: image paths must lie inside it (module docstring); ``None``: each CSV file's folder.
         split: the ``split`` of every row.
         on_duplicate: ``"error" | "first" | "skip"`` (:mod:`manifests.common`).
         limit: read at most this many rows.
@@ -106,6 +112,7 @@ def build_csv_manifest(
         "short_column": short_column,
         "long_column": long_column,
         "key_column": key_column,
+        "image_root": None if image_root is None else str(image_root),
         "split": split,
         "on_duplicate": on_duplicate,
         "limit": limit,
@@ -115,8 +122,9 @@ def build_csv_manifest(
             if not csv_path.is_file():
                 raise FileNotFoundError(f"CSV file {csv_path} does not exist")
             try:
+                root = Path(image_root) if image_root is not None else csv_path.parent
                 _read_csv(csv_path, detect_separator(csv_path, sep), builder, image_column, captions, key_column,
-                          split, Path(out_dir))
+                          split, Path(out_dir), root)
             except UnicodeDecodeError as exc:
                 raise ManifestError(f"{csv_path} is not UTF-8 text ({exc})") from exc
             if builder.full:
@@ -133,6 +141,7 @@ def _read_csv(
     key_column: str | None,
     split: str,
     out_dir: Path,
+    root: Path,
 ) -> None:
     with open(csv_path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter=sep)
@@ -152,10 +161,14 @@ def _read_csv(
             row = {"key": key, "split": split}
             for column, source_column in captions.items():
                 row[column] = record.get(source_column) if source_column else None
-            if path:
-                full = Path(path) if Path(path).is_absolute() else csv_path.parent / path
+            full = None
+            if path:  # relative to the CSV's folder, then confined to the image root
+                full = confined_path(root, csv_path.parent.absolute() / path)
+            if full is not None:
                 skip = file_image_problem(full)
                 row["image_path"] = reference_path(full, out_dir)
+            elif path:
+                skip = "image_outside_root"
             else:
                 skip = "no_image"
             builder.add(row, where, skip=skip)
@@ -164,9 +177,12 @@ def _read_csv(
 @register_options("parquet / csv", rank=40)  # after the column flags (manifests.common.add_column_options)
 def _add_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--sep", help="csv field separator (default: tab for .tsv, else sniffed)")
+    group.add_argument("--image-root", help="csv: image paths must lie inside this folder (default: the CSV's "
+                       "folder; others are skipped and counted as skipped_image_outside_root)")
 
 
 @register_source("csv", rank=40, inputs="CSV/TSV files (open_clip ``filepath``/``title``)")
 def _build_from_args(args: argparse.Namespace) -> ManifestInfo:
     columns = column_options(args, "filepath", "title")
-    return build_csv_manifest(args.inputs, args.out, sep=args.sep, **columns, **common_options(args))
+    return build_csv_manifest(args.inputs, args.out, sep=args.sep, image_root=args.image_root, **columns,
+                              **common_options(args))

@@ -4,7 +4,7 @@
 line; blank lines are ignored. Fields:
 
 ==================  ========  ===============================================================================
-``file``            required  image path, relative to the folder (or absolute)
+``file``            required  image path, relative to the folder (or absolute, inside the folder)
 ``key``             optional  sample key; default: ``file`` as written
 ``raw_caption``     optional  original caption; ``caption`` is read when ``raw_caption`` is absent
 ``short_caption``   optional  short recaption
@@ -16,7 +16,8 @@ line; blank lines are ignored. Fields:
 Rows reference the image file (``image_path``: relative to the manifest folder if the image lies under it,
 else absolute). Outcomes (besides those in :mod:`manifests.common`): a line that is not a JSON object ->
 ``skipped_bad_line``; no ``file`` and no ``key`` -> ``skipped_no_key``; no ``file`` or a missing file ->
-``skipped_no_image``; undecodable file -> ``skipped_undecodable_image``; a non-string caption raises
+``skipped_no_image``; a ``file`` outside the folder (absolute elsewhere, or ``..`` climbing out of it) ->
+``skipped_image_outside_root`` (never opened); undecodable file -> ``skipped_undecodable_image``; a non-string caption raises
 :class:`~manifests.schema.ManifestError`. Image files (``.jpg .jpeg .png .webp``) in the folder that no
 line names are counted as ``unlisted_images`` (not counted when ``--limit`` stopped the read early).
 """
@@ -40,6 +41,7 @@ from manifests.common import (
 )
 from manifests.registry import common_options, register_options, register_source
 from manifests.schema import LONG_CAPTION, RAW_CAPTION, SHORT_CAPTION, ManifestError, ManifestInfo
+from pipeline.paths import confined_path
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,13 @@ def _add_line(
         "split": entry.get("split") or split,
         "lang": entry.get("lang"),
     }
-    if file:
-        full = Path(file) if Path(file).is_absolute() else folder / file
+    full = confined_path(folder, str(file)) if file else None
+    if full is not None:
         listed.add(full.resolve())
         skip = file_image_problem(full)
         row["image_path"] = reference_path(full, out_dir)
+    elif file:
+        skip = "image_outside_root"
     else:
         skip = "no_image"
     builder.add(row, where, skip=skip)

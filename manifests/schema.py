@@ -1,6 +1,6 @@
 """The canonical manifest (SPEC §4): ``manifest.json`` plus a ``data/`` directory of Parquet parts.
 
-One row per sample::
+One row per sample, as this package's readers return it (:data:`SCHEMA`)::
 
     key            string   unique sample id (never null)
     image_path     string   a file path, or the tar shard that holds the image when ``image_member`` is set;
@@ -12,8 +12,21 @@ One row per sample::
     long_caption   string   long recaption (nullable)
     split          string   "train" | "val" | "test" (or a source's own split names)
     lang           string   language of the captions, BCP-47 (nullable)
-    labels         map<string,string>  label fields, e.g. {"category": "Smileys & Emotion"} (nullable)
-    names          map<string,string>  per-language names/captions for multilingual eval, {"de": "..."} (nullable)
+    labels         list<struct<key: string, value: string>>  label fields, e.g. [{"key": "category",
+                            "value": "Smileys & Emotion"}] (nullable; :func:`pairs_to_dict` makes a dict)
+    names          list<struct<key: string, value: string>>  per-language names for multilingual eval (nullable)
+
+On disk (schema version 2, :data:`STORED_SCHEMA`) ``image_path`` and ``image_bytes`` are the two fields of one
+column ``image: struct<bytes: binary, path: string>``, the layout Hugging Face ``datasets`` decodes as an
+``Image`` feature, and each part's Arrow schema carries the ``datasets`` features (``huggingface`` metadata), so::
+
+    datasets.load_dataset("parquet", data_files="DIR/data/*.parquet")["train"][0]["image"]   # a PIL image
+
+decodes images stored as bytes or as plain file paths (absolute, or relative when run in ``DIR``); a webdataset
+manifest's rows reference tar members (``image.path`` = the shard, ``image_member`` = the member) and declare
+no ``Image`` feature. ``labels``/``names`` are lists of key/value structs on disk too (``datasets`` has no map
+type). Manifests of schema version 1 (``image_path``/``image_bytes`` columns, ``map<string,string>``
+labels) are still read, and returned in the same :data:`SCHEMA`.
 
 ``manifest.json`` holds ``schema_version``, ``source`` (name + arguments), ``counts`` (rows per split) and
 ``coverage`` (the counted reasons rows were skipped, e.g. ``{"undecodable_image": 2}``).
@@ -40,11 +53,14 @@ from pipeline.cache.lookup import key_hashes
 from pipeline.errors import FlameError
 from pipeline.paths import local_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_JSON = "manifest.json"
 DATA_DIR = "data"
 RAW_CAPTION, SHORT_CAPTION, LONG_CAPTION = "raw_caption", "short_caption", "long_caption"  # the one definition
 CAPTION_COLUMNS = (RAW_CAPTION, SHORT_CAPTION, LONG_CAPTION)
+PAIRS = pa.list_(pa.struct([pa.field("key", pa.string()), pa.field("value", pa.string())]))
+IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])  # datasets' Image storage
+IMAGE_COLUMNS = ("image_path", "image_bytes")  # stored together as the struct column ``image``
 
 SCHEMA = pa.schema(
     [
@@ -57,10 +73,99 @@ SCHEMA = pa.schema(
         pa.field("long_caption", pa.string()),
         pa.field("split", pa.string()),
         pa.field("lang", pa.string()),
-        pa.field("labels", pa.map_(pa.string(), pa.string())),
-        pa.field("names", pa.map_(pa.string(), pa.string())),
+        pa.field("labels", PAIRS),
+        pa.field("names", PAIRS),
     ]
 )
+
+
+def _hf_features(image: bool) -> bytes:
+    """The ``huggingface`` schema metadata by which ``datasets`` restores the features of a part."""
+    def value(dtype: str) -> dict[str, str]:
+        return {"dtype": dtype, "_type": "Value"}
+
+    pairs = {"feature": {"key": value("string"), "value": value("string")}, "_type": "List"}
+    features = {"key": value("string"),
+                "image": {"_type": "Image"} if image else {"bytes": value("binary"), "path": value("string")},
+                "image_member": value("string"), **{c: value("string") for c in CAPTION_COLUMNS},
+                "split": value("string"), "lang": value("string"), "labels": pairs, "names": pairs}
+    return json.dumps({"info": {"features": features}}).encode()
+
+
+def stored_schema(image_feature: bool = True) -> pa.Schema:
+    """The on-disk schema of a part (schema version 2): :data:`SCHEMA` with ``image_path``/``image_bytes`` as
+    the struct column ``image`` (``{bytes, path}``) in second place, and the ``datasets`` features as metadata
+    (``image_feature``: declare ``image`` a ``datasets.Image``; False for parts whose images are tar members)."""
+    fields = [SCHEMA.field("key"), pa.field("image", IMAGE)]
+    fields += [f for f in SCHEMA if f.name not in ("key", *IMAGE_COLUMNS)]
+    return pa.schema(fields, metadata={b"huggingface": _hf_features(image_feature)})
+
+
+STORED_SCHEMA = stored_schema()
+
+
+def to_stored(table: pa.Table, image_feature: bool | None = None) -> pa.Table:
+    """A :data:`SCHEMA` table as it is written to a part (:func:`stored_schema`).
+
+    Args:
+        image_feature: declare the ``datasets`` ``Image`` feature; ``None``: unless a row has an ``image_member``.
+    """
+    if image_feature is None:
+        image_feature = table.column("image_member").null_count == table.num_rows
+    path, data = table.column("image_path").combine_chunks(), table.column("image_bytes").combine_chunks()
+    image = pa.StructArray.from_arrays([data, path], fields=list(IMAGE))
+    schema = stored_schema(image_feature)
+    columns = {"image": image, **{n: table.column(n) for n in table.column_names if n not in IMAGE_COLUMNS}}
+    return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+def _stored_columns(columns: list[str] | None, names: list[str]) -> list[str] | None:
+    """The file columns that hold the :data:`SCHEMA` ``columns`` in a part whose columns are ``names``."""
+    if columns is None or "image" not in names:
+        return columns
+    out = [c for c in columns if c not in IMAGE_COLUMNS]
+    if any(c in IMAGE_COLUMNS for c in columns):
+        out.append("image")
+    return out
+
+
+def to_logical(data: pa.Table | pa.RecordBatch, columns: list[str] | None = None) -> pa.Table:
+    """A part's table (schema version 1 or 2) as :data:`SCHEMA` (``columns`` of it, in that order): the ``image``
+    struct split into ``image_path``/``image_bytes``, ``map<string,string>`` labels cast to key/value lists."""
+    table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+    columns = list(SCHEMA.names) if columns is None else columns
+    out = []
+    for name in columns:
+        if name in IMAGE_COLUMNS and "image" in table.column_names:
+            image = table.column("image")
+            out.append(pc.struct_field(image, "path" if name == "image_path" else "bytes"))
+        elif name in table.column_names:
+            out.append(table.column(name).cast(SCHEMA.field(name).type))
+        else:
+            out.append(pa.nulls(table.num_rows, SCHEMA.field(name).type))
+    return pa.table(out, schema=pa.schema([SCHEMA.field(c) for c in columns]))
+
+
+def _read_part(path: Path, columns: list[str] | None) -> pa.Table:
+    """One part as :data:`SCHEMA` (``columns`` of it)."""
+    names = pq.ParquetFile(path).schema_arrow.names
+    return to_logical(pq.read_table(path, columns=_stored_columns(columns, names)), columns)
+
+
+def iter_part(path: str | Path, columns: list[str] | None, batch_rows: int = 65_536) -> Iterator[pa.Table]:
+    """One part file (``DIR/data/part-NNNNN.parquet``, schema version 1 or 2) as :data:`SCHEMA` tables
+    (``columns`` of it) of up to ``batch_rows`` rows: how code that streams parts by itself reads them."""
+    part = pq.ParquetFile(path)
+    for batch in part.iter_batches(batch_size=batch_rows, columns=_stored_columns(columns, part.schema_arrow.names)):
+        yield to_logical(batch, columns)
+
+
+def pairs_to_dict(value: Any) -> dict[str, str] | None:
+    """A ``labels``/``names`` cell as read (``[{"key": k, "value": v}, ...]``, or ``[(k, v), ...]`` from a
+    ``map`` column) as a ``dict``; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return {p["key"]: p["value"] for p in value} if all(isinstance(p, dict) for p in value) else dict(value)
 
 
 class ManifestError(FlameError, ValueError):
@@ -153,7 +258,7 @@ class ManifestWriter:
         if not self._buffer:
             return
         cols = {name: [_cell(r.get(name), name) for r in self._buffer] for name in SCHEMA.names}
-        table = pa.table(cols, schema=SCHEMA)
+        table = to_stored(pa.table(cols, schema=SCHEMA))
         name = f"{DATA_DIR}/part-{len(self.info.parts):05d}.parquet"
         try:
             with atomic_file(self.out_dir / name, fsync=False) as tmp:  # only manifest.json is fsynced
@@ -196,7 +301,7 @@ class ManifestWriter:
 
 def _cell(value: Any, name: str) -> Any:
     if name in ("labels", "names") and isinstance(value, dict):
-        return list(value.items())
+        return [{"key": k, "value": v} for k, v in value.items()]
     return value
 
 
@@ -239,7 +344,7 @@ def read_manifest(
         path = Path(manifest_dir) / part
         if not path.exists():
             raise ManifestError(f"manifest part {path} is missing")
-        tables.append(pq.read_table(path, columns=columns, schema=SCHEMA))
+        tables.append(_read_part(path, columns))
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns or SCHEMA.names)
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))
@@ -262,9 +367,11 @@ def iter_batches(
         raise ManifestError(f"unknown manifest columns {sorted(unknown)}")
     start = 0
     for path in _part_paths(manifest_dir):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
-            yield start, batch
-            start += batch.num_rows
+        for table in iter_part(path, columns, batch_rows):
+            batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
+            if batch is not None:
+                yield start, batch
+                start += batch.num_rows
 
 
 class RowFetcher:
@@ -297,7 +404,7 @@ class RowFetcher:
         pieces, where = [], []
         for p in np.unique(part):
             if self._part is None or self._part[0] != p:
-                self._part = (int(p), pq.read_table(self.paths[p], columns=self.columns, schema=SCHEMA))
+                self._part = (int(p), _read_part(self.paths[p], self.columns))
             sel = np.flatnonzero(part == p)
             pieces.append(self._part[1].take(pa.array(positions[sel] - self.offsets[p])))
             where.append(sel)
@@ -320,11 +427,10 @@ def _part_paths(manifest_dir: str | Path) -> list[Path]:
 
 def iter_rows(manifest_dir: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Yield manifest rows as dicts (``labels``/``names`` as ``dict``), part by part, in row order."""
-    info = read_manifest_info(manifest_dir)
-    for part in info.parts:
-        for batch in pq.ParquetFile(Path(manifest_dir) / part).iter_batches(columns=columns):
-            for row in batch.to_pylist():
+    for path in _part_paths(manifest_dir):
+        for table in iter_part(path, columns, 65_536):
+            for row in table.to_pylist():
                 for name in ("labels", "names"):
-                    if isinstance(row.get(name), list):
-                        row[name] = dict(row[name])
+                    if name in row:
+                        row[name] = pairs_to_dict(row[name])
                 yield row

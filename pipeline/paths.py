@@ -49,3 +49,26 @@ def flame_home() -> Path:
     root = Path(os.environ.get("FLAME_HOME") or Path.home() / ".cache" / "flame-pipeline").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def confined_path(root: str | Path, name: str | Path) -> Path | None:
+    """``root / name`` if that path stays inside ``root``, else ``None`` (the caller refuses and counts it).
+
+    The check is lexical (``os.path.normpath``), so it holds whether or not the file exists: an absolute
+    ``name`` outside ``root``, ``..`` components that climb above ``root``, a NUL byte and an empty name are all
+    refused. An absolute ``name`` that lies under ``root`` is accepted. Symbolic links *inside* ``root`` are
+    followed as the file system does (whoever owns ``root`` put them there); keys and manifest cells never
+    choose where they point.
+
+    Args:
+        root: the directory names are relative to (need not exist).
+        name: a sample key turned path, or an image path read from a captions/CSV file.
+    """
+    text = os.fspath(name)
+    if not text or "\0" in text:
+        return None
+    base = os.path.normpath(os.path.abspath(os.fspath(root)))
+    full = os.path.normpath(os.path.join(base, text))  # join drops base when text is absolute
+    if full != base and not full.startswith(base.rstrip(os.sep) + os.sep):
+        return None
+    return Path(full)

@@ -7,13 +7,17 @@ is the concatenation over processes in rank order, so image ``i`` of rank ``r`` 
 Each process returns ``world * L_r`` where ``L = sum_r L_r`` is the loss of the global batch. Hence the mean of
 the returned values over processes is ``L``, and gradients averaged over processes (what DDP / Accelerate do)
 are exactly ``dL/dθ``: the same loss and gradients as one process holding the whole global batch.
-Texts (and, for InfoNCE, images) of other processes are gathered with a gradient-preserving all-gather.
+Texts (and, for InfoNCE, images) of other processes are gathered with a gradient-preserving all-gather
+(``torch.distributed.nn.functional.all_gather``, as open_clip gathers features).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 from stage2_train_vision.config import ConfigError
@@ -25,31 +29,27 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-class _AllGather(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums every process's gradient of the gathered tensor and returns
-    this process's slice (an all-reduce then a slice: the same as a reduce-scatter, on any backend)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+# open_clip's gather_features uses the same autograd all-gather (its backward sums every process's gradient of
+# the gathered tensor and returns this process's slice). torch >= 2.6 marks it deprecated in favour of the private
+# torch.distributed._functional_collectives; it is still the public API, so its FutureWarning is silenced here.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` ``[n, ...]`` of every process along dim 0 in rank order, keeping gradients
-    (backward sums the gradients of all processes into each one's input). Identity with one process."""
+    (``torch.distributed.nn.functional.all_gather``: backward sums the gradients of all processes into each
+    one's input). A tensor without gradient (masks) goes through the plain ``all_gather``. Identity with one
+    process."""
     _, world = _world()
     if world == 1:
         return x
-    return _AllGather.apply(x)
+    x = x.contiguous()
+    if x.requires_grad:
+        return torch.cat(dist_nn.all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
 
 
 def sigmoid_loss(

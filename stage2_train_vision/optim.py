@@ -30,9 +30,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
+# Kept rather than transformers' get_cosine_with_min_lr_schedule_with_warmup: that one trains its first step at
+# lr 0 (step / warmup) and rises again past total_steps; ours is open_clip_train's cosine_lr ((step + 1) / warmup,
+# clamped at the end) and equals transformers' at every step after warm-up (tests/test_stage2_model.py).
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
     """LR multiplier at optimizer step ``step`` (0-based): ``(step + 1) / warmup`` during warm-up, then a cosine
-    from 1 down to ``min_ratio`` at ``total_steps``."""
+    from 1 down to ``min_ratio`` at ``total_steps`` (and ``min_ratio`` after it)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))

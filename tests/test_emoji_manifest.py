@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from manifests import emoji
-from manifests.schema import iter_rows, read_manifest, read_manifest_info
+from manifests.schema import iter_rows, pairs_to_dict, read_manifest, read_manifest_info
 
 # Pixels of every fixture PNG (2x2 RGBA); pixel (0,1) carries the image's id so rows can be matched to files.
 HALF_RED, CLEAR, QUARTER_BLACK = (255, 0, 0, 128), (0, 0, 255, 0), (0, 0, 0, 64)
@@ -290,8 +290,8 @@ def test_real_emoji_manifest(tmp_path):
     for loc in ("en", "de", "fr", "es", "ja", "zh", "ar", "hi"):
         assert info.coverage["names_per_locale"][loc] == 7572
     table = read_manifest(tmp_path / "emoji", columns=["labels"])
-    assert len({dict(labels)["category"] for labels in table["labels"].to_pylist()}) == 10
-    assert len({dict(labels)["subcategory"] for labels in table["labels"].to_pylist()}) == 99
+    assert len({pairs_to_dict(labels)["category"] for labels in table["labels"].to_pylist()}) == 10
+    assert len({pairs_to_dict(labels)["subcategory"] for labels in table["labels"].to_pylist()}) == 99
     row = next(r for r in iter_rows(tmp_path / "emoji") if r["key"] == "google/1f44b-1f3fb")
     assert row["names"]["de"] == "winkende Hand: helle Hautfarbe"
     assert row["raw_caption"] == "waving hand: light skin tone"

@@ -65,6 +65,24 @@ def test_clip_benchmark_wds_retrieval_and_classification(tmp_path):
     assert t.classnames == ["cat", "dog"] and t.labels.tolist() == [1, 0] and t.templates == ["a photo of a {c}."]
 
 
+def test_clip_benchmark_wds_keys_across_shards_and_a_damaged_shard_is_one_line(tmp_path):
+    """The shards are read with webdataset's tar iteration: samples in (shard, key) order, a key with a
+    directory (``base_plus_ext``), and a truncated shard is a BenchmarkError."""
+    from eval.benchmarks.base import BenchmarkError
+
+    r = tmp_path / "coco"
+    _tar(r / "test" / "0.tar", {"d/b.png": png((0, 0, 255)), "d/b.txt": b"b", "a.webp": png(), "a.txt": b"a"})
+    _tar(r / "test" / "1.tar", {"0.jpg": png((0, 255, 0)), "0.txt": b"first of shard 1"})
+    b = load_benchmark("wds", r)
+    assert b.tasks[0].texts == ["a", "b", "first of shard 1"]
+    assert [i.member for i in b.images] == ["a.webp", "d/b.png", "0.jpg"]
+    assert b.images[1].open().getpixel((0, 0)) == (0, 0, 255)
+    shard = r / "test" / "1.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    with pytest.raises(BenchmarkError, match=r"unreadable webdataset shard"):
+        load_benchmark("wds", r)
+
+
 def test_urban1k(tmp_path):
     for i in range(2):
         write_png(tmp_path / "image" / f"{i}.jpg")

@@ -105,3 +105,68 @@ def test_linear_probe_separable():
     out, c = linear_probe(x, y, x[::3], y[::3], n_classes=4, c_grid=(0.1, 1.0))
     assert out.metrics["acc1"] == 1.0 and c in (0.1, 1.0)
     assert out.counts["n_classes"] == 4
+
+
+# ---- the same values as CLIP_benchmark's own functions on the same inputs (issue 21 item 4) ----
+
+
+def _no_ties(n_q: int, n_k: int, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    q, k = rng.normal(size=(n_q, d)), rng.normal(size=(n_k, d))
+    return q / np.linalg.norm(q, axis=1, keepdims=True), k / np.linalg.norm(k, axis=1, keepdims=True)
+
+
+def test_retrieval_recall_equals_clip_benchmark():
+    torch = pytest.importorskip("torch")
+    zr = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    images, texts = _no_ties(30, 75, seed=1)
+    owner = np.repeat(np.arange(30), [3, 2] * 15)  # every image has 2 or 3 captions (CLIP_benchmark's queries)
+    texts = texts + 0.35 * images[owner]  # correlated: recalls between chance and 1
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    pairs = np.stack([owner, np.arange(75)], 1)
+    ours = retrieval_metrics(images, texts, pairs, ks=(1, 5, 10), backend="torch").metrics
+    scores = torch.from_numpy(texts @ images.T).float()  # texts x images, as CLIP_benchmark holds them
+    positive = torch.zeros(75, 30, dtype=torch.bool)
+    positive[torch.arange(75), torch.from_numpy(owner)] = True
+    for k in (1, 5, 10):
+        t2i = (zr.recall_at_k(scores, positive, k) > 0).float().mean().item()
+        i2t = (zr.recall_at_k(scores.T, positive.T, k) > 0).float().mean().item()
+        assert ours[f"image_retrieval_recall@{k}"] == pytest.approx(t2i, abs=1e-7)
+        assert ours[f"text_retrieval_recall@{k}"] == pytest.approx(i2t, abs=1e-7)
+    assert 0.1 < ours["image_retrieval_recall@1"] < 0.9 and 0.1 < ours["text_retrieval_recall@1"] < 0.9
+
+
+def test_classification_and_prototypes_equal_clip_benchmark():
+    torch = pytest.importorskip("torch")
+    zc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(3)
+    n_classes, n_templates, d = 7, 3, 12
+    prompt_emb = rng.normal(size=(n_classes, n_templates, d))
+    classnames = [f"c{i}" for i in range(n_classes)]
+    templates = ["a {c}.", "the {c}!", "{c}?"]
+    table = {t.format(c=c): prompt_emb[i, j] for i, c in enumerate(classnames) for j, t in enumerate(templates)}
+    names = list(table)
+
+    class Model:  # encode_text of precomputed prompt vectors, the interface CLIP_benchmark calls
+        def encode_text(self, ids):
+            return torch.from_numpy(np.stack([table[names[i]] for i in ids.tolist()]))
+
+    weights = zc.zero_shot_classifier(Model(), lambda texts: torch.tensor([names.index(t) for t in texts]),
+                                      classnames, templates, "cpu", amp=False)  # [D, C]
+    protos = class_prototypes(prompt_emb)
+    np.testing.assert_allclose(protos, weights.T.numpy(), rtol=0, atol=1e-6)
+    images = rng.normal(size=(200, d))
+    labels = rng.integers(0, n_classes, 200)
+    images[np.arange(200)] += 1.5 * protos[labels]  # better than chance, below 1
+    scores = images @ protos.T.astype(np.float64)
+    ours = classification_metrics(scores, labels).metrics
+    # zc.accuracy's own last line fails under numpy >= 2 (float() of a 1-element array); its ranking, as written:
+    pred_k = torch.from_numpy(scores).topk(5, 1, True, True)[1].t()
+    correct = pred_k.eq(torch.from_numpy(labels).view(1, -1).expand_as(pred_k))
+    acc1, acc5 = (correct[:k].reshape(-1).float().sum().item() / len(labels) for k in (1, 5))
+    pred = scores.argmax(axis=1)
+    assert (ours["acc1"], ours["acc5"]) == (pytest.approx(acc1, abs=1e-12), pytest.approx(acc5, abs=1e-12))
+    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-12)
+    assert 0.2 < ours["acc1"] < 1

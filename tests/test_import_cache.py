@@ -145,3 +145,26 @@ def test_refused_pickle_and_empty_tree_are_one_line_exit_2(tmp_path, capsys):
         assert flame_main([*base[:2], str(src), *base[2:], "--out", str(tmp_path / f"c-{src.name}")]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after progress bars
         assert err.startswith("flame import:") and words in err and "\n" not in err
+
+
+def test_keys_that_name_files_outside_the_root_are_refused_and_counted(tmp_path):
+    """Issue 24 item 5: an absolute key or one with ``..`` never reads a file outside the root, even if that file
+    exists and is a valid vector file; such keys are counted as ``outside_root`` and get no row."""
+    root = tmp_path / "pth"
+    good = write_tree(root, [(k, "prefix5") for k in CC3M[:3]])
+    # valid files outside the root, where the hostile keys point
+    elsewhere = tmp_path / "elsewhere"
+    evil = unit(np.random.default_rng(9))
+    for p in (elsewhere / "x.pth", tmp_path / "up" / "up_1.pth", tmp_path / "00000.pth"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.from_numpy(evil), p)
+    hostile = [str(elsewhere / "x"), "../up_1", "../../00000", "..", "\0x"]
+    assert all(pth_path(root, k, lay) is None for k in hostile[:4] for lay in ("prefix5", "underscore"))
+    assert pth_path(root, CC3M[0], "prefix5") == root / CC3M[0][:5] / f"{CC3M[0]}.pth"
+    write_manifest(tmp_path / "man", CC3M[:3] + hostile)
+    s = import_cache(root, tmp_path / "man", tmp_path / "cache", small_identity(), shard_rows=4, chunk_rows=2)
+    assert (s.keys, s.found, s.outside_root, s.missing, s.imported) == (8, 3, 5, 5, 3)
+    reader = CacheReader(tmp_path / "cache")
+    assert sorted(reader.index.column("key").to_pylist()) == sorted(CC3M[:3])
+    assert np.array_equal(reader.get(CC3M[:3])[0], np.stack([good[k] for k in CC3M[:3]]))
+    assert CacheMeta.read(tmp_path / "cache").extra["import"]["outside_root"] == 5

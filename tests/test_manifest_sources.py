@@ -270,7 +270,7 @@ def test_parquet_source(tmp_path):
         assert load_image(row, out).getpixel((0, 0)) == colour(int(key[1]))
     table = pads.dataset(out / "data").to_table()  # plain pyarrow, no project code
     assert table.column("key").to_pylist() == ["p0", "p2", "p3"]
-    assert table.column("image_bytes").to_pylist() == [png(0), png(2), png(3)]
+    assert [im["bytes"] for im in table.column("image").to_pylist()] == [png(0), png(2), png(3)]
     with pytest.raises(ManifestError, match=r"no column 'title' \(--raw-column\)"):
         build_parquet_manifest([src], out, raw_column="title")
 
@@ -422,3 +422,26 @@ def test_unreadable_side_files_raise_clear_errors(tmp_path, shards):
     with pytest.raises(ManifestError, match="latin1.csv is not UTF-8 text"):
         build_csv_manifest([latin1], tmp_path / "m")
     assert not (tmp_path / "m" / ".staging").exists()
+
+
+def test_image_paths_outside_the_root_are_never_opened_and_counted(tmp_path):
+    """Issue 24 item 5: a captions line or CSV cell naming an image outside the source's root (absolute elsewhere,
+    or ``..`` climbing out) is skipped as ``skipped_image_outside_root``, although the file exists and decodes."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "in.png").write_bytes(png(0))
+    (tmp_path / "secret.png").write_bytes(png(1))
+    entries = [{"file": "in.png", "caption": "in"}, {"file": str(folder / "in.png"), "key": "abs-in", "caption": "x"},
+               {"file": "../secret.png", "caption": "up"}, {"file": str(tmp_path / "secret.png"), "caption": "abs"},
+               {"file": "sub/../../secret.png", "caption": "sneaky"}]
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    info = build_folder_manifest(folder, tmp_path / "m")
+    assert info.coverage == {"samples_seen": 5, "skipped_image_outside_root": 3}
+    assert sorted(rows_by_key(tmp_path / "m")) == ["abs-in", "in.png"]
+    csv_file = folder / "list.csv"
+    csv_file.write_text(f"filepath,title\nin.png,in\n../secret.png,up\n{tmp_path / 'secret.png'},abs\n")
+    info = build_csv_manifest([csv_file], tmp_path / "c")
+    assert info.coverage == {"samples_seen": 3, "skipped_image_outside_root": 2}
+    assert list(rows_by_key(tmp_path / "c")) == ["in.png"]
+    info = build_csv_manifest([csv_file], tmp_path / "c", image_root=tmp_path)  # a wider root, on purpose
+    assert info.coverage == {"samples_seen": 3} and len(rows_by_key(tmp_path / "c")) == 3

@@ -138,6 +138,25 @@ def test_plan_dedupes_rows_and_texts(tmp_path):
         make_plan(manifest, FLAME, tmp_path / "bad", shard_rows=4, chunk_rows=3)
 
 
+def test_unicode_is_not_normalized_texts_and_keys_stay_byte_exact(tmp_path):
+    """Issue 24 item 7 (README "Unicode"): captions and keys are used byte for byte as the manifest holds them.
+    "café" in NFC (é = U+00E9) and in NFD (e + U+0301) are two texts (two rows, two SHA-1s) and two keys; the
+    prompt text handed to the tokenizer is the stored one; equal bytes still dedupe into one row."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd and len(nfc.encode()) == 5 and len(nfd.encode()) == 6
+    samples = [(nfc, f"un {nfc} noir", None, None), (nfd, f"un {nfd} noir", None, None),
+               ("again", f"un {nfc} noir", None, None)]
+    manifest, info, plan = _plan(tmp_path, samples)
+    assert (info.n_keys, info.n_rows) == (3, 2)  # the NFC caption of "again" shares row 0; NFD is its own row
+    assert [k for s in range(info.layout.n_shards) for k in plan.keys(s)[0].to_pylist()] == [nfc, "again", nfd]
+    fetcher = RowFetcher(manifest, ["raw_caption", "short_caption", "long_caption"])
+    texts = [plan.texts(0, np.array([r]), fetcher)[0]["raw"] for r in (0, 1)]
+    assert texts == [f"un {nfc} noir.", f"un {nfd} noir."]
+    assert len({hashlib.sha1(t.encode()).digest() for t in texts}) == 2
+
+
 def test_plan_with_split_and_limit_counts_manifest_positions(tmp_path):
     w = ManifestWriter(tmp_path / "m", {"name": "test", "args": {}}, rows_per_part=3)
     for i in range(10):
@@ -204,6 +223,42 @@ def test_rerun_of_finished_cache_does_nothing(env, tmp_path):
     assert {p: (cache / p).stat().st_mtime_ns for p in _files(cache)} == before
     with pytest.raises(CacheIdentityError, match="planned differently"):
         run_embed(_config(env, manifest, cache, limit=3))
+
+
+def test_verify_names_a_damaged_shard_and_its_command_redoes_only_that_shard(env, tmp_path, capsys):
+    """Issue 24 item 2: a negated stored vector (still finite and unit-norm) is found only by the checksums; the
+    printed command (delete the marker, rerun the same `flame embed`) rewrites that shard alone, byte-identical."""
+    import shlex
+
+    import zarr
+
+    from flame_pipeline.cli import main
+    from pipeline.cache.verify import verify_cache
+
+    manifest = _write_manifest(tmp_path / "manifest", SAMPLES)
+    cache = tmp_path / "cache"
+    run_embed(_config(env, manifest, cache))
+    original = _files(cache)
+    assert verify_cache(cache).ok
+    vectors = zarr.open_group(cache / "store.zarr", mode="r+")["vectors"]
+    vectors[2, 0] = -vectors[2, 0]  # row 2 = shard 1
+    assert main(["inspect", str(cache), "--json"]) == 0  # finite and unit-norm: invisible without checksums
+    capsys.readouterr()
+    report = verify_cache(cache)
+    assert list(report.damaged) == [1]
+    assert report.damaged[1] == ["store.zarr/vectors/c/1/0/0 differs from its checksum"]
+    assert main(["inspect", str(cache), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "shard 1: store.zarr/vectors/c/1/0/0 differs from its checksum" in out and report.redo[1] in out
+    rm, command = report.redo[1].split(" && ")
+    assert shlex.split(rm) == ["rm", str(cache / "done" / "shard-00001.json")]
+    (cache / "done" / "shard-00001.json").unlink()
+    others = {p: (cache / p).stat().st_mtime_ns for p in original if "/c/1/" not in p and "00001" not in p}
+    assert main(shlex.split(command)[1:]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["shards_written"], summary["shards_skipped"]) == (1, 2)
+    assert _files(cache) == original and verify_cache(cache).ok
+    assert {p: (cache / p).stat().st_mtime_ns for p in others} == others  # nothing else was rewritten
 
 
 def test_cli_without_vllm_refuses_backend_vllm_cleanly(env, tmp_path, capsys):
@@ -281,6 +336,8 @@ def test_two_processes_give_the_same_cache_as_one(env, reference, tmp_path):
 
 
 def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, tmp_path, capsys):
+    """The lock is filelock's OS lock on writer.lock, whose content names the holder: a live holder (another
+    process) refuses the job in one line; once that process is killed (-9) the next job takes the lock over."""
     import socket
 
     from flame_pipeline.cli import main
@@ -289,16 +346,24 @@ def test_second_job_on_a_cache_is_refused_and_a_dead_holder_is_taken_over(env, t
     cache = tmp_path / "cache"
     cache.mkdir()
     lock = cache / "writer.lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "t0"}))
-    args = ["embed", *_cli(env, manifest, cache)]
-    assert main(args) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flame")]
-    assert err == [f"flame embed: cache {cache} is being written by process {os.getpid()} on "
-                   f"{socket.gethostname()} since t0; wait for that job, or delete {lock} if it is dead"]
-    assert sorted(p.name for p in cache.iterdir()) == ["writer.lock"]  # nothing planned, nothing deleted
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "t0"}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.cache.files import CacheFiles; "
+         "from pipeline.cache.lock import CacheLock; lock = CacheLock(CacheFiles(sys.argv[1])); lock.acquire(); "
+         "print('held', "
+         "flush=True); time.sleep(120)", str(cache)], env=env["env"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = json.loads(lock.read_text())["started"]
+        args = ["embed", *_cli(env, manifest, cache)]
+        assert main(args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flame")]
+        assert err == [f"flame embed: cache {cache} is being written by process {holder.pid} on "
+                       f"{socket.gethostname()} since {started}; wait for that job, or delete {lock} if it is dead"]
+        assert sorted(p.name for p in cache.iterdir()) == ["writer.lock"]  # nothing planned, nothing deleted
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # a killed holder's file stays; its OS lock is gone
     assert main(args) == 0
     assert not lock.exists() and len(CacheReader(cache)) == 7
 

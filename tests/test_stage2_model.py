@@ -116,6 +116,26 @@ def test_cosine_schedule_with_linear_warmup():
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
 
 
+@pytest.mark.parametrize("warmup, total, min_ratio", [(2, 6, 0.0), (5, 40, 0.1), (0, 9, 0.0), (10, 10, 0.0)])
+def test_cosine_schedule_equals_transformers_after_warmup_and_its_next_step_during_it(warmup, total, min_ratio):
+    """Issue 21 item 4: ours is transformers' cosine schedule except that warm-up step s trains at transformers'
+    step s + 1 (never at lr 0, as open_clip_train's cosine_lr), and past total_steps it stays at min_ratio."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from stage2_train_vision.optim import cosine_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=min_ratio).lr_lambdas[0]
+    for s in range(total + 3):
+        ours = cosine_with_warmup(s, warmup, total, min_ratio)
+        if s < warmup:
+            assert ours == pytest.approx(ref(s + 1), abs=1e-15) and ref(s) == s / warmup
+        elif s <= total:
+            assert ours == pytest.approx(ref(s), abs=1e-15)
+        else:
+            assert ours == pytest.approx(min_ratio, abs=1e-15)
+
+
 def test_transforms_sizes_and_exact_normalisation():
     cfg = ImageConfig(32)
     red = Image.new("RGB", (64, 48), (255, 0, 0))

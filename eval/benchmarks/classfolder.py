@@ -8,12 +8,12 @@ Layout (``DIR`` = ``--data``)::
 
 Class names without ``classnames.txt``: folder names that look like WordNet ids (``n01440764``) are never
 used as class names (a text encoder scores them at chance, silently). Exactly 1000 of them are ImageNet-1k
-in its standard class order (sorted ids), and get the 1000 standard readable names shipped in
-``eval/data/imagenet_classnames.txt``; any other number of WordNet-id folders is refused. Other folder
+in its standard class order (sorted ids), and get the 1000 standard readable names of open_clip
+(``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``); any other number of WordNet-id folders is refused. Other folder
 names are used as they are, ``_`` read as a space.
 
-Templates without ``templates.txt``: the 80 CLIP ImageNet templates shipped in
-``eval/data/openai_imagenet_templates.txt`` (what CLIP_benchmark and open_clip use) for ``imagenet`` and for
+Templates without ``templates.txt``: the 80 CLIP ImageNet templates of open_clip
+(``OPENAI_IMAGENET_TEMPLATES``, what CLIP_benchmark uses too) for ``imagenet`` and for
 ImageNet's class names; :data:`DEFAULT_TEMPLATES` otherwise.
 
 With ``linear_probe`` and a ``DIR/train/`` folder beside the evaluated split, a linear probe is added
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import re
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -52,29 +51,30 @@ WNID = re.compile(r"n\d{8}")
 IMAGENET_CLASSES = 1000
 
 
-def _shipped(name: str) -> list[str]:
-    return read_list(str(resources.files("eval").joinpath("data").joinpath(name)), comments=True)
-
-
 @cache
 def _imagenet_classnames() -> tuple[str, ...]:
-    return tuple(_shipped("imagenet_classnames.txt"))
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return tuple(IMAGENET_CLASSNAMES)
 
 
 @cache
 def _openai_templates() -> tuple[str, ...]:
-    return tuple(_shipped("openai_imagenet_templates.txt"))
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
 def imagenet_classnames() -> list[str]:
     """The 1000 standard ImageNet-1k class names, index ``i`` = the ``i``-th WordNet id in sorted order
-    (``0`` = ``tench``, ``999`` = ``toilet paper``); the list OpenAI released with CLIP, as open_clip and
-    CLIP_benchmark ship it (``eval/data/imagenet_classnames.txt``)."""
+    (``0`` = ``tench``, ``999`` = ``toilet paper``): open_clip's ``IMAGENET_CLASSNAMES``, the list OpenAI
+    released with CLIP (CLIP_benchmark ships the same)."""
     return list(_imagenet_classnames())
 
 
 def openai_imagenet_templates() -> list[str]:
-    """The 80 CLIP ImageNet prompt templates, each with one ``{}`` (``eval/data/openai_imagenet_templates.txt``)."""
+    """The 80 CLIP ImageNet prompt templates, each with one ``{}``: open_clip's ``OPENAI_IMAGENET_TEMPLATES``
+    (functions there) rendered with ``"{}"``."""
     return list(_openai_templates())
 
 

@@ -37,7 +37,7 @@ from eval.benchmarks.base import (
     pairs_from_captions,
 )
 from eval.benchmarks.registry import BenchmarkRequest, register_benchmark
-from manifests.schema import LONG_CAPTION, RAW_CAPTION, read_manifest
+from manifests.schema import LONG_CAPTION, RAW_CAPTION, pairs_to_dict, read_manifest
 from stage1_embed_text.config import MULTI, SINGLE
 
 LANGUAGES = ("de", "fr", "es", "ja", "zh", "ar", "hi")
@@ -50,8 +50,8 @@ def _rows(manifest_dir: Path, split: str | None, columns: list[str]) -> list[dic
     rows = read_manifest(manifest_dir, columns=columns, split=split).to_pylist()
     for r in rows:
         for m in ("labels", "names"):
-            if isinstance(r.get(m), list):
-                r[m] = dict(r[m])
+            if m in r:
+                r[m] = pairs_to_dict(r[m])
     return rows
 
 

@@ -94,22 +94,35 @@ def _shards(data: Path, split: str) -> list[Path]:
 
 
 def _wds_samples(data: Path, split: str) -> list[dict[str, object]]:
-    """The samples of one split in shard and key order: ``{"image": ImageRef, "txt"?: str, "cls"?: str}``."""
+    """The samples of one split in shard and key order: ``{"image": ImageRef, "txt"?: str, "cls"?: str}``.
+
+    The shards are read with webdataset's tar iteration (``url_opener`` + ``tar_file_expander``); a sample's key
+    is the member name up to the first ``.`` of its base name, as webdataset groups them (``base_plus_ext``).
+    Images are kept as references (shard, member), read again when the benchmark embeds them.
+    """
+    # webdataset imports torch: only here, so registering the benchmarks stays light
+    from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+
     samples: dict[tuple[int, str], dict[str, object]] = defaultdict(dict)
-    for si, shard in enumerate(_shards(data, split)):
-        try:
-            with tarfile.open(shard) as tar:
-                for m in tar.getmembers():
-                    if not m.isfile():
-                        continue
-                    key, _, ext = m.name.partition(".")
-                    ext = ext.lower()
-                    if ext in IMAGE_EXTS:
-                        samples[(si, key)]["image"] = ImageRef(path=str(shard), member=m.name, name=m.name)
-                    elif ext in ("txt", "cls"):
-                        samples[(si, key)][ext] = tar.extractfile(m).read().decode("utf-8")
-        except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
-            raise BenchmarkError(f"{shard}: unreadable webdataset shard ({exc})") from None
+    shards = _shards(data, split)
+    index = {str(shard): si for si, shard in enumerate(shards)}
+    wanted = set(IMAGE_EXTS) | {"txt", "cls"}
+
+    def select(fname: str) -> bool:
+        return (base_plus_ext(fname)[1] or "").lower() in wanted
+
+    try:
+        members = tar_file_expander(url_opener([{"url": str(s)} for s in shards]), select_files=select,
+                                    eof_value=None)
+        for member in members:
+            key, ext = base_plus_ext(member["fname"])
+            ext, si = ext.lower(), index[member["__url__"]]
+            if ext in IMAGE_EXTS:
+                samples[(si, key)]["image"] = ImageRef(path=str(shards[si]), member=member["fname"], name=member["fname"])
+            else:
+                samples[(si, key)][ext] = member["data"].decode("utf-8")
+    except (tarfile.TarError, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BenchmarkError(f"{data}/{split}: unreadable webdataset shard ({exc})") from None
     rows = [s for _, s in sorted(samples.items()) if "image" in s]
     if not rows:
         raise BenchmarkError(f"{data}: no image samples in split {split!r}")

@@ -14,7 +14,8 @@ position ids and the literal ``<s>`` marker kept (:func:`official_identity`).
 :func:`import_cache` builds our cache from such a tree for the keys of a manifest:
 
 1. **Find** (one pass over the manifest's keys): which keys have a file, under which layout; 1 byte per key is
-   held (``uint8``), nothing else grows with the number of keys. Keys without a file are counted as missing
+   held (``uint8``), nothing else grows with the number of keys. Keys without a file are counted as missing; a key
+   whose file would lie outside the root (absolute, ``..``) is refused without looking there (``outside_root``)
    and get no row: nothing is invented.
 2. **Copy** (a second pass): rows are given to the found keys in manifest order; each cache shard is filled
    from its files (read by a few threads), checked, and committed with
@@ -69,6 +70,7 @@ from pipeline.cache.store import (
     CacheMeta,
     CacheWriter,
 )
+from pipeline.paths import confined_path
 from stage1_embed_text.backends.model_source import weights_fingerprint
 from stage1_embed_text.encode.prompts import FLAME, GROUPS, get_prompt_set
 
@@ -77,6 +79,7 @@ log = logging.getLogger(__name__)
 # Key layouts of the official tree: how a sample key names its file under the root.
 LAYOUTS = ("auto", "prefix5", "underscore")
 _LAYOUT_CODE = {"prefix5": 1, "underscore": 2}  # 0 = no file
+OUTSIDE = 255  # code of a key whose file would lie outside the root (absolute, ``..``): refused and counted
 
 # The official LLM (issue 13; FLAME's README and embed_cc3m_mask.py).
 OFFICIAL_LLM = "mistralai/Mistral-Nemo-Instruct-2407"
@@ -155,20 +158,24 @@ def resolve_identity(spec: str, llm_fingerprint: str | None = None) -> CacheIden
     return ident
 
 
-def pth_path(root: Path, key: str, layout: str) -> Path:
-    """Where the official tree keeps ``key``'s file under layout ``prefix5`` or ``underscore``."""
+def pth_path(root: Path, key: str, layout: str) -> Path | None:
+    """Where the official tree keeps ``key``'s file under layout ``prefix5`` or ``underscore``; ``None`` if that
+    path would lie outside ``root`` (an absolute key, ``..`` components: :func:`pipeline.paths.confined_path`)."""
     if layout == "prefix5":
-        return root / key[:5] / f"{key}.pth"
+        return confined_path(root, f"{key[:5]}/{key}.pth")
     if layout == "underscore":
-        return root / key.split("_")[0] / f"{key}.pth"
+        return confined_path(root, f"{key.split('_')[0]}/{key}.pth")
     raise CacheError(f"layout must be one of {LAYOUTS[1:]}, got {layout!r}")
 
 
 def find_file(root: Path, key: str, layout: str) -> int:
-    """Code of the layout under which ``key``'s file exists (1 prefix5, 2 underscore), 0 if none.
-    ``auto`` tries ``prefix5`` first."""
+    """Code of the layout under which ``key``'s file exists (1 prefix5, 2 underscore), 0 if none, :data:`OUTSIDE`
+    if the key names a path outside ``root`` (nothing there is looked at). ``auto`` tries ``prefix5`` first."""
     for name in (("prefix5", "underscore") if layout == "auto" else (layout,)):
-        if pth_path(root, key, name).is_file():
+        path = pth_path(root, key, name)
+        if path is None:
+            return OUTSIDE
+        if path.is_file():
             return _LAYOUT_CODE[name]
     return 0
 
@@ -222,7 +229,8 @@ class ImportSummary:
 
     Attributes:
         keys: manifest keys considered (after ``split``).
-        found: keys with a file; ``missing = keys - found``.
+        found: keys with a file; ``missing = keys - found`` (includes ``outside_root``).
+        outside_root: keys refused because their file would lie outside the root (absolute, ``..``).
         imported: keys in the cache's index (all shards, also those finished by an earlier run).
         bad: files checked by this run and left out, by reason (see :func:`load_vectors`).
         layouts: found files by layout (``{"prefix5": n}``).
@@ -232,6 +240,7 @@ class ImportSummary:
     out: str
     keys: int
     found: int
+    outside_root: int = 0
     imported: int = 0
     bad: dict[str, int] = field(default_factory=dict)
     layouts: dict[str, int] = field(default_factory=dict)
@@ -244,7 +253,7 @@ class ImportSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "keys": self.keys, "found": self.found, "missing": self.missing,
-                "imported": self.imported, "bad": dict(self.bad), "layouts": dict(self.layouts),
+                "outside_root": self.outside_root, "imported": self.imported, "bad": dict(self.bad), "layouts": dict(self.layouts),
                 "shards": self.shards, "shards_skipped": self.shards_skipped}
 
 
@@ -283,7 +292,7 @@ def _found_keys(manifest: Path, split: str | None, codes: np.ndarray) -> Iterato
         sel = codes[pos : pos + len(keys)]
         pos += len(keys)
         for k, c in zip(keys.to_pylist(), sel):
-            if c:
+            if c and c != OUTSIDE:
                 yield k, int(c)
 
 
@@ -342,11 +351,15 @@ def import_cache(
     identity = identity or official_identity()
     shape = (len(identity.facets), identity.dim)
     codes = _find_all(src, manifest, split, layout)
-    found = int(np.count_nonzero(codes))
-    summary = ImportSummary(out=str(out), keys=len(codes), found=found,
+    outside = int((codes == OUTSIDE).sum())
+    found = int(np.count_nonzero(codes)) - outside
+    summary = ImportSummary(out=str(out), keys=len(codes), found=found, outside_root=outside,
                             layouts={n: int((codes == c).sum()) for n, c in _LAYOUT_CODE.items() if (codes == c).any()})
     log.info("%d of %d manifest keys have a file under %s (%s); %d missing", found, len(codes), src,
              summary.layouts, summary.missing)
+    if outside:
+        log.warning("%d manifest keys name a file outside %s (absolute or '..'); refused, counted as outside_root",
+                    outside, src)
     if not found:
         raise CacheError(f"none of the {len(codes)} manifest keys has a file under {src} (layout {layout}): "
                          f"e.g. {pth_path(src, 'KEY', 'prefix5')} or {pth_path(src, 'KEY', 'underscore')}")

@@ -16,7 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from manifests.schema import DATA_DIR, MANIFEST_JSON, RAW_CAPTION, SCHEMA, ManifestError, ManifestInfo
+from manifests.schema import (
+    DATA_DIR,
+    MANIFEST_JSON,
+    RAW_CAPTION,
+    SCHEMA,
+    ManifestError,
+    ManifestInfo,
+    to_stored,
+)
 from manifests.wds.recaptions import RECAPTION_COLUMNS, SortedRuns
 from manifests.wds.samples import Samples, stage_file
 from manifests.wds.shards import shard_reference
@@ -67,7 +75,9 @@ def write_parts(samples: Samples, dropped: np.ndarray, joined: dict[str, list[Pa
         if n:
             table = _part_table(staged, captions, kept, shard_reference(urls[index], out_dir), split)
             name = f"{DATA_DIR}/part-{len(parts):05d}.parquet"
-            pq.write_table(table, stage / "parts" / Path(name).name, compression="zstd")
+            # tar members: the image struct holds the shard path, not a file datasets could decode
+            pq.write_table(to_stored(table, image_feature=False), stage / "parts" / Path(name).name,
+                           compression="zstd")
             parts.append(name)
             rows_written += n
         bar.set_postfix(rows=rows_written)

@@ -6,7 +6,8 @@ This module is the one owner of the cache's file layout; every other module asks
     store.zarr/vectors            float16 [N, F, D], one Zarr shard per cache shard
     store.zarr/mask               bool    [N, F] facet presence
     index/shard-SSSSS.parquet     key -> row of the rows of shard S, per group text SHA-1, tokens, truncation
-    done/shard-SSSSS.json         finished marker of shard S, written last
+    done/shard-SSSSS.json         finished marker of shard S, written last, with the SHA-256 of its vector,
+                                  mask and index files (:mod:`pipeline.cache.verify`)
     plan/plan.json                the job plan's counts, layout and hash (:mod:`stage1_embed_text.plan`)
     plan/rows.parquet             one row per cache row: first manifest sample, per group text SHA-1 and owner row;
                                   Parquet row group S = cache shard S

@@ -9,6 +9,8 @@ import socket
 from datetime import datetime, timezone
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from pipeline.cache.files import CacheFiles
 from pipeline.cache.meta import CacheError
 
@@ -16,12 +18,13 @@ log = logging.getLogger(__name__)
 
 
 class CacheLock:
-    """At most one writing job per cache directory: ``writer.lock``, created exclusively by the job's rank 0.
+    """At most one writing job per cache directory: ``writer.lock``, locked with ``filelock`` by the job's rank 0.
 
-    The file names the holder (host, pid, start time). A second job finds it and stops with a one-line
-    :class:`CacheError` instead of recomputing shards or deleting the first job's temporary files. A lock whose
-    holder is a dead process on this host (a killed job) is taken over; one from another host is only reported
-    (its liveness cannot be checked from here): delete the file if that job is gone.
+    The lock is the operating system's file lock (``filelock.FileLock``): the kernel releases it when the holder
+    exits in any way, a ``kill -9`` included, so a killed job's lock is taken over by the next one without any
+    liveness guessing. The file's content names the holder (host, pid, start time): a second job finds the lock
+    held and stops with a one-line :class:`CacheError` naming that process, instead of recomputing shards or
+    deleting the first job's temporary files. The file is removed when the job ends.
 
     Args:
         files: the cache's paths.
@@ -31,47 +34,42 @@ class CacheLock:
         self.path = files.lock
         self.mine = {"host": socket.gethostname(), "pid": os.getpid(),
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self._lock: FileLock | None = None
 
     def acquire(self) -> None:
-        """Take the lock. Raises :class:`CacheError` if another live job holds it."""
+        """Take the lock. Raises :class:`CacheError` naming the holder if another live job holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder.get("host") == self.mine["host"] and not _pid_alive(holder.get("pid")):
-                    log.warning("taking over %s from process %s, which is no longer running", self.path, holder.get("pid"))
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise CacheError(
-                    f"cache {self.path.parent} is being written by process {holder.get('pid')} on "
-                    f"{holder.get('host')} since {holder.get('started')}; wait for that job, or delete {self.path} "
-                    "if it is dead"
-                ) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.mine, f)
-            return
+        lock = FileLock(self.path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            holder = self._holder()
+            raise CacheError(
+                f"cache {self.path.parent} is being written by process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} since {holder.get('started', '?')}; wait for that job, or delete "
+                f"{self.path} if it is dead"
+            ) from None
+        previous = self._holder()
+        if previous and previous.get("pid") != self.mine["pid"]:
+            log.warning("taking over %s from process %s on %s, which no longer holds it", self.path,
+                        previous.get("pid"), previous.get("host"))
+        self._lock = lock
+        fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.mine, f)
 
     def release(self) -> None:
-        """Remove the lock if this process holds it."""
+        """Remove the lock file and release the lock if this process holds it."""
+        if self._lock is None:
+            return
         if self._holder() == self.mine:
             self.path.unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
 
     def _holder(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # unreadable: assume alive, never take over blindly
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return doc if isinstance(doc, dict) else {}

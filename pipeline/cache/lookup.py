@@ -4,7 +4,8 @@ A cache maps millions of sample keys to rows. Holding them in a ``dict`` costs ~
 and DataLoader worker (6 GB at 15M keys) and minutes to build on every open. Instead the lookup is built once,
 when the cache is complete, into plain files that every process memory-maps::
 
-    lookup/lookup.json   format, hash function, counts, the plan hash it belongs to, a probe key and its hash
+    lookup/lookup.json   format, hash function, counts, the plan hash it belongs to, a probe key and its hash, and the
+                         SHA-256 of the other files (``flame inspect --verify`` recomputes them)
     lookup/hashes.npy    uint64 [K]  64-bit key hashes, sorted ascending
     lookup/order.npy     int64  [K]  position in ``keys.arrow`` of each sorted hash
     lookup/rows.npy      int64  [K]  cache row of each key, in ``keys.arrow`` order
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 
 from pipeline.atomic import atomic_directory
 from pipeline.cache.meta import CacheError
+from pipeline.cache.verify import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +116,36 @@ class KeyLookup:
     @classmethod
     def open(cls, lookup_dir: Path, plan_hash: str) -> KeyLookup | None:
         """Memory-map a lookup; ``None`` if it is absent, of another format or plan, or its probe hash differs
-        (a hash function that changed between versions), so the caller rebuilds it."""
-        path = Path(lookup_dir) / LOOKUP_JSON
+        (a hash function that changed between versions), so the caller rebuilds it.
+
+        Raises:
+            CacheError: a file of the lookup is missing, truncated or does not parse, or the arrays' sizes differ
+                from what ``lookup.json`` recorded (one line, saying to delete ``lookup/`` so it is rebuilt).
+        """
+        try:
+            return cls._open(Path(lookup_dir), plan_hash)
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CacheError(
+                f"the key lookup {lookup_dir} is damaged ({text}); delete that folder and open the cache again: "
+                "the lookup is rebuilt from the index parts") from None
+
+    @classmethod
+    def _opens(cls, lookup_dir: Path, plan_hash: str) -> bool:
+        """Whether a lookup of this plan opens at ``lookup_dir`` (a damaged one does not)."""
+        try:
+            return cls.open(lookup_dir, plan_hash) is not None
+        except CacheError:
+            return False
+
+    @classmethod
+    def _open(cls, lookup_dir: Path, plan_hash: str) -> KeyLookup | None:
+        path = lookup_dir / LOOKUP_JSON
         if not path.exists():
             return None
         info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError(f"{LOOKUP_JSON} is not a JSON object")
         if info.get("format") != FORMAT or info.get("plan_hash") != plan_hash or info.get("hash") != HASH_FUNCTION:
             return None
         probe = info.get("probe")
@@ -127,6 +154,11 @@ class KeyLookup:
             return None
         arrays = {name: _map_npy(Path(lookup_dir) / f"{name}.npy") for name in ("hashes", "order", "rows", "mask")}
         keys = pa.ipc.open_file(pa.py_buffer(_map_random(Path(lookup_dir) / "keys.arrow"))).read_all().column("key")
+        n = info["keys"]
+        sizes = [len(arrays[name]) for name in ("hashes", "order", "rows")] + [len(keys)]
+        if sizes != [n] * 4 or arrays["mask"].shape[0] != info["rows"]:
+            raise ValueError(f"sizes {sizes} and {arrays['mask'].shape[0]} mask rows, {LOOKUP_JSON} recorded "
+                             f"{n} keys and {info['rows']} rows")
         return cls(arrays["hashes"], arrays["order"], arrays["rows"], keys, arrays["mask"], info)
 
     @classmethod
@@ -157,7 +189,7 @@ class KeyLookup:
             lookup._check_unique()
             return lookup
         # another process may publish the same lookup first: a copy that opens for this plan is kept
-        with atomic_directory(out_dir, keep_existing=lambda d: cls.open(d, plan_hash) is not None) as tmp:
+        with atomic_directory(out_dir, keep_existing=lambda d: cls._opens(d, plan_hash)) as tmp:
             with pa.ipc.new_file(str(tmp / "keys.arrow"), _KEY_SCHEMA) as writer:
                 sorted_hashes, order, key_rows = _hash_keys(parts, writer.write_batch)
             info["keys"] = len(key_rows)
@@ -166,6 +198,7 @@ class KeyLookup:
                 info["probe"] = {"key": first, "hash": str(int(key_hashes([first])[0]))}
             for name, array in (("hashes", sorted_hashes), ("order", order), ("rows", key_rows), ("mask", mask)):
                 np.save(tmp / f"{name}.npy", array if name != "mask" else np.asarray(array, bool))
+            info["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             (tmp / LOOKUP_JSON).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
             del sorted_hashes, order, key_rows
         lookup = cls.open(out_dir, plan_hash)

@@ -9,6 +9,7 @@ writing of vectors is :mod:`pipeline.cache.store`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -109,6 +110,11 @@ class CacheIdentity:
         """The fields a consumer must match (:data:`IDENTITY_KEYS`)."""
         d = self.to_dict()
         return {k: d[k] for k in IDENTITY_KEYS}
+
+    def digest(self) -> str:
+        """``"sha256:<hex>"`` of the :meth:`essential` fields (sorted-key JSON): equal for interchangeable caches."""
+        text = json.dumps(self.essential(), sort_keys=True, ensure_ascii=False)
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _norm(v: Any) -> Any:

@@ -25,6 +25,11 @@ import numpy as np
 
 from pipeline.cache.meta import CacheError
 
+try:  # what zarr's crc32c codec uses (a dependency of zarr >= 3)
+    from google_crc32c import value as _crc32c
+except ImportError:  # pragma: no cover - then only zarr's own reads check it
+    _crc32c = None
+
 
 class ShardFiles:
     """Fast path of :meth:`CacheReader.read_rows`: memory-mapped reads of the uncompressed, sharded vectors.
@@ -86,7 +91,13 @@ class ShardFiles:
                 mm = np.memmap(path, dtype=np.uint8, mode="r")
                 mm._mmap.madvise(mmap.MADV_RANDOM)  # no read-ahead into the page cache for random rows
                 self._maps.append(mm)
-                index = np.frombuffer(mm[len(mm) - n_index - 4 : len(mm) - 4].tobytes(), "<u8").reshape(-1, 2)
+                raw_index = mm[len(mm) - n_index - 4 : len(mm) - 4].tobytes()
+                if _crc32c is not None and _crc32c(raw_index) != int(np.frombuffer(mm[len(mm) - 4 :].tobytes(), "<u4")[0]):
+                    raise CacheError(
+                        f"{path}: the chunk index of cache shard {s} does not match its CRC-32C (the file is damaged); "
+                        f"delete its finished marker done/shard-{s:05d}.json and rerun the command that built the cache "
+                        "(`flame inspect --verify` prints it) to redo the shard")
+                index = np.frombuffer(raw_index, "<u8").reshape(-1, 2)
                 stored = index[:, 0] != self.EMPTY
                 chunk_bytes = self.chunk_rows * self.row_elems * 2
                 end = len(mm) - n_index - 4

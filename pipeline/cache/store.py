@@ -41,6 +41,7 @@ from pipeline.cache.meta import (
     check_unit_vectors,
 )
 from pipeline.cache.shards import ShardFiles
+from pipeline.cache.verify import shard_checksums
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,16 @@ class CacheWriter:
             lay, ident = meta.layout, meta.identity
             group = zarr.open_group(files.store, mode="w")
             n, f = max(lay.n_rows, 1), len(ident.facets)
+            attrs = zarr_attributes(meta)
             group.create_array(
                 "vectors", shape=(n, f, ident.dim), dtype="float16", chunks=(lay.chunk_rows, f, ident.dim),
-                shards=(lay.shard_rows, f, ident.dim), compressors=None, fill_value=0,
+                shards=(lay.shard_rows, f, ident.dim), compressors=None, fill_value=0, attributes=attrs["vectors"],
             )
             group.create_array(
                 "mask", shape=(n, f), dtype="bool", chunks=(lay.chunk_rows, f), shards=(lay.shard_rows, f),
-                fill_value=False,
+                fill_value=False, attributes=attrs["mask"],
             )
+            group.attrs.update(attrs["group"])
             files.index_dir.mkdir(exist_ok=True)
             files.done_dir.mkdir(exist_ok=True)
             atomic_write_bytes(files.meta, meta.to_json().encode())
@@ -154,8 +157,10 @@ class CacheWriter:
             self.mask[rows.start : rows.stop] = mask
         part = self.files.index_part(shard)
         with atomic_file(part) as tmp:
-            pq.write_table(index, tmp)
-        marker = {"shard": shard, "rows": [rows.start, rows.stop], "keys": index.num_rows}
+            pq.write_table(index, tmp, write_page_checksum=True)
+        # the digests of the shard's files as committed (pipeline.cache.verify checks them)
+        marker = {"shard": shard, "rows": [rows.start, rows.stop], "keys": index.num_rows,
+                  "sha256": shard_checksums(self.files, shard)}
         atomic_write_bytes(self._marker(shard), json.dumps(marker).encode())
 
     def read_vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -190,21 +195,43 @@ class CacheWriter:
         return build_key_lookup(self.files, self.meta, mask)
 
 
+def zarr_attributes(meta: CacheMeta) -> dict[str, dict[str, Any]]:
+    """The attributes stored with the Zarr arrays (``zarr.json``), so a plain Zarr reader knows what it holds
+    (informative; ``meta.json`` stays the contract): per array its axes, facet names and what a value means,
+    and the cache identity with its hash (:meth:`pipeline.cache.meta.CacheIdentity.digest`)."""
+    ident = meta.identity
+    facets = list(ident.facets)
+    common = {"flame_cache_format": meta.format_version, "identity_hash": ident.digest(), "facets": facets}
+    return {
+        "group": common | {"identity": ident.to_dict(), "rows": meta.layout.n_rows,
+                           "description": "flame stage-1 text cache: see meta.json and the index/ parts for keys"},
+        "vectors": common | {
+            "axes": ["row", "facet", "dim"],
+            "meaning": f"L2-normalized hidden state of {ident.llm} (layer {ident.layer}, {ident.readout}) per row "
+                       "and facet, stored float16; zero where the facet is absent (see mask); the rows of a key are "
+                       "given by index/*.parquet",
+        },
+        "mask": common | {"axes": ["row", "facet"], "meaning": "true where the facet's text is present"},
+    }
+
+
 def read_index_part(files: CacheFiles, shard: int, columns: list[str] | None = None) -> pa.Table:
     """The index part of a finished shard (:func:`pipeline.cache.files.index_schema`, ``columns`` only).
 
     Raises:
-        CacheError: the part is missing or not readable Parquet (deleted, truncated): the cache is damaged, and
-            the message says how to redo the shard.
+        CacheError: the part is missing or not readable Parquet (deleted, truncated, a page whose checksum does not
+            match): the cache is damaged, and the message says how to redo the shard.
     """
     path = files.index_part(shard)
-    redo = f"delete {files.marker(shard)} and rerun flame embed to redo the shard"
+    redo = (f"delete {files.marker(shard)} and rerun the command that built the cache to redo the shard "
+            "(`flame inspect --verify` prints it)")
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
     except FileNotFoundError:
         raise CacheError(f"{path} is missing although shard {shard} is finished; {redo}") from None
-    except pa.ArrowInvalid as e:
-        raise CacheError(f"{path} is damaged ({e}); {redo}") from None
+    except (OSError, ValueError, pa.ArrowException) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CacheError(f"{path} is damaged ({first}); {redo}") from None
 
 
 def build_key_lookup(files: CacheFiles, meta: CacheMeta, mask: np.ndarray | None = None,
@@ -333,7 +360,13 @@ class CacheReader:
             return direct, mask
         order = np.argsort(rows, kind="stable")
         uniq, inverse = np.unique(rows[order], return_inverse=True)
-        vec = self.vectors.get_orthogonal_selection((uniq, slice(None), slice(None)))
+        try:
+            vec = self.vectors.get_orthogonal_selection((uniq, slice(None), slice(None)))
+        except (OSError, ValueError) as e:  # zarr: "Stored and computed checksum do not match", truncated shard
+            shards = sorted({int(r) // self.meta.layout.shard_rows for r in uniq})
+            raise CacheError(
+                f"cache {self.dir}: reading rows of shards {shards[:5]} failed ({str(e)[:200]}): a shard file is "
+                "damaged; `flame inspect --verify` names it and the command that redoes it") from None
         out_v = np.empty((len(rows),) + vec.shape[1:], dtype=vec.dtype)
         out_v[order] = vec[inverse]
         return out_v, self.mask_rows(rows)

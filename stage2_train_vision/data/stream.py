@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from manifests.schema import read_manifest_info
+from manifests.schema import iter_part, read_manifest_info
 from pipeline.cache.store import CacheReader
 from stage2_train_vision.config import DataConfig
 from stage2_train_vision.data.samples import (
@@ -106,7 +107,7 @@ class StreamPairs(IterableDataset):
     def _part_rows(self, shard: StreamShard, first: int, stop: int) -> Iterator[dict[str, Any]]:
         """Usable rows ``[first, stop)`` of one part in file order, each with ``row`` = its cache row."""
         seen = 0  # usable rows of this part passed so far
-        for part in pq.ParquetFile(shard.path).iter_batches(batch_size=1024, columns=IMAGE_COLUMNS):
+        for part in iter_part(shard.path, IMAGE_COLUMNS, batch_rows=1024):
             if seen >= stop:
                 return
             part = part.filter(pc.equal(part["split"], self.cfg.split))
@@ -128,18 +129,11 @@ class StreamPairs(IterableDataset):
             )
 
     def _rows(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """This process's rows of ``epoch`` through the shuffle buffer (:meth:`rows_per_process` of them)."""
-        rng = np.random.default_rng(sample_seed(self.seed, epoch, self.rank))
-        buffer: list[dict[str, Any]] = []
-        for shard, first, stop in self.ranges(epoch):
-            for row in self._part_rows(shard, first, stop):
-                buffer.append(row)
-                if len(buffer) >= self.cfg.shuffle_buffer:
-                    j = int(rng.integers(len(buffer)))
-                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                    yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
+        """This process's rows of ``epoch`` through webdataset's shuffle buffer (:attr:`DataConfig.shuffle_buffer`
+        rows, filled before the first row leaves, seeded by ``(seed, epoch, rank)``): :meth:`rows_per_process`."""
+        rows = (row for shard, first, stop in self.ranges(epoch) for row in self._part_rows(shard, first, stop))
+        size = max(1, self.cfg.shuffle_buffer)
+        yield from wds.shuffle(size, initial=size, seed=sample_seed(self.seed, epoch, self.rank))(rows)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
