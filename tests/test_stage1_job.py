@@ -20,7 +20,7 @@ from manifests.schema import ManifestWriter, RowFetcher, read_manifest_info
 from pipeline.cache.store import CacheIdentityError, CacheReader
 from stage1_embed_text.backends.llm import load_llm
 from stage1_embed_text.encode.encoder import FacetEncoder
-from stage1_embed_text.encode.prompts import FLAME
+from stage1_embed_text.encode.prompts import FLAME, clean_for_prompt
 from stage1_embed_text.job import EmbedConfig, run_embed
 from stage1_embed_text.plan import make_plan
 from stage1_embed_text.plan.stored import StoredPlan
@@ -153,8 +153,10 @@ def test_unicode_is_not_normalized_texts_and_keys_stay_byte_exact(tmp_path):
     assert [k for s in range(info.layout.n_shards) for k in plan.keys(s)[0].to_pylist()] == [nfc, "again", nfd]
     fetcher = RowFetcher(manifest, ["raw_caption", "short_caption", "long_caption"])
     texts = [plan.texts(0, np.array([r]), fetcher)[0]["raw"] for r in (0, 1)]
-    assert texts == [f"un {nfc} noir.", f"un {nfd} noir."]
-    assert len({hashlib.sha1(t.encode()).digest() for t in texts}) == 2
+    assert texts == [f"un {nfc} noir", f"un {nfd} noir"]  # the manifest's captions (packing cleans them)
+    cleaned = [clean_for_prompt(t) for t in texts]
+    assert cleaned == [f"un {nfc} noir.", f"un {nfd} noir."]
+    assert len({hashlib.sha1(t.encode()).digest() for t in cleaned}) == 2
 
 
 def test_plan_with_split_and_limit_counts_manifest_positions(tmp_path):
