@@ -42,8 +42,9 @@ def summarize(report: dict[str, Any], load: str) -> dict[str, Any]:
 def render(doc: dict[str, Any]) -> str:
     """The Markdown between the markers."""
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in doc["stages_s"].items())
+    data = " / ".join(f"{n:,} {split}" for split, n in doc["data"].items() if split != "total")
     lines = [
-        f"Held-out test split of the default demo subset ({doc['data']}), from one `make demo` run of "
+        f"Held-out test split of the default demo subset ({data} images), from one `make demo` run of "
         f"**{doc['version']}** on {doc['cpu']} ({doc['machine_load']}). Stages: {stages}; {doc['total_s']:.0f} s "
         "in all. Test concepts were never seen in training. All numbers in %:",
         "",

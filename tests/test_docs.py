@@ -283,3 +283,13 @@ def test_shell_commands_split_and_map_to_flame():
     assert flame_argv([".venv-vllm/bin/python", "-m", "stage1_embed_text", "--manifest", "m"]) == [
         "embed", "--manifest", "m"]
     assert flame_argv(["python", "bench/gpu_check.py"]) is None
+
+
+def test_readme_demo_block_is_what_the_demo_run_measured():
+    """The README's demo numbers are rendered from bench/results/demo.json (a demo run's report), never typed."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "demo_readme.py"), "--check"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
