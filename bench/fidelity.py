@@ -18,8 +18,8 @@ Five arms train with the **same** images, ViT and projector, steps, batch, optim
 sees all of them. ``clip_scratch`` reads the Gemma cache only to select the same training keys.
 
 Evaluation (the ``emoji`` benchmark, unseen test concepts) scores English names and long captions in **both**
-text modes (``single``: the raw prompt; ``multi``: the mean of the 11 facet vectors) and every other task in
-``single`` mode (names, SPEC §6); classification reports top-1 and mean per-class recall next to uniform chance and the
+text modes (``single``: the raw prompt; ``multi``: the mean of the facet vectors), long captions in ``multi``
+and every other task in ``single`` mode (names, SPEC §6); classification reports top-1 and mean per-class recall next to uniform chance and the
 most-common-class baseline; multilingual retrieval is reported per language with its hit counts.
 
 Claims and their metrics were fixed in :data:`CLAIMS` **before** the runs of this study were started (commit
@@ -99,8 +99,8 @@ ARMS = {a.name: a for a in (
     Arm("flame", GEMMA, "cache", 6, "Gemma-3-270M, 11 facets, P = 6"),
     Arm("flame_one_prompt", GEMMA, ONE_PROMPT, 3, "Gemma-3-270M, raw/short/long one prompt each, P = 3"),
     Arm("raw_only", GEMMA, "raw", 1, "Gemma-3-270M, raw prompt only, P = 1"),
-    Arm("flame_english_llm", SMOLLM, "cache", 6, "SmolLM2-135M, 11 facets, P = 6"),
     Arm("clip_scratch", GEMMA, "tower", 6, "text tower from scratch ({layers} x {width}), raw/short/long sampled"),
+    Arm("flame_english_llm", SMOLLM, "cache", 6, "SmolLM2-135M, 11 facets, P = 6"),
 )}
 
 #: (row label, "<mode>:<task>/<metric>") of the Markdown table and the plot.
@@ -323,10 +323,30 @@ def class_baselines(manifest: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def eval_tasks(bench: Any, mode: str) -> Any:
+    """The tasks scored in ``mode``: ``single`` = every emoji task but long captions (long captions are
+    scored in ``multi`` only, as in SPEC §6); ``multi`` = English names and long captions."""
+    keep = (lambda n: n != "retrieval_en_long") if mode == "single" else (lambda n: n.startswith("retrieval_en_"))
+    return dataclasses.replace(bench, tasks=[t for t in bench.tasks if keep(t.name)])
+
+
+def eval_texts(bench: Any, mode: str) -> list[str]:
+    """Every text :func:`evaluate_both_modes` embeds in ``mode`` (retrieval texts, filled class templates)."""
+    from eval.benchmarks.base import ClassificationTask
+    from eval.tasks import fill_template
+
+    out: list[str] = []
+    for t in eval_tasks(bench, mode).tasks:
+        if isinstance(t, ClassificationTask):
+            out += [fill_template(tpl, c) for c in t.classnames for tpl in t.templates]
+        else:
+            out += list(t.texts)
+    return list(dict.fromkeys(out))
+
+
 def evaluate_both_modes(model_dir: Path, manifest: Path, text_cache: Path) -> tuple[dict, dict, dict]:
-    """Every emoji task in ``single`` mode and the English retrieval tasks (names, long captions) in ``multi``
-    mode too; metrics, chance and task counts keyed ``"<mode>:<task>/<metric>"`` (:func:`flatten_metrics`).
-    Classification and multilingual retrieval use the names (``single``), as in SPEC §6."""
+    """The tasks of :func:`eval_tasks` in both modes; metrics, chance and task counts keyed
+    ``"<mode>:<task>/<metric>"`` (:func:`flatten_metrics`)."""
     import eval.run as er
     from eval.benchmarks import load_benchmark
     from eval.report import build_results
@@ -339,14 +359,31 @@ def evaluate_both_modes(model_dir: Path, manifest: Path, text_cache: Path) -> tu
         encoder = er.load_text_encoder(config["cache_identity"], text_cache, 32)
     metrics, chance, counts = {}, {}, {}
     for mode in MODES:
-        b = bench if mode == "single" else dataclasses.replace(
-            bench, tasks=[t for t in bench.tasks if t.name.startswith("retrieval_en_")])
+        b = eval_tasks(bench, mode)
         results, skipped = er.evaluate_benchmark(b, model, transform, encoder, model_dir, mode, device="cpu",
                                                  plots=False)
         doc = build_results(b.name, b.split, "", b.counts, mode, "", config, results, skipped)
         m, c, n = flatten_metrics(doc, mode)
         metrics, chance, counts = metrics | m, chance | c, counts | n
     return metrics, chance, counts
+
+
+def prewarm_eval_texts(cache_dir: Path, manifest: Path, text_cache: Path) -> dict[str, int]:
+    """Embed every eval text of both modes with the LLM of ``cache_dir``'s identity into ``text_cache`` (what
+    the runs' evaluations then read); usable while that cache is still being written (its ``meta.json`` is
+    written first). Returns ``{mode: number of texts}``."""
+    import eval.run as er
+    from eval.benchmarks import load_benchmark
+
+    identity = json.loads((Path(cache_dir) / "meta.json").read_text())["identity"]
+    bench = load_benchmark("emoji", manifest, "test", linear_probe=False)
+    encoder = er.load_text_encoder(identity, text_cache, 32)
+    out = {}
+    for mode in MODES:
+        texts = eval_texts(bench, mode)
+        encoder.encode(texts, mode, desc=f"prewarm {identity['llm']} {mode}")
+        out[mode] = len(texts)
+    return out
 
 
 def _train_and_eval(cfg: StudyConfig, arm: Arm, job: dict[str, Any], manifest: Path) -> dict[str, Any]:
@@ -390,14 +427,15 @@ def _run_one(cfg: StudyConfig, name: str, job: dict[str, Any], manifest: Path, p
 
 
 def plan_jobs(cfg: StudyConfig, data: StudyData, caches: dict[str, Path]) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every (arm, seed) of the study, seed-major (a study cut short has every arm for its first seeds), with
-    the hash of everything its result depends on (no absolute paths: artifacts are named by their hashes)."""
+    """Every (arm, seed) of the study, arm-major in the order of ``cfg.arms`` (a study cut short has every
+    seed of its first arms, so the first claims can be decided), with the hash of everything its result
+    depends on (no absolute paths: artifacts are named by their hashes)."""
     from flame_pipeline.demo.artifacts import inputs_hash
 
     tower = tower_config(cfg).to_dict()
     jobs = {}
-    for seed in cfg.seeds:
-        for name in cfg.arms:
+    for name in cfg.arms:
+        for seed in cfg.seeds:
             arm = ARMS[name]
             cache = caches[arm.text if arm.text in ("raw", ONE_PROMPT) else arm.llm]
             inputs = {"arm": dataclasses.asdict(arm), "seed": seed, "steps": cfg.steps,
