@@ -484,6 +484,22 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
                                      lambda out, k=keep: facet_subset_cache(data.caches[GEMMA], out, k)).path
     baselines = class_baselines(data.manifest)
     (cfg.out / "fidelity").mkdir(parents=True, exist_ok=True)
+    study = {"arms": list(cfg.arms), "seeds": list(cfg.seeds), "steps": cfg.steps,
+             "train_config": str(Path(cfg.train_config).resolve().relative_to(ROOT))
+             if Path(cfg.train_config).resolve().is_relative_to(ROOT) else Path(cfg.train_config).name,
+             "train_config_sha256_12": _digest(cfg.train_config), "overrides": list(cfg.overrides),
+             "manifest": Path(data.manifest).name, "caches": {k: Path(v).name for k, v in caches.items()},
+             "text_tower": tower_config(cfg).to_dict(), "threads": cfg.threads, "jobs": cfg.jobs, "cpu": cpu_summary(),
+             "batch_size": _batch_size(cfg), "baselines": baselines,
+             "benchmark": "emoji, test split (concepts unseen in training)"}
+    (cfg.out / "fidelity" / "study.json").write_text(json.dumps(study, indent=1, sort_keys=True) + "\n",
+                                                      encoding="utf-8")
+
+    def refresh(draw: bool = False) -> dict[str, Any]:  # the derived files always show every finished run
+        doc = build_document(cfg.out)
+        write_outputs(doc, cfg.out, cfg.readme, draw)
+        return doc
+
     todo = []
     for (name, seed), job in plan_jobs(cfg, data, caches).items():
         path = run_file(cfg.out, name, seed)
@@ -501,22 +517,13 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
             for fut in as_completed(futures):
                 if fut.exception() is not None:  # the others go on; the arm is then reported as incomplete
                     log.error("%s seed %d failed: %r", *futures[fut], fut.exception())
+                else:
+                    refresh()
     else:
         for name, job, path in todo:
             _run_one(cfg, name, job, data.manifest, path)
-    study = {"arms": list(cfg.arms), "seeds": list(cfg.seeds), "steps": cfg.steps,
-             "train_config": str(Path(cfg.train_config).resolve().relative_to(ROOT))
-             if Path(cfg.train_config).resolve().is_relative_to(ROOT) else Path(cfg.train_config).name,
-             "train_config_sha256_12": _digest(cfg.train_config), "overrides": list(cfg.overrides),
-             "manifest": Path(data.manifest).name, "caches": {k: Path(v).name for k, v in caches.items()},
-             "text_tower": tower_config(cfg).to_dict(), "threads": cfg.threads, "jobs": cfg.jobs, "cpu": cpu_summary(),
-             "batch_size": _batch_size(cfg), "baselines": baselines,
-             "benchmark": "emoji, test split (concepts unseen in training)"}
-    (cfg.out / "fidelity" / "study.json").write_text(json.dumps(study, indent=1, sort_keys=True) + "\n",
-                                                      encoding="utf-8")
-    doc = build_document(cfg.out)
-    write_outputs(doc, cfg.out, cfg.readme)
-    return doc
+            refresh()
+    return refresh(draw=True)
 
 
 def _batch_size(cfg: StudyConfig) -> int:
@@ -791,12 +798,14 @@ def _json_text(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
 
 
-def write_outputs(doc: dict[str, Any], out: Path, readme: Path | None) -> dict[str, Path]:
-    """``fidelity.json``, ``fidelity.md``, ``fidelity.png`` under ``out``, and the README block."""
+def write_outputs(doc: dict[str, Any], out: Path, readme: Path | None, draw: bool = True) -> dict[str, Path]:
+    """``fidelity.json``, ``fidelity.md``, ``fidelity.png`` (only with ``draw``) under ``out``, and the README
+    block."""
     paths = {"json": out / "fidelity.json", "md": out / "fidelity.md", "png": out / "fidelity.png"}
     paths["json"].write_text(_json_text(doc), encoding="utf-8")
     paths["md"].write_text(render_markdown(doc), encoding="utf-8")
-    plot(doc, paths["png"])
+    if draw:
+        plot(doc, paths["png"])
     if readme is not None:
         readme.write_text(readme_block(readme.read_text(encoding="utf-8"), render_summary(doc)), encoding="utf-8")
         paths["readme"] = readme
@@ -835,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true",
                    help="re-derive fidelity.json from the per-run files, re-render fidelity.md and the README "
                         "block from it; exit 1 on any difference (trains nothing)")
+    p.add_argument("--render", action="store_true",
+                   help="write fidelity.json/.md/.png and the README block from the finished runs (trains nothing)")
     p.add_argument("overrides", nargs="*", help="stage-2 overrides for every arm, e.g. train.batch_size=64")
     args = p.parse_args(argv)
     readme = None if args.no_readme else args.readme
@@ -845,6 +856,11 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             print("fidelity --check: fidelity.json, fidelity.md and the README block match")
         return 1 if problems else 0
+    if args.render:
+        doc = build_document(args.out)
+        write_outputs(doc, args.out, readme)
+        print(render_summary(doc))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.threads:
