@@ -378,9 +378,16 @@ def write_outputs(doc: dict[str, Any], out: Path, readme: Path | None, draw: boo
 
 def check(out: Path, readme: Path | None) -> list[str]:
     """Re-derive ``fidelity.json`` from the per-run files and re-render ``fidelity.md`` and the README block;
-    return one line per file that differs from what is on disk (empty: all identical)."""
+    return one line per file that differs from what is on disk, or that is missing (empty: all identical)."""
+    need = [out / "fidelity" / "study.json", out / "fidelity.json", out / "fidelity.md"]
+    missing = [p.relative_to(out).as_posix() for p in need if not p.is_file()]
+    if missing:
+        return [f"missing {', '.join(missing)} under {out.name}/ (run bench/fidelity.py first)"]
     problems = []
-    doc = build_document(out)
+    try:
+        doc = build_document(out)
+    except (OSError, ValueError, KeyError) as e:
+        return [f"the per-run files under {out.name}/fidelity/ do not build a document: {e!r}"]
     if (out / "fidelity.json").read_text(encoding="utf-8") != _json_text(doc):
         problems.append(f"{(out / 'fidelity.json').name} differs from what the per-run files give")
     on_disk = json.loads((out / "fidelity.json").read_text(encoding="utf-8"))
@@ -388,6 +395,8 @@ def check(out: Path, readme: Path | None) -> list[str]:
         problems.append(f"{(out / 'fidelity.md').name} differs from the one rendered from fidelity.json")
     if readme is not None:
         text = readme.read_text(encoding="utf-8")
-        if readme_block(text, render_summary(on_disk)) != text:
+        if BEGIN not in text or END not in text:
+            problems.append(f"{readme.name} has no {BEGIN} ... {END} block")
+        elif readme_block(text, render_summary(on_disk)) != text:
             problems.append(f"{readme.name}'s fidelity block differs from the one rendered from fidelity.json")
     return problems

@@ -204,6 +204,13 @@ def test_incomplete_arm_is_not_reported(tmp_path):
     assert doc["complete_arms"] == ["flame"] and doc["incomplete_arms"] == {"raw_only": [1]}
     assert doc["arms"]["flame"]["metrics"]["single:x/acc1"]["values"] == [0.5, 0.5] and doc["claims"] == []
     assert "Not reported (seeds unfinished): `raw_only` (1 of 2 seeds)." in fidelity.render_summary(doc)
+    assert fidelity.check(out, None) == ["missing fidelity.json, fidelity.md under " + out.name + "/ (run bench/fidelity.py first)"]
+    fidelity.write_outputs(doc, out, None, draw=False)
+    assert fidelity.check(out, None) == []
+    readme = out / "README.md"
+    readme.write_text("# no block\n")
+    assert fidelity.check(out, readme) == ["README.md has no <!-- fidelity:begin --> ... <!-- fidelity:end --> block"]
+    assert fidelity.main(["--check", "--out", str(out), "--readme", str(readme)]) == 1
 
 
 def test_paired_statistics_by_hand():
