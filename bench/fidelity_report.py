@@ -265,7 +265,9 @@ def render_summary(doc: dict[str, Any]) -> str:
             f"`{a}` ({len(v)} of {n} seeds)" for a, v in doc["incomplete_arms"].items()) + "."
     lines = [head, "", render_table(doc).rstrip("\n"), "",
              f"Paired differences A - B over the {n} seeds (percentage points, bootstrap 95 % interval, exact "
-             f"sign-flip p; the smallest p {n} seeds can give is {2 / 2 ** n:.4f}); metrics chosen before the run:", ""]
+             f"sign-flip p; the smallest p {n} seeds can give is {2 / 2 ** n:.4f}). A claim holds on a metric when the "
+             f"interval is above 0 and p <= {HOLD_P:.4f}; its metrics were chosen before the run; no correction for "
+             "multiple comparisons:", ""]
     lines += [f"- {claim_sentence(c, n)}" for c in doc["claims"]]
     return "\n".join(lines) + "\n"
 
