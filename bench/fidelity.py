@@ -1,41 +1,47 @@
-"""Does the pipeline deliver FLAME's benefit? A fidelity study on the embedded emoji data (issue 14).
+"""Does the pipeline deliver FLAME's benefit? The fidelity study, second round (issues 14 and 23).
 
-Trains and evaluates four variants with the **same** images (the demo subset), ViT and projector, steps,
-batch, optimizer, schedule and test concepts, each with several seeds, and writes ``fidelity.json``, a
-markdown table and a plot:
+Five arms train with the **same** images, ViT and projector, steps, batch, optimizer, schedule, seeds and crops
+(crops come from their own random stream, independent of the facet draw: ``stage2_train_vision.data.samples``):
 
 =====================  ==============================================================================
-``flame``              cached Gemma-3-270M vectors, all 11 facets, P = 6 positives (the recipe)
-``flame_single``       cached Gemma-3-270M vectors, raw prompt only (P = 1)
+``flame``              cached Gemma-3-270M vectors, all 11 facets, P = 6 (the recipe)
+``flame_one_prompt``   the same three captions, one prompt each (the raw prompt for the raw caption, facet 1
+                       of the short and of the long caption), P = 3: same content, fewer prompts
+``raw_only``           the raw prompt only, P = 1 (issue 14's ``flame_single``): less content
 ``flame_english_llm``  as ``flame``, with SmolLM2-135M (an English-only LLM)
-``clip_scratch``       open_clip's ``TextTransformer`` trained from scratch jointly with the ViT on the same
-                       captions (one of raw / short / long per image and step), CLIP BPE tokenizer, the same
-                       sigmoid loss (:mod:`stage2_train_vision.text_tower`)
+``clip_scratch``       open_clip's ``TextTransformer`` trained from scratch jointly with the ViT, one of the raw,
+                       short and long captions per image and step (:mod:`stage2_train_vision.text_tower`)
 =====================  ==============================================================================
 
-Every variant trains with ``configs/demo-cpu.toml`` and only these differences: the cache (Gemma, the Gemma
-cache reduced to its raw facet, SmolLM2), ``data.positives`` (1 for ``flame_single``) and, for
-``clip_scratch``, the text tower. ``clip_scratch`` reads the same cache only to select the same training keys
-and keeps ``data.positives = 6`` so that its images and crops are drawn exactly as ``flame``'s (the sampled
-vectors are not used). Evaluation: the ``emoji`` benchmark on the unseen test concepts (each task's default
-text mode, SPEC §6); ``clip_scratch`` embeds eval texts with its own tower.
+``flame_one_prompt`` and ``raw_only`` read a copy of the Gemma cache in which only their facets are present
+(:func:`facet_subset_cache`), so no training-code knob is needed: with P = number of present facets every step
+sees all of them. ``clip_scratch`` reads the Gemma cache only to select the same training keys.
+
+Evaluation (the ``emoji`` benchmark, unseen test concepts) scores English names and long captions in **both**
+text modes (``single``: the raw prompt; ``multi``: the mean of the facet vectors), long captions in ``multi``
+and every other task in ``single`` mode (names, SPEC §6); classification reports top-1 and mean per-class recall next to uniform chance and the
+most-common-class baseline; multilingual retrieval is reported per language with its hit counts.
+
+Claims and their metrics were fixed in :data:`CLAIMS` **before** the runs of this study were started (commit
+that adds this docstring). Each claim is tested per metric on the paired (same-seed) differences: mean, a
+percentile bootstrap 95 % interval (10,000 resamples of the seeds, fixed generator) and the exact two-sided
+sign-flip permutation p over all 2^n sign patterns. A metric "holds" when the bootstrap interval lies above 0
+**and** p <= 0.0625 = 2 / 2^5 (with 5 seeds: every seed agrees in sign, the smallest p that 5 seeds can
+give; fewer than 5 seeds never hold). No correction for multiple comparisons is applied; the table says how many primary metrics hold.
+
+The arms, table rows and claims, the statistics and everything derived from the per-run files live in
+``bench/fidelity_report.py`` (re-exported here).
 
 Usage::
 
-    .venv/bin/python bench/fidelity.py                        # 3 seeds x 4 variants, --steps 200
-    .venv/bin/python bench/fidelity.py --steps 100 --seeds 0 1 2 --jobs 2 --threads 1
+    python bench/fidelity.py --steps 100 --seeds 0 1 2 3 4     # train/evaluate what is missing, write results
+    python bench/fidelity.py --check                           # re-derive JSON + Markdown + README table; diff
 
-Data stages (manifest, subset, stage-1 caches) are those of ``flame demo`` and are reused from
-``runs/demo-artifacts``; each (variant, seed) training and evaluation is a reusable stage under
-``runs/fidelity/`` (a rerun skips finished ones). Results go to ``bench/results/fidelity.{json,md,png}``.
-
-JSON layout::
-
-    {"config": {...}, "variants": {NAME: {"text_side": str, "seeds": [0, 1, 2],
-      "metrics": {"<task>/<metric>": {"mean": x, "std": y, "values": [...]}}, "chance": {...},
-      "runs": [{"seed", "train_seconds", "eval_seconds", "final_loss", ...}]}}}
-
-``std`` is the sample standard deviation over seeds (0 for one seed). Metrics are fractions in [0, 1].
+Each finished (arm, seed) writes ``bench/results/fidelity/<arm>-s<seed>.json`` (metrics in both modes, chance,
+task counts, first/final loss, seconds, the hash of its inputs); a rerun skips every run whose file matches its
+inputs, so an interrupted study resumes. ``fidelity.json``, ``fidelity.md``, ``fidelity.png`` and the README
+block between ``<!-- fidelity:begin -->`` and ``<!-- fidelity:end -->`` are derived from those files only, and
+only arms with every requested seed finished are reported. No file written holds an absolute path.
 """
 
 from __future__ import annotations
@@ -49,9 +55,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -63,51 +67,32 @@ if str(ROOT) not in sys.path:
 
 from pipeline.machine import cpu_summary  # noqa: E402  (after the project root is on sys.path)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity_report import (  # noqa: E402,F401  (re-exported: the study's definitions and derived files)
+    ARMS,
+    BEGIN,
+    CLAIMS,
+    END,
+    GEMMA,
+    HOLD_P,
+    MODES,
+    ONE_PROMPT,
+    SMOLLM,
+    TABLE,
+    Arm,
+    aggregate,
+    bootstrap_ci,
+    build_document,
+    check,
+    paired,
+    render_markdown,
+    render_summary,
+    run_file,
+    sign_flip_p,
+    write_outputs,
+)
+
 log = logging.getLogger("fidelity")
-
-GEMMA, SMOLLM = "gemma3-270m", "smollm2-135m"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One arm of the study.
-
-    Attributes:
-        name: variant name in the results.
-        llm: the stage-1 cache it reads (for ``clip_scratch``: only to select the same training keys).
-        text: ``"cache"`` (all facets), ``"raw"`` (the cache reduced to the raw facet) or ``"tower"``.
-        positives: ``data.positives``.
-        describe: the text side in words (table and JSON).
-    """
-
-    name: str
-    llm: str
-    text: str
-    positives: int
-    describe: str
-
-
-VARIANTS = {v.name: v for v in (
-    Variant("flame", GEMMA, "cache", 6, "cached Gemma-3-270M vectors, 11 facets, P = 6"),
-    Variant("flame_single", GEMMA, "raw", 1, "cached Gemma-3-270M vectors, raw prompt only, P = 1"),
-    Variant("flame_english_llm", SMOLLM, "cache", 6, "cached SmolLM2-135M vectors, 11 facets, P = 6"),
-    Variant("clip_scratch", GEMMA, "tower", 6,
-            "open_clip TextTransformer from scratch ({layers} layers x {width}), CLIP BPE, one caption per image, "
-            "P = 1"),
-)}
-
-#: (column, "<task>/<metric>") of the markdown table and the plot.
-TABLE = [
-    ("EN names I→T R@1", "retrieval_en_raw/text_retrieval_recall@1"),
-    ("EN names T→I R@1", "retrieval_en_raw/image_retrieval_recall@1"),
-    ("EN names I→T R@5", "retrieval_en_raw/text_retrieval_recall@5"),
-    ("EN long I→T R@1", "retrieval_en_long/text_retrieval_recall@1"),
-    ("EN long T→I R@1", "retrieval_en_long/image_retrieval_recall@1"),
-    ("category top-1", "classification_category/acc1"),
-    ("subcategory top-1", "classification_subcategory/acc1"),
-    ("multilingual mean I→T R@1", "multilingual_mean/text_retrieval_recall@1"),
-    ("multilingual mean T→I R@1", "multilingual_mean/image_retrieval_recall@1"),
-]
 
 
 @dataclass
@@ -115,35 +100,36 @@ class StudyConfig:
     """What :func:`run_study` runs.
 
     Attributes:
-        variants: names from :data:`VARIANTS`.
+        arms: names from :data:`ARMS`.
         seeds: training seeds (model init, data order, crops, facet and caption draws).
-        steps: optimizer steps per run (``train.max_steps``), the same for every variant.
-        train_config: the stage-2 TOML every variant starts from; ``overrides`` go on top (all variants).
+        steps: optimizer steps per run (``train.max_steps``), the same for every arm.
+        train_config: the stage-2 TOML every arm starts from; ``overrides`` go on top (all arms).
         runs: root of reusable artifacts (``runs/demo-artifacts`` for data, ``runs/fidelity`` for runs).
-        out: where ``fidelity.json``/``.md``/``.png`` are written.
-        threads: torch threads per training/eval process (0 = torch default).
-        jobs: trainings run in parallel processes (evaluation runs one at a time in this process).
-        text_cache: eval text-vector cache root (``None``: ``$FLAME_HOME/eval-text-cache``).
-        keep_checkpoints: keep each run's training checkpoint (only the exported model is needed).
+        out: where ``fidelity.json``/``.md``/``.png`` and the per-run folder ``fidelity/`` go.
+        readme: the README whose fidelity block is rewritten (``None``: leave it).
+        threads: torch threads per training/eval (0 = torch default).
+        jobs: runs trained and evaluated in parallel worker processes (1: in this process).
+        text_cache: eval text-vector cache root (default ``<runs>/eval-text-cache``).
+        tower: :class:`stage2_train_vision.text_tower.TextTowerConfig` fields for ``clip_scratch``.
     """
 
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[str, ...] = tuple(ARMS)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     steps: int = 200
     train_config: Path = ROOT / "configs" / "demo-cpu.toml"
     overrides: tuple[str, ...] = ()
     runs: Path = Path("runs")
     out: Path = ROOT / "bench" / "results"
+    readme: Path | None = ROOT / "README.md"
     threads: int = 0
     jobs: int = 1
     text_cache: Path | None = None
-    keep_checkpoints: bool = False
     tower: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class StudyData:
-    """The manifest every variant trains and is evaluated on, and one stage-1 cache per LLM."""
+    """The manifest every arm trains and is evaluated on, and one stage-1 cache per LLM."""
 
     manifest: Path
     caches: dict[str, Path]
@@ -182,48 +168,69 @@ def prepare_data(runs: Path, llms: tuple[str, ...], train_bases: int = 300, test
     return StudyData(subset.path, caches)
 
 
-def raw_only_cache(cache_dir: Path, out_dir: Path, facet: str = "raw") -> dict[str, Any]:
-    """Write a copy of a cache in which only ``facet`` is present (the others are marked absent and zeroed).
-
-    Same identity, layout and keys, so a model trained on it is evaluated with the same LLM; with
-    ``data.positives = 1`` training then sees exactly the raw prompt's vector of every sample.
-
-    Returns:
-        ``{"facet": facet, "rows": N, "rows_with_facet": n}``.
+def arm_facets(facets: tuple[str, ...], text: str) -> tuple[str, ...] | None:
+    """The facet names an arm keeps (``None``: all). ``ONE_PROMPT`` = ``raw`` and the first ``short.*`` and
+    ``long.*`` facet in storage order (the same question as the raw prompt, asked of each caption).
 
     Raises:
-        KeyError: the cache has no facet called ``facet``.
+        KeyError: the cache lacks a facet the arm needs.
+    """
+    if text in ("cache", "tower"):
+        return None
+    if text == "raw":
+        want = ("raw",)
+    else:
+        want = ("raw", *(next((f for f in facets if f.startswith(g + ".")), g + ".?") for g in ("short", "long")))
+    missing = [f for f in want if f not in facets]
+    if missing:
+        raise KeyError(f"cache has no facets {missing} (facets: {list(facets)})")
+    return want
+
+
+def facet_subset_cache(cache_dir: Path, out_dir: Path, keep_facets: tuple[str, ...]) -> dict[str, Any]:
+    """Write a copy of a cache in which only ``keep_facets`` are present (the others marked absent, zeroed).
+
+    Same identity, layout and keys, so a model trained on it is evaluated with the same LLM; with
+    ``data.positives = len(keep_facets)`` every step sees every kept facet of every sample.
+
+    Returns:
+        ``{"facets": [...], "rows": N, "rows_with_facet": {facet: n}}``.
+
+    Raises:
+        KeyError: the cache has no facet of that name.
     """
     from pipeline.cache.store import CacheMeta, CacheReader, CacheWriter
 
     reader = CacheReader(cache_dir)
-    if facet not in reader.facets:
-        raise KeyError(f"cache {cache_dir} has no facet {facet!r} (facets: {reader.facets})")
-    j = reader.facets.index(facet)
+    missing = [f for f in keep_facets if f not in reader.facets]
+    if missing:
+        raise KeyError(f"cache {Path(cache_dir).name} has no facets {missing} (facets: {list(reader.facets)})")
+    cols = [reader.facets.index(f) for f in keep_facets]
     meta = CacheMeta.read(cache_dir)
-    meta = dataclasses.replace(meta, extra=dict(meta.extra) | {"derived": {"from": str(cache_dir), "only": facet}})
+    meta = dataclasses.replace(meta, extra=dict(meta.extra) | {"derived": {"from": Path(cache_dir).name,
+                                                                            "only": list(keep_facets)}})
     writer = CacheWriter.create(out_dir, meta)
     vectors, mask = reader.load_all()
     keep = np.zeros_like(mask)
-    keep[:, j] = mask[:, j]
+    keep[:, cols] = mask[:, cols]
     vectors = np.where(keep[..., None], vectors, 0).astype(np.float16)
     for s, part in zip(range(meta.layout.n_shards), reader.iter_index()):
         r = meta.layout.shard_range(s)
         writer.write_shard(s, vectors[r.start : r.stop], keep[r.start : r.stop], part)
     writer.build_lookup(keep)
-    return {"facet": facet, "rows": int(len(mask)), "rows_with_facet": int(keep[:, j].sum())}
+    return {"facets": list(keep_facets), "rows": int(len(mask)),
+            "rows_with_facet": {f: int(keep[:, j].sum()) for f, j in zip(keep_facets, cols)}}
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def train_overrides(cfg: StudyConfig, variant: Variant, seed: int, manifest: Path, cache: Path,
-                    out_dir: Path) -> list[str]:
-    """The stage-2 overrides of one run: the study's shared budget, then what the variant changes."""
+def train_overrides(cfg: StudyConfig, arm: Arm, seed: int, manifest: Path, cache: Path, out_dir: Path) -> list[str]:
+    """The stage-2 overrides of one run: the study's shared budget, then what the arm changes."""
     shared = [f"train.max_steps={cfg.steps}", f"train.seed={seed}", f"train.threads={cfg.threads}",
               "train.save_every=0", *cfg.overrides]
-    return [f"data.manifest={manifest}", f"data.cache={cache}", *shared, f"data.positives={variant.positives}",
+    return [f"data.manifest={manifest}", f"data.cache={cache}", *shared, f"data.positives={arm.positives}",
             f"train.output_dir={out_dir}"]
 
 
@@ -234,290 +241,281 @@ def tower_config(cfg: StudyConfig):
     return TextTowerConfig(**cfg.tower)
 
 
-def _train_job(cfg: StudyConfig, variant: Variant, overrides: list[str], out_dir: str) -> dict[str, Any]:
-    """Train one run (in this process or a worker); returns the training summary plus its wall time."""
+def flatten_metrics(doc: dict[str, Any], mode: str) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """``results.json`` of one text mode -> ``{"<mode>:<task>/<metric>": value}``, the same keys' chance, and
+    ``{"<mode>:<task>": counts}``; adds ``multilingual_mean/*`` from the summary."""
+    metrics, chance, counts = {}, {}, {}
+    for task, t in doc["tasks"].items():
+        counts[f"{mode}:{task}"] = t["counts"]
+        for k, v in t["metrics"].items():
+            metrics[f"{mode}:{task}/{k}"], chance[f"{mode}:{task}/{k}"] = float(v), float(t["chance"][k])
+    avg = doc.get("summary", {}).get("multilingual_average")
+    if avg:
+        for k, v in avg["metrics"].items():
+            metrics[f"{mode}:multilingual_mean/{k}"] = float(v)
+            chance[f"{mode}:multilingual_mean/{k}"] = float(avg["chance"][k])
+    return metrics, chance, counts
+
+
+def class_baselines(manifest: Path) -> dict[str, dict[str, Any]]:
+    """Most-common-class and uniform baselines of each emoji classification task on the test split:
+    ``{task: {"classes": C, "images": N, "most_common": name, "most_common_acc1": n_max / N,
+    "most_common_mean_per_class_recall": 1 / C_present, "uniform_acc1": 1 / C}}``."""
+    from eval.benchmarks import load_benchmark
+    from eval.benchmarks.base import ClassificationTask
+
+    bench = load_benchmark("emoji", manifest, "test", linear_probe=False)
+    out = {}
+    for t in bench.tasks:
+        if isinstance(t, ClassificationTask):
+            counts = np.bincount(np.asarray(t.labels), minlength=len(t.classnames))
+            out[t.name] = {"classes": len(t.classnames), "images": int(counts.sum()),
+                           "most_common": t.classnames[int(counts.argmax())],
+                           "most_common_acc1": float(counts.max() / counts.sum()),
+                           "most_common_mean_per_class_recall": float(1 / (counts > 0).sum()),
+                           "uniform_acc1": 1 / len(t.classnames)}
+    return out
+
+
+def eval_tasks(bench: Any, mode: str) -> Any:
+    """The tasks scored in ``mode``: ``single`` = every emoji task but long captions (long captions are
+    scored in ``multi`` only, as in SPEC §6); ``multi`` = English names and long captions."""
+    keep = (lambda n: n != "retrieval_en_long") if mode == "single" else (lambda n: n.startswith("retrieval_en_"))
+    return dataclasses.replace(bench, tasks=[t for t in bench.tasks if keep(t.name)])
+
+
+def eval_texts(bench: Any, mode: str) -> list[str]:
+    """Every text :func:`evaluate_both_modes` embeds in ``mode`` (retrieval texts, filled class templates)."""
+    from eval.benchmarks.base import ClassificationTask
+    from eval.tasks import fill_template
+
+    out: list[str] = []
+    for t in eval_tasks(bench, mode).tasks:
+        if isinstance(t, ClassificationTask):
+            out += [fill_template(tpl, c) for c in t.classnames for tpl in t.templates]
+        else:
+            out += list(t.texts)
+    return list(dict.fromkeys(out))
+
+
+def evaluate_both_modes(model_dir: Path, manifest: Path, text_cache: Path) -> tuple[dict, dict, dict]:
+    """The tasks of :func:`eval_tasks` in both modes; metrics, chance and task counts keyed
+    ``"<mode>:<task>/<metric>"`` (:func:`flatten_metrics`)."""
+    import eval.run as er
+    from eval.benchmarks import load_benchmark
+    from eval.report import build_results
+
+    bench = load_benchmark("emoji", manifest, "test", linear_probe=False)
+    model, config, transform = er.load_model(model_dir)
+    if config.get("text_side"):
+        encoder = er.load_model_text_encoder(model, config, "cpu")
+    else:
+        encoder = er.load_text_encoder(config["cache_identity"], text_cache, 32)
+    metrics, chance, counts = {}, {}, {}
+    for mode in MODES:
+        b = eval_tasks(bench, mode)
+        results, skipped = er.evaluate_benchmark(b, model, transform, encoder, model_dir, mode, device="cpu",
+                                                 plots=False)
+        doc = build_results(b.name, b.split, "", b.counts, mode, "", config, results, skipped)
+        m, c, n = flatten_metrics(doc, mode)
+        metrics, chance, counts = metrics | m, chance | c, counts | n
+    return metrics, chance, counts
+
+
+def prewarm_eval_texts(cache_dir: Path, manifest: Path, text_cache: Path) -> dict[str, int]:
+    """Embed every eval text of both modes with the LLM of ``cache_dir``'s identity into ``text_cache`` (what
+    the runs' evaluations then read); usable while that cache is still being written (its ``meta.json`` is
+    written first). Returns ``{mode: number of texts}``."""
+    import eval.run as er
+    from eval.benchmarks import load_benchmark
+
+    identity = json.loads((Path(cache_dir) / "meta.json").read_text())["identity"]
+    bench = load_benchmark("emoji", manifest, "test", linear_probe=False)
+    encoder = er.load_text_encoder(identity, text_cache, 32)
+    out = {}
+    for mode in MODES:
+        texts = eval_texts(bench, mode)
+        encoder.encode(texts, mode, desc=f"prewarm {identity['llm']} {mode}")
+        out[mode] = len(texts)
+    return out
+
+
+def _train_and_eval(cfg: StudyConfig, arm: Arm, job: dict[str, Any], manifest: Path) -> dict[str, Any]:
+    """Train one run, evaluate its exported model (:func:`evaluate_both_modes`), drop its checkpoints; the
+    run record (no paths)."""
     from stage2_train_vision.config import load_config
     from stage2_train_vision.train import train
 
-    logging.basicConfig(level=logging.WARNING)
+    out_dir = job["dir"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    summary = train(load_config(cfg.train_config, job["overrides"]),
+                    text_tower=tower_config(cfg) if arm.text == "tower" else None)
+    train_s = time.perf_counter() - t0
+    shutil.rmtree(out_dir / "train" / "checkpoints", ignore_errors=True)
+    t0 = time.perf_counter()
+    metrics, chance, counts = evaluate_both_modes(out_dir / "train" / "model", manifest,
+                                                  cfg.text_cache or cfg.runs / "eval-text-cache")
+    return {"arm": arm.name, "seed": job["seed"], "inputs_hash": job["hash"], "inputs": job["inputs"],
+            "first_loss": summary.get("first_loss"), "final_loss": summary.get("final_loss"),
+            "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+            "metrics": metrics, "chance": chance, "task_counts": counts}
+
+
+def _run_one(cfg: StudyConfig, name: str, job: dict[str, Any], manifest: Path, path: Path) -> None:
+    """Train and evaluate one (arm, seed) (in this process or a worker) and write its per-run file last, so an
+    interrupted run leaves no file and is redone."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
-    summary = train(load_config(cfg.train_config, overrides),
-                    text_tower=tower_config(cfg) if variant.text == "tower" else None)
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
-    return summary | {"train_seconds": round(time.perf_counter() - t0, 1)}
+    log.info("training %s seed %d (%d steps)", name, job["seed"], cfg.steps)
+    record = _train_and_eval(cfg, ARMS[name], job, manifest)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("%s seed %d: %s (train %.0f s, eval %.0f s)", name, job["seed"],
+             {c: round(100 * record["metrics"][k], 1) for c, k in TABLE[:3] if k in record["metrics"]},
+             record["train_seconds"], record["eval_seconds"])
 
 
-def flatten_metrics(doc: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
-    """``results.json`` -> ``({"<task>/<metric>": value}, {same keys: chance})``, plus ``multilingual_mean/*``."""
-    metrics, chance = {}, {}
-    for task, t in doc["tasks"].items():
-        for k, v in t["metrics"].items():
-            metrics[f"{task}/{k}"], chance[f"{task}/{k}"] = float(v), float(t["chance"][k])
-    avg = doc.get("summary", {}).get("multilingual_average")
-    if avg:
-        for k, v in avg["metrics"].items():
-            metrics[f"multilingual_mean/{k}"] = float(v)
-            chance[f"multilingual_mean/{k}"] = float(avg["chance"][k])
-    return metrics, chance
+def plan_jobs(cfg: StudyConfig, data: StudyData, caches: dict[str, Path]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every (arm, seed) of the study, arm-major in the order of ``cfg.arms`` (a study cut short has every
+    seed of its first arms, so the first claims can be decided), with the hash of everything its result
+    depends on (no absolute paths: artifacts are named by their hashes)."""
+    from flame_pipeline.demo.artifacts import inputs_hash
 
-
-def aggregate(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """``{seed: {metric: value}}`` -> ``{metric: {"mean", "std" (sample, ddof=1; 0 for one seed), "values"}}``
-    over the metrics every seed has, values in seed order."""
-    seeds = sorted(per_seed)
-    keys = [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]
-    out = {}
-    for k in keys:
-        vals = [per_seed[s][k] for s in seeds]
-        out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                  "values": vals}
-    return out
+    tower = tower_config(cfg).to_dict()
+    jobs = {}
+    for name in cfg.arms:
+        for seed in cfg.seeds:
+            arm = ARMS[name]
+            cache = caches[arm.text if arm.text in ("raw", ONE_PROMPT) else arm.llm]
+            inputs = {"arm": dataclasses.asdict(arm), "seed": seed, "steps": cfg.steps,
+                      "config": _digest(cfg.train_config), "overrides": list(cfg.overrides),
+                      "manifest": Path(data.manifest).name, "cache": Path(cache).name,
+                      "tower": tower if arm.text == "tower" else None}
+            h = inputs_hash(inputs)
+            out_dir = cfg.runs / "fidelity" / f"{name}-s{seed}-{h}"
+            jobs[(name, seed)] = {"seed": seed, "inputs": inputs, "hash": h, "dir": out_dir,
+                                  "overrides": train_overrides(cfg, arm, seed, data.manifest, cache, out_dir / "train")}
+    return jobs
 
 
 def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]:
-    """Train and evaluate every (variant, seed); write ``fidelity.json``, ``fidelity.md`` and ``fidelity.png``.
+    """Train and evaluate every missing (arm, seed), then write every derived file (:func:`write_outputs`).
 
     Args:
         cfg: the study.
         data: manifest and caches (default: :func:`prepare_data`, the demo's artifacts).
 
     Returns:
-        The ``fidelity.json`` document (module docstring).
+        The ``fidelity.json`` document.
 
     Raises:
-        KeyError: an unknown variant name.
+        KeyError: an unknown arm name.
     """
-    from eval.run import run_benchmark
     from flame_pipeline.demo.artifacts import run_stage
+    from pipeline.cache.store import CacheReader
 
-    t_start = time.perf_counter()
-    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    unknown = [a for a in cfg.arms if a not in ARMS]
     if unknown:
-        raise KeyError(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
-    variants = [VARIANTS[v] for v in cfg.variants]
+        raise KeyError(f"unknown arms {unknown} (known: {', '.join(ARMS)})")
     if data is None:
-        data = prepare_data(cfg.runs, tuple(dict.fromkeys(v.llm for v in variants)))
-    root = cfg.runs / "fidelity"
+        data = prepare_data(cfg.runs, tuple(dict.fromkeys(ARMS[a].llm for a in cfg.arms)))
     caches = dict(data.caches)
-    if any(v.text == "raw" for v in variants):
-        raw = run_stage(root, "cache-raw", {"cache": str(data.caches[GEMMA])},
-                        lambda out: raw_only_cache(data.caches[GEMMA], out))
-        caches["raw"] = raw.path
-    tower = tower_config(cfg).to_dict()
-    cfg_digest = _digest(cfg.train_config)
+    gemma_facets = tuple(CacheReader(data.caches[GEMMA]).facets) if GEMMA in data.caches else ()
+    for text in ("raw", ONE_PROMPT):
+        if any(ARMS[a].text == text for a in cfg.arms):
+            keep = arm_facets(gemma_facets, text)
+            caches[text] = run_stage(cfg.runs / "fidelity", f"cache-{text}",
+                                     {"cache": Path(data.caches[GEMMA]).name, "facets": list(keep)},
+                                     lambda out, k=keep: facet_subset_cache(data.caches[GEMMA], out, k)).path
+    baselines = class_baselines(data.manifest)
+    (cfg.out / "fidelity").mkdir(parents=True, exist_ok=True)
+    study = {"arms": list(cfg.arms), "seeds": list(cfg.seeds), "steps": cfg.steps,
+             "train_config": str(Path(cfg.train_config).resolve().relative_to(ROOT))
+             if Path(cfg.train_config).resolve().is_relative_to(ROOT) else Path(cfg.train_config).name,
+             "train_config_sha256_12": _digest(cfg.train_config), "overrides": list(cfg.overrides),
+             "manifest": Path(data.manifest).name, "caches": {k: Path(v).name for k, v in caches.items()},
+             "text_tower": tower_config(cfg).to_dict(), "threads": cfg.threads, "jobs": cfg.jobs, "cpu": cpu_summary(),
+             "batch_size": _batch_size(cfg), "baselines": baselines,
+             "benchmark": "emoji, test split (concepts unseen in training)"}
+    (cfg.out / "fidelity" / "study.json").write_text(json.dumps(study, indent=1, sort_keys=True) + "\n",
+                                                      encoding="utf-8")
 
-    jobs: dict[tuple[str, int], dict[str, Any]] = {}
-    for seed in cfg.seeds:  # seed-major: a study cut short still has every variant for its first seeds
-        for v in variants:
-            cache = caches["raw" if v.text == "raw" else v.llm]
-            inputs = {"variant": dataclasses.asdict(v), "seed": seed, "steps": cfg.steps, "config": cfg_digest,
-                      "overrides": list(cfg.overrides), "manifest": str(data.manifest), "cache": str(cache),
-                      "tower": tower if v.text == "tower" else None}
-            from flame_pipeline.demo.artifacts import inputs_hash
+    def refresh(draw: bool = False) -> dict[str, Any]:  # the derived files always show every finished run
+        doc = build_document(cfg.out)
+        write_outputs(doc, cfg.out, cfg.readme, draw)
+        return doc
 
-            out_dir = root / f"{v.name}-s{seed}-{inputs_hash(inputs)}"
-            jobs[(v.name, seed)] = {"variant": v, "seed": seed, "inputs": inputs, "dir": out_dir,
-                                    "overrides": train_overrides(cfg, v, seed, data.manifest, cache, out_dir / "train")}
-
-    def marker(job: dict[str, Any]) -> Path:
-        return job["dir"] / "run.json"
-
-    def finished(job: dict[str, Any]) -> dict[str, Any] | None:
-        if marker(job).exists():
-            saved = json.loads(marker(job).read_text())
-            if saved.get("inputs") == json.loads(json.dumps(job["inputs"], default=str)):
-                return saved
-        return None
-
-    def evaluate(job: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        doc = run_benchmark(job["dir"] / "train" / "model", "emoji", data.manifest, job["dir"] / "eval",
-                            text_cache=cfg.text_cache, linear_probe=False, plots=False)
-        metrics, chance = flatten_metrics(doc)
-        record = {"inputs": job["inputs"], "summary": summary, "eval_seconds": round(time.perf_counter() - t0, 1),
-                  "metrics": metrics, "chance": chance, "counts": doc["counts"]}
-        marker(job).write_text(json.dumps(record, indent=2, default=str))
-        log.info("%s seed %d: %s", job["variant"].name, job["seed"],
-                 {c: round(100 * metrics[k], 1) for c, k in TABLE if k in metrics})
-        return record
-
-    records: dict[tuple[str, int], dict[str, Any]] = {}
     todo = []
-    for key, job in jobs.items():
-        saved = finished(job)
-        if saved is not None:
-            log.info("%s seed %d: reused %s", key[0], key[1], job["dir"])
-            records[key] = saved
+    for (name, seed), job in plan_jobs(cfg, data, caches).items():
+        path = run_file(cfg.out, name, seed)
+        if path.exists() and json.loads(path.read_text()).get("inputs_hash") == job["hash"]:
+            log.info("%s seed %d: done (%s)", name, seed, path.name)
         else:
-            todo.append(key)
-
-    def start(key: tuple[str, int]) -> bool:
-        """Prepare a fresh run folder, unless another invocation (e.g. one started with other --seeds on the
-        same --runs) finished this run meanwhile: then its record is taken and False returned."""
-        saved = finished(jobs[key])
-        if saved is not None:
-            log.info("%s seed %d: finished meanwhile by another invocation, reused", *key)
-            records[key] = saved
-            return False
-        shutil.rmtree(jobs[key]["dir"], ignore_errors=True)
-        jobs[key]["dir"].mkdir(parents=True)
-        return True
-
+            todo.append((name, job, path))
     if cfg.jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_job, cfg, jobs[k]["variant"], jobs[k]["overrides"],
-                                   str(jobs[k]["dir"] / "train")): k for k in todo if start(k)}
+            futures = {pool.submit(_run_one, cfg, name, job, data.manifest, path): (name, job["seed"])
+                       for name, job, path in todo}
             for fut in as_completed(futures):
-                k = futures[fut]
-                records[k] = evaluate(jobs[k], fut.result())
+                if fut.exception() is not None:  # the others go on; the arm is then reported as incomplete
+                    log.error("%s seed %d failed: %r", *futures[fut], fut.exception())
+                else:
+                    refresh()
     else:
-        for k in todo:
-            if not start(k):
-                continue
-            job = jobs[k]
-            log.info("training %s seed %d (%d steps)", k[0], k[1], cfg.steps)
-            records[k] = evaluate(job, _train_job(cfg, job["variant"], job["overrides"], str(job["dir"] / "train")))
-
-    doc = build_document(cfg, variants, records, time.perf_counter() - t_start, data)
-    write_outputs(doc, cfg.out)
-    return doc
+        for name, job, path in todo:
+            _run_one(cfg, name, job, data.manifest, path)
+            refresh()
+    return refresh(draw=True)
 
 
-def build_document(cfg: StudyConfig, variants: list[Variant], records: dict[tuple[str, int], dict[str, Any]],
-                   seconds: float, data: StudyData) -> dict[str, Any]:
-    """The ``fidelity.json`` document from the per-run records (module docstring)."""
+def _batch_size(cfg: StudyConfig) -> int:
     from stage2_train_vision.config import load_config
 
-    base = load_config(cfg.train_config, list(cfg.overrides))
-    out: dict[str, Any] = {
-        "config": {
-            "cpu": cpu_summary(), "seeds": list(cfg.seeds), "steps": cfg.steps, "batch_size": base.train.batch_size,
-            "images_per_run": cfg.steps * base.train.batch_size, "train_config": str(cfg.train_config),
-            "overrides": list(cfg.overrides), "model": dataclasses.asdict(base.model), "optim": dataclasses.asdict(base.optim),
-            "loss": base.loss.kind, "mixed_precision": base.train.mixed_precision, "threads": cfg.threads,
-            "jobs": cfg.jobs, "manifest": str(data.manifest), "caches": {k: str(v) for k, v in data.caches.items()},
-            "cache_tokenization": _cache_tokenization(data), "text_tower": tower_config(cfg).to_dict(),
-            "benchmark": "emoji (test split: unseen concepts)", "wall_seconds": round(seconds, 1),
-            "run_seconds_sum": round(sum((r["summary"].get("train_seconds") or 0) + r["eval_seconds"]
-                                         for r in records.values()), 1),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
-        "variants": {},
-    }
-    for v in variants:
-        runs = {seed: records[(v.name, seed)] for seed in cfg.seeds}
-        any_run = next(iter(runs.values()))
-        out["variants"][v.name] = {
-            "text_side": v.describe.format(**tower_config(cfg).to_dict()),
-            "seeds": list(cfg.seeds),
-            "metrics": aggregate({s: r["metrics"] for s, r in runs.items()}),
-            "chance": any_run["chance"],
-            "counts": any_run["counts"],
-            "runs": [{"seed": s, "train_seconds": r["summary"].get("train_seconds"), "eval_seconds": r["eval_seconds"],
-                      "first_loss": r["summary"].get("first_loss"), "final_loss": r["summary"].get("final_loss"),
-                      "images_per_s": r["summary"].get("images_per_s")} for s, r in runs.items()],
-        }
-    return out
+    return load_config(cfg.train_config, list(cfg.overrides)).train.batch_size
 
 
-def _cache_tokenization(data: StudyData) -> dict[str, str]:
-    """``identity.tokenization`` of each cache's ``meta.json`` (absent: ``split-segments``, written before the
-    field existed; ``"?"``: unreadable)."""
-    out = {}
-    for llm, path in data.caches.items():
-        try:
-            out[llm] = json.loads((Path(path) / "meta.json").read_text())["identity"].get("tokenization", "split-segments")
-        except (OSError, ValueError, KeyError):
-            out[llm] = "?"
-    return out
-
-
-def render_markdown(doc: dict[str, Any]) -> str:
-    """The results table: mean ± std over seeds in %, chance in the last row."""
-    c = doc["config"]
-    names = list(doc["variants"])
-    lines = [f"Emoji test split (unseen concepts); {len(c['seeds'])} seeds ({', '.join(map(str, c['seeds']))}), "
-             f"{c['steps']} steps x {c['batch_size']} images per run; mean ± std over seeds, %. "
-             f"CPU: {c.get('cpu', 'not recorded')}.", "",
-             "| variant | " + " | ".join(col for col, _ in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
-    for name in names:
-        m = doc["variants"][name]["metrics"]
-        cells = [f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}" if k in m else "-" for _, k in TABLE]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-    chance = doc["variants"][names[0]]["chance"] if names else {}
-    lines.append("| chance | " + " | ".join(f"{100 * chance[k]:.1f}" if k in chance else "-" for _, k in TABLE) + " |")
-    lines += ["", "| variant | text side | train s / run | final loss |", "|---|---|---|---|"]
-    for name in names:
-        v = doc["variants"][name]
-        secs = [r["train_seconds"] for r in v["runs"] if r["train_seconds"] is not None]
-        losses = [r["final_loss"] for r in v["runs"] if r["final_loss"] is not None]
-        lines.append(f"| `{name}` | {v['text_side']} | {np.mean(secs):.0f} | {np.mean(losses):.4f} |")
-    lines += ["", f"This invocation: {c['wall_seconds'] / 60:.1f} min wall ({c['jobs']} parallel trainings, "
-              f"{c['threads'] or 'default'} torch threads each; reused runs cost nothing); training + evaluation "
-              f"of all runs: {c['run_seconds_sum'] / 60:.1f} process-minutes."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(doc: dict[str, Any], path: Path) -> Path:
-    """Grouped bars (mean, error bar = std over seeds) of the :data:`TABLE` metrics per variant, chance dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(doc["variants"])
-    cols = [(c, k) for c, k in TABLE if all(k in doc["variants"][n]["metrics"] for n in names)]
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cols)), 4.5))
-    width = 0.8 / max(len(names), 1)
-    x = np.arange(len(cols))
-    for i, n in enumerate(names):
-        m = doc["variants"][n]["metrics"]
-        ax.bar(x + i * width - 0.4 + width / 2, [100 * m[k]["mean"] for _, k in cols], width,
-               yerr=[100 * m[k]["std"] for _, k in cols], capsize=2, label=n)
-    chance = doc["variants"][names[0]]["chance"]
-    for j, (_, k) in enumerate(cols):
-        ax.hlines(100 * chance[k], j - 0.4, j + 0.4, colors="k", linestyles="dashed", linewidth=0.8)
-    ax.set_xticks(x, [c for c, _ in cols], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("% (dashed: chance)")
-    c = doc["config"]
-    ax.set_title(f"emoji test split, {len(c['seeds'])} seeds, {c['steps']} steps x {c['batch_size']}: mean ± std")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(doc: dict[str, Any], out: Path) -> dict[str, Path]:
-    """``fidelity.json``, ``fidelity.md`` and ``fidelity.png`` under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "fidelity.json", "md": out / "fidelity.md", "png": out / "fidelity.png"}
-    paths["json"].write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["md"].write_text(render_markdown(doc), encoding="utf-8")
-    plot(doc, paths["png"])
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=StudyConfig.steps, help="optimizer steps per run (every variant)")
+    p.add_argument("--steps", type=int, default=StudyConfig.steps, help="optimizer steps per run (every arm)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(StudyConfig.seeds))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--config", type=Path, default=StudyConfig.train_config, help="stage-2 TOML for every variant")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--config", type=Path, default=StudyConfig.train_config, help="stage-2 TOML for every arm")
     p.add_argument("--runs", type=Path, default=StudyConfig.runs, help="root of reusable artifacts")
     p.add_argument("--out", type=Path, default=StudyConfig.out, help="where fidelity.json/.md/.png go")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (1 on a busy machine)")
-    p.add_argument("--jobs", type=int, default=1, help="trainings in parallel processes")
-    p.add_argument("overrides", nargs="*", help="stage-2 overrides for every variant, e.g. train.batch_size=64")
+    p.add_argument("--readme", type=Path, default=StudyConfig.readme, help="README whose fidelity block is written")
+    p.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch default)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
+    p.add_argument("--check", action="store_true",
+                   help="re-derive fidelity.json from the per-run files, re-render fidelity.md and the README "
+                        "block from it; exit 1 on any difference (trains nothing)")
+    p.add_argument("--render", action="store_true",
+                   help="write fidelity.json/.md/.png and the README block from the finished runs (trains nothing)")
+    p.add_argument("overrides", nargs="*", help="stage-2 overrides for every arm, e.g. train.batch_size=64")
     args = p.parse_args(argv)
+    readme = None if args.no_readme else args.readme
+    if args.check:
+        problems = check(args.out, readme)
+        for line in problems:
+            print(f"fidelity --check: {line}", file=sys.stderr)
+        if not problems:
+            print("fidelity --check: fidelity.json, fidelity.md and the README block match")
+        return 1 if problems else 0
+    if args.render:
+        doc = build_document(args.out)
+        write_outputs(doc, args.out, readme)
+        print(render_summary(doc))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.threads:
@@ -525,10 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    doc = run_study(StudyConfig(variants=tuple(args.variants), seeds=tuple(args.seeds), steps=args.steps,
+    doc = run_study(StudyConfig(arms=tuple(args.arms), seeds=tuple(args.seeds), steps=args.steps,
                                 train_config=args.config, overrides=tuple(args.overrides), runs=args.runs,
-                                out=args.out, threads=args.threads, jobs=args.jobs))
-    print(render_markdown(doc))
+                                out=args.out, readme=readme, threads=args.threads,
+                                jobs=args.jobs))
+    print(render_summary(doc))
     return 0
 
 

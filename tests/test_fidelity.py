@@ -1,6 +1,6 @@
-"""The fidelity study (issue 14): its pieces and a smoke run of the whole command on tiny fixtures.
+"""The fidelity study (issues 14, 23): its pieces and a smoke run of the whole command on tiny fixtures.
 
-The smoke run trains every variant for 2 steps of 8 images with a 1-block ViT and a 1-block text tower on a
+The smoke run trains every arm for 2 steps of 8 images with a 1-block ViT and a 1-block text tower on a
 tiny emoji-like manifest and two fake caches (F = 11 FLAME facets, D = 16), evaluates them on the ``emoji``
 benchmark with a deterministic fake text embedder standing in for the LLMs, and checks the written files.
 Loading an LLM anywhere in it is an error.
@@ -9,6 +9,7 @@ Loading an LLM anywhere in it is an error.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -99,78 +100,201 @@ def no_llm(monkeypatch, tmp_path):
                         lambda ident, root, bs: TextEncoder(FakeEmbedder(ident), ident, tmp_path / "text-cache", bs))
 
 
-def test_smoke_study_writes_json_table_and_plot(study_data, no_llm, tmp_path):
-    cfg = fidelity.StudyConfig(seeds=(3,), steps=2, overrides=tuple(TINY_VIT), runs=tmp_path / "runs",
-                               out=tmp_path / "results", threads=1, tower=dict(TINY_TOWER))
+README = "# Project\n\n## Fidelity\n\n<!-- fidelity:begin -->\nold text\n<!-- fidelity:end -->\n\n## Next\n"
+
+
+def test_smoke_study_writes_runs_json_table_plot_and_readme_and_check_passes(study_data, no_llm, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    out = tmp_path / "results"
+    cfg = fidelity.StudyConfig(seeds=(3,), steps=2, overrides=tuple(TINY_VIT), runs=tmp_path / "runs", out=out,
+                               readme=readme, threads=1, tower=dict(TINY_TOWER))
     doc = fidelity.run_study(cfg, study_data)
 
-    assert set(doc) == {"config", "variants"}
-    assert list(doc["variants"]) == ["flame", "flame_single", "flame_english_llm", "clip_scratch"]
-    assert doc["config"]["seeds"] == [3] and doc["config"]["steps"] == 2 and doc["config"]["images_per_run"] == 16
-    for v in doc["variants"].values():
-        assert v["seeds"] == [3] and len(v["runs"]) == 1 and v["runs"][0]["seed"] == 3
+    arms = ["flame", "flame_one_prompt", "raw_only", "clip_scratch", "flame_english_llm"]
+    assert doc["complete_arms"] == arms and list(doc["arms"]) == arms and doc["incomplete_arms"] == {}
+    assert doc["study"]["seeds"] == [3] and doc["study"]["steps"] == 2 and doc["study"]["batch_size"] == 8
+    for a in arms:
+        v = doc["arms"][a]
+        run = json.loads((out / "fidelity" / f"{a}-s3.json").read_text())
+        assert run["final_loss"] > 0 and len(run["inputs_hash"]) == 12
         for _, key in fidelity.TABLE:
             m = v["metrics"][key]
-            assert len(m["values"]) == 1 and m["mean"] == m["values"][0] and m["std"] == 0.0
-            assert 0.0 <= m["mean"] <= 1.0 and 0.0 < v["chance"][key] <= 1.0
-        assert v["metrics"]["multilingual_de/text_retrieval_recall@1"]["values"][0] >= 0
-        assert v["runs"][0]["final_loss"] > 0
+            assert m["values"] == [run["metrics"][key]] and m["std"] == 0.0 and 0.0 < v["chance"][key] <= 1.0
+        assert {k.split("/")[0] for k in run["metrics"] if k.startswith("multi:")} == {
+            "multi:retrieval_en_raw", "multi:retrieval_en_long"}  # English retrieval in both text modes
+        assert "single:classification_category/mean_per_class_recall" in run["metrics"]
+        de = v["multilingual"]["de"]["i2t"]
+        assert de["queries"] == 4 and de["hits"] == round(4 * run["metrics"]["single:multilingual_de/text_retrieval_recall@1"])
     # 2 test emoji (2 texts), 4 test images: R@1 chance of an image query is 1/2
-    assert doc["variants"]["flame"]["chance"]["retrieval_en_raw/text_retrieval_recall@1"] == pytest.approx(0.5)
-    on_disk = json.loads((tmp_path / "results" / "fidelity.json").read_text())
-    assert on_disk == json.loads(json.dumps(doc))
-    md = (tmp_path / "results" / "fidelity.md").read_text()
-    assert all(f"| `{n}` |" in md for n in doc["variants"]) and "| chance |" in md
-    assert (tmp_path / "results" / "fidelity.png").stat().st_size > 10_000
+    assert doc["arms"]["flame"]["chance"]["single:retrieval_en_raw/text_retrieval_recall@1"] == pytest.approx(0.5)
+    # test split: emoji 4 (Food & Drink) and 5 (Travel & Places), 2 images each
+    base = doc["study"]["baselines"]["classification_category"]
+    assert base["images"] == 4 and base["most_common_acc1"] == 0.5
+    assert [c["id"] for c in doc["claims"]] == [c[0] for c in fidelity.CLAIMS]
+    assert all(not t["holds"] and t["p"] == 1.0 for c in doc["claims"] for t in c["tests"].values())  # one seed
 
-    # which text side each exported model expects
+    files = {p.name: p.read_bytes() for p in (out / "fidelity").iterdir()} | {
+        p.name: p.read_bytes() for p in out.glob("fidelity.*")}
+    assert b"/tmp" not in b"".join(files.values()) and str(tmp_path).encode() not in b"".join(files.values())
+    md = (out / "fidelity.md").read_text()
+    assert all(f"`{a}`" in md for a in arms) and "most common class" in md
+    assert (out / "fidelity.png").stat().st_size > 10_000
+    text = readme.read_text()
+    assert text.startswith("# Project\n\n## Fidelity\n\n<!-- fidelity:begin -->\nEmoji test split")
+    assert text.endswith("<!-- fidelity:end -->\n\n## Next\n") and "old text" not in text
+    assert fidelity.main(["--check", "--out", str(out), "--readme", str(readme)]) == 0
+
+    # a hand edit of any derived file fails the check, naming the file
+    (out / "fidelity.md").write_text(md.replace("| `flame` |", "| `flame` | ", 1))
+    assert fidelity.check(out, readme) == ["fidelity.md differs from the one rendered from fidelity.json"]
+    (out / "fidelity.md").write_text(md)
+    readme.write_text(text.replace("Emoji test split", "Emoji  test split"))
+    assert fidelity.check(out, readme) == ["README.md's fidelity block differs from the one rendered from fidelity.json"]
+    readme.write_text(text)
+    run = json.loads((out / "fidelity" / "raw_only-s3.json").read_text())
+    run["final_loss"] += 1
+    (out / "fidelity" / "raw_only-s3.json").write_text(json.dumps(run))
+    assert fidelity.check(out, readme) == ["fidelity.json differs from what the per-run files give"]
+    run["final_loss"] -= 1
+    (out / "fidelity" / "raw_only-s3.json").write_text(json.dumps(run))
+    assert fidelity.check(out, readme) == []
+
+    # which text side each exported model expects, and what each arm's cache holds
     run_dirs = {p.name.split("-s3-")[0]: p for p in (tmp_path / "runs" / "fidelity").glob("*-s3-*")}
     configs = {n: json.loads((d / "train" / "model" / "config.json").read_text()) for n, d in run_dirs.items()}
     assert configs["clip_scratch"]["cache_identity"] is None
     assert configs["clip_scratch"]["text_side"]["kind"] == "text_tower"
-    assert configs["clip_scratch"]["text_side"]["width"] == 32 and configs["clip_scratch"]["model"]["out_dim"] == D
-    for n in ("flame", "flame_single", "flame_english_llm"):
-        assert set(configs[n]) == {"library_name", "architectures", "format_version", "model", "image", "cache_identity",
-                                   "text_encoder", "train"}  # the FLAME export format (a Hub model repo)
     assert configs["flame"]["cache_identity"]["llm"] == fidelity.GEMMA
     assert configs["flame_english_llm"]["cache_identity"]["llm"] == fidelity.SMOLLM
-    assert json.loads((run_dirs["flame_single"] / "train" / "train_config.json").read_text())["data"]["positives"] == 1
+    train_cfgs = {n: json.loads((d / "train" / "train_config.json").read_text()) for n, d in run_dirs.items()}
+    assert {n: c["data"]["positives"] for n, c in train_cfgs.items()} == {
+        "flame": 6, "flame_one_prompt": 3, "raw_only": 1, "flame_english_llm": 6, "clip_scratch": 6}
+    one = CacheReader(train_cfgs["flame_one_prompt"]["data"]["cache"])
+    assert one.load_all()[1][0].tolist() == [f in ("raw", FLAME.facets[1], FLAME.facets[4]) for f in FLAME.facets]
     assert not any((d / "train" / "checkpoints").exists() for d in run_dirs.values())
 
-    # a rerun reuses every finished run and reproduces the numbers
-    again = fidelity.run_study(cfg, study_data)
-    for name in doc["variants"]:
-        assert again["variants"][name]["metrics"] == doc["variants"][name]["metrics"]
+    # a rerun trains nothing and writes the same bytes
+    before = (out / "fidelity.json").read_bytes()
+    import stage2_train_vision.train as train_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    orig, train_mod.train = train_mod.train, refuse
+    try:
+        fidelity.run_study(cfg, study_data)
+    finally:
+        train_mod.train = orig
+    assert (out / "fidelity.json").read_bytes() == before
 
 
-def test_same_seed_same_images_and_crops_for_flame_and_clip_scratch(study_data, tmp_path):
-    """clip_scratch keeps P = 6 in the data config only so its image stream equals flame's."""
-    from stage2_train_vision.config import load_config
-    from stage2_train_vision.data.pairs import build_training_data
+def test_incomplete_arm_is_not_reported(tmp_path):
+    out = tmp_path
+    (out / "fidelity").mkdir()
+    study = {"arms": ["flame", "raw_only"], "seeds": [0, 1], "steps": 2, "batch_size": 8, "cpu": "x",
+             "text_tower": {"layers": 1, "width": 8}, "baselines": {}, "train_config": "c", "overrides": [],
+             "train_config_sha256_12": "h", "manifest": "m", "caches": {}, "threads": 1}
+    (out / "fidelity" / "study.json").write_text(json.dumps(study))
+    rec = {"inputs_hash": "h", "first_loss": 1.0, "final_loss": 0.5, "train_seconds": 1, "eval_seconds": 1,
+           "metrics": {"single:x/acc1": 0.5}, "chance": {"single:x/acc1": 0.1}, "task_counts": {}}
+    for arm, seed in (("flame", 0), ("flame", 1), ("raw_only", 1)):
+        (out / "fidelity" / f"{arm}-s{seed}.json").write_text(json.dumps(rec))
+    doc = fidelity.build_document(out)
+    assert doc["complete_arms"] == ["flame"] and doc["incomplete_arms"] == {"raw_only": [1]}
+    assert doc["arms"]["flame"]["metrics"]["single:x/acc1"]["values"] == [0.5, 0.5] and doc["claims"] == []
+    assert "Not reported (seeds unfinished): `raw_only` (1 of 2 seeds)." in fidelity.render_summary(doc)
+    assert fidelity.check(out, None) == ["missing fidelity.json, fidelity.md under " + out.name + "/ (run bench/fidelity.py first)"]
+    fidelity.write_outputs(doc, out, None, draw=False)
+    assert fidelity.check(out, None) == []
+    readme = out / "README.md"
+    readme.write_text("# no block\n")
+    assert fidelity.check(out, readme) == ["README.md has no <!-- fidelity:begin --> ... <!-- fidelity:end --> block"]
+    assert fidelity.main(["--check", "--out", str(out), "--readme", str(readme)]) == 1
+
+
+def test_paired_statistics_by_hand():
+    assert fidelity.sign_flip_p(np.array([1.0, 1.0, 1.0, 1.0, 1.0])) == 2 / 32
+    assert fidelity.sign_flip_p(np.array([3.0, 1.0, 1.0])) == 2 / 8  # only +++ and --- reach |sum| 5
+    assert fidelity.sign_flip_p(np.array([1.0, -1.0])) == 1.0
+    assert fidelity.bootstrap_ci(np.array([0.1] * 5)) == pytest.approx((0.1, 0.1))
+    held = fidelity.paired([0.3, 0.4, 0.3, 0.5, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2])
+    assert held["wins"] == 5 and held["p"] == 2 / 32 and held["holds"] and held["mean"] == pytest.approx(0.16)
+    assert 0.1 - 1e-12 <= held["ci95"][0] < held["ci95"][1] <= 0.3 + 1e-12  # within the smallest..largest diff
+    one_loss = fidelity.paired([0.3, 0.4, 0.3, 0.5, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2])
+    assert one_loss["wins"] == 4 and one_loss["p"] > 2 / 32 and not one_loss["holds"]
+
+
+def test_crops_do_not_depend_on_the_facet_draw():
+    """Same sample seed: the same crop whatever P and the facet mask."""
+    from stage2_train_vision.config import ImageConfig
+    from stage2_train_vision.data.samples import make_sample
     from stage2_train_vision.data.transforms import train_transform
 
-    cfg = fidelity.StudyConfig(seeds=(0,), steps=2, overrides=tuple(TINY_VIT))
-    batches = {}
-    for name in ("flame", "clip_scratch", "flame_single"):
-        v = fidelity.VARIANTS[name]
-        c = load_config(cfg.train_config, fidelity.train_overrides(cfg, v, 0, study_data.manifest,
-                                                                   study_data.caches[v.llm], tmp_path / name))
-        data = build_training_data(c.data, CacheReader(c.data.cache), train_transform(c), c.model.img_size, 8, 0, 1, 0)
-        data.set_epoch(0)
-        batches[name] = next(iter(data.loader))
-    assert batches["flame"]["keys"] == batches["clip_scratch"]["keys"] == batches["flame_single"]["keys"]
-    assert torch.equal(batches["flame"]["images"], batches["clip_scratch"]["images"])
+    t = train_transform(ImageConfig(16, crop_scale=(0.3, 1.0)))
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 40), np.uint8))
+    vectors = np.random.default_rng(1).normal(size=(11, 4)).astype(np.float32)
+    full, one = np.ones(11, bool), np.zeros(11, bool)
+    one[0] = True
+    samples = [make_sample("k", image, vectors, m, t, p, 1234, 16) for m, p in ((full, 6), (full, 1), (one, 1))]
+    assert all(torch.equal(s.image, samples[0].image) for s in samples)
+    assert not torch.equal(samples[0].texts[0], samples[1].texts[0]) or not torch.equal(samples[0].texts, samples[2].texts)
+    assert not torch.equal(make_sample("k", image, vectors, full, t, 6, 1235, 16).image, samples[0].image)
 
 
-def test_raw_only_cache_keeps_exactly_the_raw_facet(study_data, tmp_path):
-    info = fidelity.raw_only_cache(study_data.caches[fidelity.GEMMA], tmp_path / "raw")
-    src, raw = CacheReader(study_data.caches[fidelity.GEMMA]), CacheReader(tmp_path / "raw")
-    assert info == {"facet": "raw", "rows": 12, "rows_with_facet": 12}
-    assert raw.identity == src.identity and raw.facets[0] == "raw"
-    v_src, _ = src.get(["0/1", "1/5"])
-    v_raw, m_raw = raw.get(["0/1", "1/5"])
-    assert m_raw.tolist() == [[True] + [False] * 10] * 2
-    assert np.array_equal(v_raw[:, 0], v_src[:, 0]) and not v_raw[:, 1:].any()
+
+class _NumpyTorch:
+    """Stands in for ``torch`` inside torchvision's ``get_params`` so that it draws from a numpy generator."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def tensor(self, x):
+        return np.array(x, np.float64)
+
+    log = staticmethod(np.log)
+
+    @staticmethod
+    def exp(x):
+        return np.array([math.exp(float(x[0]))])
+
+    def empty(self, n):
+        outer = self
+
+        class _Uniform:
+            def uniform_(self, lo, hi):
+                return np.array([outer.rng.uniform(float(lo), float(hi))])
+
+        return _Uniform()
+
+    def randint(self, lo, hi, size):
+        return self.rng.integers(lo, hi, size=size)
+
+
+@pytest.mark.parametrize("shape,scale", [((64, 64), (0.9, 1.0)), ((40, 72), (0.08, 1.0)), ((10, 100), (0.9, 1.0))])
+def test_crop_params_equal_torchvision_get_params_on_the_same_draws(monkeypatch, shape, scale):
+    import torchvision.transforms.transforms as tvt
+
+    from stage2_train_vision.config import ImageConfig
+    from stage2_train_vision.data.transforms import RATIO, train_transform
+
+    t = train_transform(ImageConfig(16, crop_scale=scale))
+    ours = [t.crop_params(*shape, np.random.default_rng(s)) for s in range(300)]
+    monkeypatch.setattr(tvt, "torch", _NumpyTorch(None))
+    theirs = []
+    for s in range(300):
+        tvt.torch.rng = np.random.default_rng(s)
+        theirs.append(tvt.RandomResizedCrop.get_params(torch.empty(3, *shape), list(scale), list(RATIO)))
+    assert ours == theirs and len(set(ours)) == (1 if shape == (10, 100) else len(set(ours)))  # fallback: one box
+    assert shape == (10, 100) or len(set(ours)) > 50
+
+
+def test_one_prompt_facets_are_raw_and_facet_1_of_short_and_long():
+    assert fidelity.arm_facets(FLAME.facets, fidelity.ONE_PROMPT) == ("raw", FLAME.facets[1], FLAME.facets[4])
+    assert FLAME.facets[1].startswith("short.") and FLAME.facets[4].startswith("long.")
+    assert fidelity.arm_facets(FLAME.facets, "raw") == ("raw",) and fidelity.arm_facets(FLAME.facets, "cache") is None
+    with pytest.raises(KeyError, match="long"):
+        fidelity.arm_facets(("raw", "short.a"), fidelity.ONE_PROMPT)
 
 
 def test_clip_scratch_text_tower_gets_gradients_from_the_sigmoid_loss(study_data):
@@ -212,7 +336,13 @@ def test_caption_sampler_draws_raw_short_and_long_deterministically(study_data):
 
 
 def test_aggregate_mean_and_sample_std_over_seeds():
-    agg = fidelity.aggregate({0: {"a/x": 0.1, "b/y": 1.0}, 1: {"a/x": 0.3, "b/y": 1.0}, 2: {"a/x": 0.2}})
-    assert list(agg) == ["a/x"]  # only metrics every seed has
-    assert agg["a/x"]["values"] == [0.1, 0.3, 0.2]
-    assert agg["a/x"]["mean"] == pytest.approx(0.2) and agg["a/x"]["std"] == pytest.approx(0.1)
+    agg = fidelity.aggregate([0.1, 0.3, 0.2])
+    assert agg["values"] == [0.1, 0.3, 0.2]
+    assert agg["mean"] == pytest.approx(0.2) and agg["std"] == pytest.approx(0.1)
+    assert fidelity.aggregate([0.4])["std"] == 0.0
+
+
+@pytest.mark.skipif(not (REPO / "bench" / "results" / "fidelity" / "study.json").exists(), reason="no committed study")
+def test_committed_results_match_their_per_run_files_and_the_readme():
+    """``bench/fidelity.py --check`` on the committed results: JSON, Markdown and README block are derived."""
+    assert fidelity.check(REPO / "bench" / "results", REPO / "README.md") == []

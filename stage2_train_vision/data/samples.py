@@ -1,8 +1,10 @@
 """The pieces both training-data sources share (SPEC §5): one sample's facet draw and augmentation, the batch
 format, image decoding and the split checks.
 
-Every random choice of a sample (crop, facet draw) comes from one numpy generator seeded by :func:`sample_seed`
-of integers such as ``(seed, epoch, index)``, never from process-global state.
+Every random choice of a sample comes from numpy generators seeded by :func:`sample_seed` of integers such as
+``(seed, epoch, index)``, never from process-global state. The facet draw and the crop use two independent
+streams spawned from that seed (:func:`sample_streams`), so a sample's crop is the same whatever the facets,
+P or facet mask are (arms that draw different facets see the same crops).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ class DataError(FlameError, ValueError):
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed derived from integers (e.g. ``seed, epoch, index``), independent of call order."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """``(facet_rng, crop_rng)``: two independent generators spawned from ``seed``
+    (``numpy.random.SeedSequence(seed).spawn(2)``); what one consumes never shifts the other."""
+    facet_seq, crop_seq = np.random.SeedSequence(int(seed)).spawn(2)
+    return np.random.default_rng(facet_seq), np.random.default_rng(crop_seq)
 
 
 def draw_facets(mask: np.ndarray, positives: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -78,14 +87,15 @@ def make_sample(
     skip_reason: str | None = None,
 ) -> Sample:
     """Draw P facets of ``vectors`` (``[F, D]``, ``mask [F]``) and augment ``image`` (``uint8 [3, H, W]``, or
-    ``None`` for a failed decode) with ``transform(image, rng)``, one generator seeded by ``seed`` for both. A
+    ``None`` for a failed decode) with ``transform(image, crop_rng)``; the two generators are the independent
+    streams of :func:`sample_streams` ``(seed)``, so the crop does not depend on ``positives`` or ``mask``. A
     failed image gives a zero image marked invalid."""
-    rng = np.random.default_rng(seed)
-    idx, valid = draw_facets(mask, positives, rng)
+    facet_rng, crop_rng = sample_streams(seed)
+    idx, valid = draw_facets(mask, positives, facet_rng)
     texts = torch.from_numpy(np.asarray(vectors[idx], np.float32))
     if image is None:
         return Sample(key, torch.zeros(3, size, size), texts, torch.zeros(positives, dtype=torch.bool), False, skip_reason)
-    return Sample(key, transform(image, rng), texts, torch.from_numpy(valid))
+    return Sample(key, transform(image, crop_rng), texts, torch.from_numpy(valid))
 
 
 def collate(samples: list[Sample]) -> dict[str, Any]:
