@@ -67,6 +67,28 @@ def model(run):
     return flame_pipeline.load(str(run / "t" / "model"), device="cpu")
 
 
+@pytest.fixture(scope="module")
+def evaluated(run, model, tmp_path_factory):
+    """``flame eval``'s code on the test split: (the benchmark, its task results)."""
+    tmp = tmp_path_factory.mktemp("eval")
+    vision, config, transform = load_model(run / "t" / "model")
+    bench = load_benchmark("emoji", run / "m", linear_probe=False)
+    enc = TextEncoder(model.text_side(), config["cache_identity"], tmp / "tc")
+    results, _ = evaluate_benchmark(bench, vision, transform, enc, tmp / "o", plots=False, batch_size=4)
+    return bench, results
+
+
+def _hub_cache(root: Path, folder: Path, commit: str) -> Path:
+    """A Hugging Face hub cache at ``root`` holding ``folder`` as ``someone/flame-tiny`` at ``commit`` (main)."""
+    repo = root / "models--someone--flame-tiny"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for f in folder.iterdir():
+        (repo / "snapshots" / commit / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
 def test_cache_captions_give_the_cache_vectors(run, model):
     reader = CacheReader(run / "c")
     store = zarr.open_group(str(run / "c" / "store.zarr"), mode="r")["vectors"][:].astype(np.float32)
@@ -108,13 +130,10 @@ def test_image_vectors_equal_flame_evals(run, model):
     assert torch.equal(model.encode_image(batch), torch.from_numpy(api))
 
 
-def test_classify_gives_flame_evals_top1(run, model, tmp_path):
+def test_classify_gives_flame_evals_top1(run, model, evaluated):
     from eval.benchmarks.emoji import TEMPLATES
 
-    vision, config, transform = load_model(run / "t" / "model")
-    bench = load_benchmark("emoji", run / "m", linear_probe=False)
-    enc = TextEncoder(model.text_side(), config["cache_identity"], tmp_path / "tc")
-    results, _ = evaluate_benchmark(bench, vision, transform, enc, tmp_path / "o", plots=False, batch_size=4)
+    bench, results = evaluated
     cat = next(r for r in results if r.name == "classification_category")
     task = next(t for t in bench.tasks if t.name == "classification_category")
     classifier = model.zero_shot_classifier(task.classnames, TEMPLATES)
@@ -191,14 +210,7 @@ def test_folder_is_a_hub_model_repo_and_loads_by_hub_id_offline(run, tmp_path, m
     config = json.loads((folder / "config.json").read_text())
     assert config["text_encoder"]["kind"] == "embedded" and config["text_encoder"]["name"] == LLM
     assert "flame_pipeline.load(" in card.text
-    # a hub-style cache: models--user--repo/{refs/main, snapshots/<commit>/...}
-    hub = tmp_path / "hub"
-    snap = hub / "models--someone--flame-tiny" / "snapshots" / ("a" * 40)
-    snap.mkdir(parents=True)
-    for f in folder.iterdir():
-        (snap / f.name).write_bytes(f.read_bytes())
-    (hub / "models--someone--flame-tiny" / "refs").mkdir()
-    (hub / "models--someone--flame-tiny" / "refs" / "main").write_text("a" * 40)
+    hub = _hub_cache(tmp_path / "hub", folder, "a" * 40)
     code = ("import flame_pipeline, torch; m = flame_pipeline.load('someone/flame-tiny', device='cpu'); "
             "print(m.folder.name, tuple(m.encode_image(torch.zeros(1, 3, 32, 32)).shape))")
     env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
@@ -208,13 +220,7 @@ def test_folder_is_a_hub_model_repo_and_loads_by_hub_id_offline(run, tmp_path, m
 
 
 def test_flame_eval_and_init_from_take_a_hub_id(run, tmp_path, monkeypatch):
-    hub = tmp_path / "hub"
-    snap = hub / "models--someone--flame-tiny" / "snapshots" / ("b" * 40)
-    snap.mkdir(parents=True)
-    for f in (run / "t" / "model").iterdir():
-        (snap / f.name).write_bytes(f.read_bytes())
-    (hub / "models--someone--flame-tiny" / "refs").mkdir()
-    (hub / "models--someone--flame-tiny" / "refs" / "main").write_text("b" * 40)
+    hub = _hub_cache(tmp_path / "hub", run / "t" / "model", "b" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hc
@@ -233,13 +239,10 @@ def test_flame_eval_and_init_from_take_a_hub_id(run, tmp_path, monkeypatch):
     assert rc == 0
 
 
-def test_index_and_search_find_an_images_name_at_flame_evals_recall(run, model, tmp_path, capsys):
+def test_index_and_search_find_an_images_name_at_flame_evals_recall(run, model, evaluated, tmp_path, capsys):
     """flame index over the manifest's test split; flame search with each retrieval text: the top-1 hit rate
     equals flame eval's text->image R@1 on the same images and texts."""
-    vision, config, transform = load_model(run / "t" / "model")
-    bench = load_benchmark("emoji", run / "m", linear_probe=False)
-    enc = TextEncoder(model.text_side(), config["cache_identity"], tmp_path / "tc")
-    results, _ = evaluate_benchmark(bench, vision, transform, enc, tmp_path / "o", plots=False, batch_size=4)
+    bench, results = evaluated
     r = next(r for r in results if r.name == "retrieval_en_raw")
     task = next(t for t in bench.tasks if t.name == "retrieval_en_raw")
     index = tmp_path / "idx"
