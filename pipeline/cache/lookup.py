@@ -32,9 +32,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.assets import sha256_file
 from pipeline.atomic import atomic_directory
 from pipeline.cache.meta import CacheError
-from pipeline.cache.verify import sha256_file
 
 log = logging.getLogger(__name__)
 

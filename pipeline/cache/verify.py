@@ -24,7 +24,6 @@ skipped, the plan (and so every row) is the same, and the key lookup, which depe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -34,23 +33,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.assets import sha256_file as _sha256
 from pipeline.cache.files import CacheFiles
 from pipeline.cache.meta import CacheError, CacheMeta
 
-BLOCK = 8 << 20  # bytes hashed per read
-
 
 def sha256_file(path: Path) -> str | None:
-    """Hex SHA-256 of a file's bytes; ``None`` if the file does not exist."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return None
-    h = hashlib.sha256()
-    with f:
-        while block := f.read(BLOCK):
-            h.update(block)
-    return h.hexdigest()
+    """Hex SHA-256 of a file's bytes (:func:`pipeline.assets.sha256_file`); ``None`` if the file does not exist."""
+    return _sha256(path) if path.exists() else None
 
 
 def shard_paths(files: CacheFiles, shard: int) -> dict[str, Path]:
