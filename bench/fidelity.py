@@ -111,6 +111,11 @@ class StudyConfig:
         jobs: runs trained and evaluated in parallel worker processes (1: in this process).
         text_cache: eval text-vector cache root (default ``<runs>/eval-text-cache``).
         tower: :class:`stage2_train_vision.text_tower.TextTowerConfig` fields for ``clip_scratch``.
+        train_bases: train concepts of the study's manifest; ``None`` (default) = the whole emoji train
+            split (6,188 images, skin-tone variants included); an int = that many base concepts, as the demo.
+        test_bases: test concepts (base emoji only, both vendors), the same for every arm.
+        reference: a finished study under ``out`` (a folder name) whose verdicts are compared claim by claim
+            (:func:`fidelity_report.reference_verdicts`); ignored when that folder has no study.
     """
 
     arms: tuple[str, ...] = tuple(ARMS)
@@ -125,6 +130,9 @@ class StudyConfig:
     jobs: int = 1
     text_cache: Path | None = None
     tower: dict[str, Any] = field(default_factory=dict)
+    train_bases: int | None = None
+    test_bases: int = 150
+    reference: str | None = "fidelity-subset"
 
 
 @dataclass
@@ -135,12 +143,13 @@ class StudyData:
     caches: dict[str, Path]
 
 
-def prepare_data(runs: Path, llms: tuple[str, ...], train_bases: int = 300, test_bases: int = 150,
+def prepare_data(runs: Path, llms: tuple[str, ...], train_bases: int | None = None, test_bases: int = 150,
                  seed: int = 0) -> StudyData:
-    """The demo's manifest, subset and stage-1 caches (one per LLM), reused from ``runs/demo-artifacts``.
+    """The study's manifest (:func:`~flame_pipeline.demo.run.build_subset`: the whole train split by default)
+    and its stage-1 caches (one per LLM), reused from ``runs/demo-artifacts``.
 
-    The stage inputs are exactly those of :func:`flame_pipeline.demo.run.run_demo`, so a finished ``flame demo`` is
-    reused here and the other way round. Loads each LLM only to build a missing cache.
+    The stage inputs are those of :func:`flame_pipeline.demo.run.run_demo`, so with ``train_bases=300`` a
+    finished ``flame demo`` is reused here and the other way round. Loads each LLM only to build a missing cache.
     """
     from flame_pipeline.demo.artifacts import run_stage
     from flame_pipeline.demo.run import build_subset
@@ -369,6 +378,7 @@ def _run_one(cfg: StudyConfig, name: str, job: dict[str, Any], manifest: Path, p
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if cfg.threads:
+        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
         import torch
 
         torch.set_num_threads(cfg.threads)
@@ -423,7 +433,8 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
     if unknown:
         raise KeyError(f"unknown arms {unknown} (known: {', '.join(ARMS)})")
     if data is None:
-        data = prepare_data(cfg.runs, tuple(dict.fromkeys(ARMS[a].llm for a in cfg.arms)))
+        data = prepare_data(cfg.runs, tuple(dict.fromkeys(ARMS[a].llm for a in cfg.arms)), cfg.train_bases,
+                            cfg.test_bases)
     caches = dict(data.caches)
     gemma_facets = tuple(CacheReader(data.caches[GEMMA]).facets) if GEMMA in data.caches else ()
     for text in ("raw", ONE_PROMPT):
@@ -441,6 +452,10 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
              "manifest": Path(data.manifest).name, "caches": {k: Path(v).name for k, v in caches.items()},
              "text_tower": tower_config(cfg).to_dict(), "threads": cfg.threads, "jobs": cfg.jobs, "cpu": cpu_summary(),
              "batch_size": _batch_size(cfg), "baselines": baselines,
+             "train_bases": "all" if cfg.train_bases is None else cfg.train_bases, "test_bases": cfg.test_bases,
+             "split_rows": manifest_counts(data.manifest),
+             "reference": cfg.reference if cfg.reference and (cfg.out / cfg.reference / "fidelity" / "study.json").is_file()
+             else None,
              "benchmark": "emoji, test split (concepts unseen in training)"}
     (cfg.out / "fidelity" / "study.json").write_text(json.dumps(study, indent=1, sort_keys=True) + "\n",
                                                       encoding="utf-8")
@@ -476,6 +491,13 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
     return refresh(draw=True)
 
 
+def manifest_counts(manifest: Path) -> dict[str, int]:
+    """Rows per split of the study's manifest (``{"train": 6188, "test": 300}`` for the whole train split)."""
+    from manifests.schema import read_manifest_info
+
+    return dict(sorted(read_manifest_info(manifest).counts.items()))
+
+
 def _batch_size(cfg: StudyConfig) -> int:
     from stage2_train_vision.config import load_config
 
@@ -494,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=StudyConfig.out, help="where fidelity.json/.md/.png go")
     p.add_argument("--readme", type=Path, default=StudyConfig.readme, help="README whose fidelity block is written")
     p.add_argument("--no-readme", action="store_true", help="leave the README alone")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch default)")
+    p.add_argument("--train-bases", default="all",
+                   help="train concepts: 'all' = the whole emoji train split (default), N = N base concepts (the demo: 300)")
+    p.add_argument("--reference", default=StudyConfig.reference,
+                   help="a finished study folder under --out whose verdicts are compared claim by claim ('' = none)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: torch default); with --jobs > 1 stage 1 still uses every core")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
     p.add_argument("--check", action="store_true",
                    help="re-derive fidelity.json from the per-run files, re-render fidelity.md and the README "
@@ -518,15 +544,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    if args.threads:
+    if args.threads and args.jobs <= 1:  # with workers, only they are limited (stage 1 here keeps every core)
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
         import torch
 
         torch.set_num_threads(args.threads)
     doc = run_study(StudyConfig(arms=tuple(args.arms), seeds=tuple(args.seeds), steps=args.steps,
                                 train_config=args.config, overrides=tuple(args.overrides), runs=args.runs,
-                                out=args.out, readme=readme, threads=args.threads,
-                                jobs=args.jobs))
+                                out=args.out, readme=readme, threads=args.threads, jobs=args.jobs,
+                                train_bases=None if args.train_bases == "all" else int(args.train_bases),
+                                reference=args.reference or None))
     print(render_summary(doc))
     return 0
 

@@ -196,7 +196,33 @@ def build_document(out: Path) -> dict[str, Any]:
                  for k in metrics if k in ma and k in mb}
         doc["claims"].append({"id": cid, "a": a, "b": b, "claim": claim, "primary": primary, "tests": tests,
                               "primary_holding": sum(tests[k]["holds"] for k in primary if k in tests)})
+    if study.get("reference"):
+        doc["reference"] = reference_verdicts(out / study["reference"], doc["claims"])
     return doc
+
+
+def reference_verdicts(ref_out: Path, claims: list[dict[str, Any]]) -> dict[str, Any]:
+    """Does a reference study (the same arms and claims on another training set, e.g. the demo subset in
+    ``bench/results/fidelity-subset/``) give the same verdict on each pre-chosen metric?
+
+    Returns:
+        ``{"name", "train_set", "rows": [{"claim", "metric", "this": {mean, ci95, holds}, "reference": {...},
+        "same": bool}], "same": n, "compared": n}``; a metric counts as the same verdict when it holds in both
+        or in neither. Derived from the reference's per-run files (:func:`build_document`).
+    """
+    ref = build_document(ref_out)
+    ref_claims = {c["id"]: c for c in ref["claims"]}
+    rows = []
+    for c in claims:
+        rc = ref_claims.get(c["id"])
+        for k in c["primary"]:
+            if rc is None or k not in rc["tests"] or k not in c["tests"]:
+                continue
+            this, other = ({f: t[k][f] for f in ("mean", "ci95", "holds")} for t in (c["tests"], rc["tests"]))
+            rows.append({"claim": c["id"], "a": c["a"], "b": c["b"], "metric": k, "this": this, "reference": other,
+                         "same": this["holds"] == other["holds"]})
+    return {"name": ref_out.name, "train_set": _train_set(ref["study"]), "rows": rows,
+            "same": sum(r["same"] for r in rows), "compared": len(rows)}
 
 
 # ---- rendering ----------------------------------------------------------------------------------------------
@@ -253,11 +279,26 @@ def render_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_set(study: dict[str, Any]) -> str:
+    """The training set in words, from ``study.json`` (a study without ``train_bases`` is the demo subset)."""
+    rows = study.get("split_rows", {}).get("train")
+    if study.get("train_bases", 300) == "all":
+        return f"the whole emoji train split ({rows:,} images, skin-tone variants included)"
+    return (f"the demo subset ({study.get('train_bases', 300)} base concepts"
+            + (f", {rows:,} images" if rows else "") + ")")
+
+
+def _test_rows(study: dict[str, Any]) -> str:
+    rows = study.get("split_rows", {}).get("test")
+    return f", {study.get('test_bases', 150)} base concepts, {rows:,} images" if rows else ""
+
+
 def render_summary(doc: dict[str, Any]) -> str:
     """What the README shows: one line of setup, the table, one sentence per claim."""
     s = doc["study"]
     n = len(s["seeds"])
-    head = (f"Emoji test split (unseen concepts), {n} seeds per arm ({', '.join(map(str, s['seeds']))}), "
+    head = (f"Trained on {_train_set(s)}; evaluated on the emoji test split (unseen concepts"
+            f"{_test_rows(s)}). {n} seeds per arm ({', '.join(map(str, s['seeds']))}), "
             f"{s['steps']} steps x {s['batch_size']} images per run, mean ± std over seeds. "
             f"Machine: {s['cpu']}.")
     if doc["incomplete_arms"]:
@@ -269,7 +310,34 @@ def render_summary(doc: dict[str, Any]) -> str:
              f"interval is above 0 and p <= {HOLD_P:.4f}; its metrics were chosen before the run; no correction for "
              "multiple comparisons:", ""]
     lines += [f"- {claim_sentence(c, n)}" for c in doc["claims"]]
+    ref = doc.get("reference")
+    if ref and ref["compared"]:
+        lines += ["", f"The same study on {ref['train_set']} (`bench/results/{ref['name']}/`) gives the same verdict "
+                  f"(holds / does not hold) on {ref['same']} of {ref['compared']} pre-chosen metrics"
+                  + ("." if ref["same"] == ref["compared"] else ", and differs on " + "; ".join(
+                      f"`{r['a']}` > `{r['b']}` {_LABEL.get(r['metric'], r['metric'])} (here "
+                      f"{'holds' if r['this']['holds'] else 'does not hold'})" for r in ref["rows"] if not r["same"])
+                     + ".")]
     return "\n".join(lines) + "\n"
+
+
+def render_reference(doc: dict[str, Any]) -> list[str]:
+    """``fidelity.md``'s section comparing each pre-chosen metric's verdict with the reference study."""
+    ref = doc.get("reference")
+    if not ref:
+        return []
+    lines = [f"## The same claims on {ref['train_set']} (`{ref['name']}/`)", "",
+             "| claim | metric | this study: diff (pp) [95 %] | holds | reference: diff (pp) [95 %] | holds | "
+             "same verdict |", "|---|---|---|---|---|---|---|"]
+
+    def cell(t: dict[str, Any]) -> str:
+        return (f"{100 * t['mean']:+.1f} [{100 * t['ci95'][0]:+.1f}, {100 * t['ci95'][1]:+.1f}] | "
+                f"{'yes' if t['holds'] else 'no'}")
+
+    for r in ref["rows"]:
+        lines.append(f"| `{r['a']}` > `{r['b']}` | {_LABEL.get(r['metric'], r['metric'])} | {cell(r['this'])} | "
+                     f"{cell(r['reference'])} | {'yes' if r['same'] else '**no**'} |")
+    return [*lines, ""]
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -286,6 +354,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                          f"[{100 * t['ci95'][0]:+.1f}, {100 * t['ci95'][1]:+.1f}] | {t['wins']}/{n} | "
                          f"{t['p']:.4f} | {'yes' if t['holds'] else 'no'} |")
         lines.append("")
+    lines += render_reference(doc)
     if doc["arms"]:
         langs = list(next(iter(doc["arms"].values()))["multilingual"])
         lines += ["## Multilingual retrieval per language (single mode), R@1 %, hits / queries summed over seeds",

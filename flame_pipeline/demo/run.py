@@ -53,22 +53,33 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-def build_subset(manifest_dir: Path, out_dir: Path, train_bases: int, test_bases: int, seed: int) -> dict[str, Any]:
+def build_subset(manifest_dir: Path, out_dir: Path, train_bases: int | None, test_bases: int,
+                 seed: int) -> dict[str, Any]:
     """Write the demo subset of an emoji manifest: base emoji only, a seeded choice of concepts per split.
 
     Concepts are ranked by ``sha256(seed:base)`` within their split, so the choice is stable and the split
     boundaries of the full manifest are kept (test concepts never appear in training).
 
+    Args:
+        train_bases: train concepts to keep; ``None`` keeps the **whole** train split, skin-tone variants
+            included (the fidelity study's training set), while the test side is still ``test_bases``
+            base concepts.
+
     Returns:
         ``{"counts": {split: rows}, "bases": {split: concepts}}``.
     """
     keep = {"train": train_bases, "val": 0, "test": test_bases}
-    rows = [r for r in iter_rows(manifest_dir) if r["labels"]["base"] == r["key"].split("/", 1)[1]]
+
+    def wanted(r: dict[str, Any]) -> bool:
+        return (train_bases is None and r["split"] == "train") or r["labels"]["base"] == r["key"].split("/", 1)[1]
+
+    rows = [r for r in iter_rows(manifest_dir) if wanted(r)]
     by_split: dict[str, set[str]] = {}
     for r in rows:
         by_split.setdefault(r["split"], set()).add(r["labels"]["base"])
     chosen = {
         split: set(sorted(bases, key=lambda b: hashlib.sha256(f"{seed}:{b}".encode()).hexdigest())[: keep.get(split, 0)])
+        if keep.get(split, 0) is not None else bases
         for split, bases in by_split.items()
     }
     source = read_manifest_info(manifest_dir).source
