@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.cache.store import CacheIdentity, CacheIdentityError
 from stage1_embed_text.backends import EncoderSpec, TextEncoder, build_encoder
 from stage1_embed_text.config import EmbedConfigError, check_text_mode
+from stage1_embed_text.encode.prompts import is_absent
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class TextEmbedder:
         ps = self.encoder.prompt_set
         if group not in ps.group_names:
             raise EmbedConfigError(f"mode {mode!r} needs a {group!r} group; prompt set {ps.name!r} has {ps.group_names}")
-        blank = [i for i, t in enumerate(texts) if not (t and t.strip())]
+        blank = [i for i, t in enumerate(texts) if is_absent(t)]
         if blank:
             raise EmbedConfigError(f"cannot embed blank texts (positions {blank[:5]})")
         out = self.encoder.encode([{group: t} for t in texts])

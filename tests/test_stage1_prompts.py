@@ -10,7 +10,7 @@ import pytest
 from pipeline.assets import DEFAULT_LLM, EMBEDDED_LLMS, default_readout
 from stage1_embed_text.config import EmbedConfig
 from stage1_embed_text.encode.packing import pack_samples
-from stage1_embed_text.encode.prompts import FLAME, SINGLE, clean_for_prompt, get_prompt_set
+from stage1_embed_text.encode.prompts import FLAME, SINGLE, clean_for_prompt, get_prompt_set, prompt_captions
 from stage1_embed_text.encode.tokenization import group_templates
 from tests.helpers.stage1_tiny import tiny_tokenizer
 
@@ -62,6 +62,15 @@ def test_blank_caption_is_absent(text):
     assert clean_for_prompt(text) is None
     tok = tiny_tokenizer()
     assert pack_samples(tok, group_templates(tok, FLAME), FLAME, [{"long": text, "raw": text}], 512) == []
+
+
+def test_prompt_captions_cleans_the_prompt_sets_groups_only():
+    """The one rule the planner's digests and the packed prompts share: each group of the set, cleaned, ``None``
+    where absent (missing key, ``None``, blank); groups outside the set are not read."""
+    samples = [{"raw": ' a "b" ', "short": "   ", "long": "c?"}, {"long": "d"}]
+    assert prompt_captions(FLAME, samples) == {"raw": ["a 'b'", None], "short": [None, None], "long": ["c.", "d."]}
+    assert prompt_captions(SINGLE, samples) == {"raw": ["a 'b'", None]}
+    assert prompt_captions(FLAME, []) == {"raw": [], "short": [], "long": []}
 
 
 def fed_prompts(group: str, caption: str) -> list[str]:

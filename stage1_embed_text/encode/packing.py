@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stage1_embed_text.config import POSITION_MODES
-from stage1_embed_text.encode.prompts import GROUPS, PromptSet, clean_for_prompt
+from stage1_embed_text.encode.prompts import GROUPS, PromptSet, prompt_captions
 from stage1_embed_text.encode.tokenization import (
     GroupTemplate,
     assemble_ids,
@@ -169,7 +169,8 @@ def pack_samples(
 ) -> list[PackedText]:
     """Pack every present text of ``samples`` (one place, used by the ``hf`` and ``vllm`` backends alike).
 
-    Each caption is cleaned (SPEC §2.1; an absent or blank caption yields no text), its group's prefix text
+    Each caption is cleaned by :func:`~stage1_embed_text.encode.prompts.prompt_captions` (SPEC §2.1; the texts
+    the planner digested; an absent or blank caption yields no text), its group's prefix text
     is tokenized (one batched call per group, caption special-token text kept plain), and
     :func:`pack_caption` builds the sequence, cutting caption text, never template words or facets, to fit
     ``context_tokens``. Facet ``k`` of every item, ``item.request(k)``, equals the tokenizer's ids of the prompt
@@ -189,13 +190,10 @@ def pack_samples(
         ValueError: ``context_tokens`` cannot hold a group's template.
     """
     items: list[PackedText] = []
+    cleaned = prompt_captions(prompt_set, samples)
     for g in prompt_set.groups:
-        rows, captions = [], []
-        for r, s in enumerate(samples):
-            c = clean_for_prompt(s.get(g.name))
-            if c is not None:
-                rows.append(r)
-                captions.append(c)
+        rows = [r for r, c in enumerate(cleaned[g.name]) if c is not None]
+        captions = [cleaned[g.name][r] for r in rows]
         if not captions:
             continue
         t = templates[g.name]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from stage1_embed_text.config import EmbedConfigError
 
 GROUPS = ("raw", "short", "long")
 BOS_MARKERS = ("drop", "keep")
-CLEANUP_RULE = "spec-2.1-v1"  # bump if clean_for_prompt changes; part of every prompt-set hash
+CLEANUP_RULE = "spec-2.1-v1"  # bump if clean_for_prompt or prompt_captions changes; part of every prompt-set hash
 
 _ENDING = " means in just one word:\""
 _OFFICIAL_MARKER = "<s>"
@@ -52,9 +53,10 @@ def clean_for_prompt(text: str | None) -> str | None:
     Idempotent (a cleaned caption ends in ``.`` or ``'`` and holds no ``"``), so cleaning a cleaned text again
     changes nothing. Stage 1 applies it to whatever a manifest holds (a manifest written by another tool may
     keep surrounding whitespace or quotes); the manifest writers only turn blank captions into ``None``
-    (``manifests.common.caption_or_none``) and store the text otherwise unchanged. It runs in two places, one
-    per stage-1 phase: the planner digests the cleaned texts (:mod:`stage1_embed_text.plan.planner`), and packing
-    cleans what it embeds (:func:`stage1_embed_text.encode.packing.pack_samples`, both backends and free texts).
+    (``manifests.common.caption_or_none``) and store the text otherwise unchanged. Stage 1 calls it through
+    :func:`prompt_captions` only, which both of its phases use: the planner digests the cleaned texts
+    (:mod:`stage1_embed_text.plan.planner`), and packing embeds them
+    (:func:`stage1_embed_text.encode.packing.pack_samples`, both backends and free texts).
 
     Args:
         text: the caption, or ``None``.
@@ -73,6 +75,24 @@ def clean_for_prompt(text: str | None) -> str | None:
     if s.endswith("?"):
         s = s[:-1] + "."
     return s
+
+
+def prompt_captions(
+    prompt_set: PromptSet, samples: Sequence[Mapping[str, str | None]]
+) -> dict[str, list[str | None]]:
+    """What text of each sample goes to the LLM, and which of its groups are absent: the one place stage 1
+    decides it (the planner's digests and the packed prompts both come from here, so they cannot disagree).
+
+    Args:
+        prompt_set: the groups to read, in its order (a sample's other captions are ignored).
+        samples: dicts ``{"raw"|"short"|"long": caption}``; a missing key or ``None`` is an absent caption.
+
+    Returns:
+        ``{group: [text or None per sample]}`` for every group of ``prompt_set``: the caption cleaned by
+        :func:`clean_for_prompt` (SPEC §2.1), ``None`` where it is absent (missing, ``None``, empty or whitespace
+        only), in which case the sample's whole facet group is masked in the cache.
+    """
+    return {g: [clean_for_prompt(s.get(g)) for s in samples] for g in prompt_set.group_names}
 
 
 @dataclass(frozen=True)

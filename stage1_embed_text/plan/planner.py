@@ -1,7 +1,7 @@
 """Compute a stage-1 plan (SPEC §2.6, §11): one pass over the manifest, then rows, keys and owners on digests.
 
 From the manifest rows (in manifest order, after ``split`` and ``limit``) :class:`Planner` cleans each sample's
-captions (:func:`stage1_embed_text.encode.prompts.clean_for_prompt`), digests them, assigns rows to distinct caption
+captions (:func:`stage1_embed_text.encode.prompts.prompt_captions`, as packing does), digests them, assigns rows to distinct caption
 sets and owners to distinct texts (:mod:`stage1_embed_text.plan.dedup`), and writes ``rows.parquet`` and
 ``keys.parquet`` (:mod:`stage1_embed_text.plan.files`) into a folder. Memory at ``n`` kept samples: ~16 bytes
 per sample while rows are assigned, ~45 bytes per sample (key strings in Arrow, rows, a sort order) while keys
@@ -25,7 +25,7 @@ from manifests.schema import ManifestError, iter_batches, read_manifest_info
 from pipeline.cache.files import KEY, ROW
 from pipeline.cache.lookup import take_chunked
 from pipeline.cache.store import CacheLayout
-from stage1_embed_text.encode.prompts import PromptSet, clean_for_prompt
+from stage1_embed_text.encode.prompts import PromptSet, prompt_captions
 from stage1_embed_text.plan.dedup import Growing, first_occurrence_rows, owners
 from stage1_embed_text.plan.files import (
     DIGEST_BYTES,
@@ -51,7 +51,7 @@ class Planner:
     def __init__(self, manifest_dir, prompt_set: PromptSet, out: Path, shard_rows: int, chunk_rows: int,
                  split: str | None, limit: int | None, progress: bool):
         self.manifest_dir, self.out = manifest_dir, out
-        self.groups = prompt_set.group_names
+        self.prompt_set, self.groups = prompt_set, prompt_set.group_names
         self.prompt_hash = prompt_set.content_hash
         self.shard_rows, self.chunk_rows = shard_rows, chunk_rows
         self.split, self.limit, self.progress = split, limit, progress
@@ -155,12 +155,16 @@ class Planner:
         return batch, pos
 
     def _digest_batch(self, batch: pa.RecordBatch) -> tuple[list[list[bytes | None]], bytes, np.ndarray]:
-        """Clean every caption of the batch (SPEC §2.1) and digest it.
+        """Clean every caption of the batch (SPEC §2.1, :func:`prompt_captions`: the texts packing embeds) and
+        digest it.
 
         Returns per group the 20-byte SHA-1 of each sample's cleaned text (``None`` if absent), the samples'
         16-byte caption-set digests concatenated (``16 * n`` bytes) and ``bool [n]``: the sample has a text.
         """
-        texts = [batch.column(GROUP_COLUMNS[g]).to_pylist() for g in self.groups]
+        columns = [batch.column(GROUP_COLUMNS[g]).to_pylist() for g in self.groups]
+        cleaned = prompt_captions(self.prompt_set, [dict(zip(self.groups, c)) for c in zip(*columns)])
+        del columns
+        texts = [cleaned[g] for g in self.groups]
         n = batch.num_rows
         dig = [[None] * n for _ in self.groups]
         sets = bytearray(16 * n)
@@ -169,7 +173,7 @@ class Planner:
             h = hashlib.blake2b(digest_size=16)
             any_text = False
             for i in range(len(self.groups)):
-                t = clean_for_prompt(texts[i][j])
+                t = texts[i][j]
                 if t is None:
                     h.update(b"\x00" + _ABSENT)
                 else:

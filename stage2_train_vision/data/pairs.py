@@ -12,8 +12,9 @@ Two sources share the batch format of :func:`collate`:
   steps, whatever the part sizes), and process ``r`` reads its range through a seeded shuffle buffer and
   decodes only what it trains on.
 
-Keys absent from the cache are dropped (and counted) before training; an image that fails to decode is
-dropped (memory) or its slot is marked invalid (stream). A key is only ever paired with its own cache row.
+Keys absent from the cache, or whose row has no present facet, are dropped (and counted) before training by
+both sources (:func:`stage2_train_vision.data.samples.trainable_rows`); an image that fails to decode is dropped
+(memory) or its slot is marked invalid (stream). A key is only ever paired with its own cache row.
 
 This module holds the in-memory source and :func:`build_training_data`; the per-sample pieces both sources share
 are :mod:`stage2_train_vision.data.samples`, the stream source :mod:`stage2_train_vision.data.stream`.
@@ -44,6 +45,7 @@ from stage2_train_vision.data.samples import (
     make_sample,
     sample_seed,
     split_keys,
+    trainable_rows,
 )
 from stage2_train_vision.data.stream import StreamPairs, embedded_from, stream_shards
 
@@ -106,7 +108,8 @@ class MemoryPairs(Dataset):
 def load_memory_pairs(
     cfg: DataConfig, reader: CacheReader, transform: Callable, seed: int, size: int
 ) -> tuple[MemoryPairs, Counter]:
-    """Read the split, drop keys without a cache row, with no present facet, or whose image fails to decode.
+    """Read the split, drop keys without a cache row or with no present facet (:func:`trainable_rows`), or whose
+    image fails to decode.
 
     Returns the dataset and the counts of dropped keys by reason (``missing_vector``, ``no_facet``,
     ``bad_image``). Raises :class:`DataError` for an empty split or no keys in common.
@@ -115,17 +118,12 @@ def load_memory_pairs(
     if table.num_rows == 0:
         split_keys(cfg.manifest, cfg.split)  # raises with the split counts
     keys = table.column("key").to_pylist()
-    rows = reader.rows(keys)
-    check_overlap(keys, rows, cfg.manifest, reader.dir)
+    rows, skipped = trainable_rows(reader, keys)
+    check_overlap(keys, skipped, cfg.manifest, reader.dir)
     vectors, mask = reader.load_all()
-    skipped: Counter = Counter()
     kept_keys, kept_images, kept_rows = [], [], []
     for i, row in enumerate(table.to_pylist()):
-        if rows[i] < 0:
-            skipped["missing_vector"] += 1
-            continue
-        if not mask[rows[i]].any():
-            skipped["no_facet"] += 1
+        if rows[i] < 0:  # counted by trainable_rows
             continue
         try:
             image = decode(row, cfg.manifest)

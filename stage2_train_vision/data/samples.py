@@ -1,5 +1,5 @@
-"""The pieces both training-data sources share (SPEC §5): one sample's facet draw and augmentation, the batch
-format, image decoding and the split checks.
+"""The pieces both training-data sources share (SPEC §5): which keys are trainable, one sample's facet draw and
+augmentation, the batch format, image decoding and the split checks.
 
 Every random choice of a sample comes from numpy generators seeded by :func:`sample_seed` of integers such as
 ``(seed, epoch, index)``, never from process-global state. The facet draw and the crop use two independent
@@ -10,17 +10,19 @@ P or facet mask are (arms that draw different facets see the same crops).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 from manifests.images import UndecodableImageError, load_image
 from manifests.schema import ManifestError, read_manifest, read_manifest_info
+from pipeline.cache.store import CacheReader
 from pipeline.errors import FlameError
 
 IMAGE_COLUMNS = ["key", "image_path", "image_member", "image_bytes", "split"]
@@ -125,9 +127,36 @@ def split_keys(manifest_dir: str | Path, split: str) -> list[str]:
     return keys
 
 
-def check_overlap(keys: list[str], rows: np.ndarray, manifest_dir: Any, cache_dir: Any) -> None:
-    """Raise :class:`DataError` if no manifest key has a cache row (``rows`` all ``-1``)."""
-    if len(rows) and (rows >= 0).any():
+def trainable_rows(
+    reader: CacheReader, keys: Sequence[str] | pa.Array | pa.ChunkedArray
+) -> tuple[np.ndarray, Counter]:
+    """The cache row each key trains against, or why it does not: the one place both sources decide which keys
+    they train on (the in-memory one when it loads the split, the streamed one when it counts and reads a part).
+
+    A key is skipped as ``missing_vector`` when the cache has no row for it, as ``no_facet`` when its row has no
+    present facet (nothing to draw a positive from). Presence comes from the reader's memory-mapped facet mask
+    (``lookup/mask.npy``), read only at the rows of ``keys``, so memory grows with ``len(keys)``, not the cache.
+
+    Args:
+        reader: the open cache.
+        keys: sample keys (``B`` of them).
+
+    Returns:
+        ``int64 [B]`` the cache row of each key, ``-1`` where it is skipped, and the skipped keys counted by
+        reason (only reasons that occur).
+    """
+    rows = reader.rows(keys)
+    found = np.flatnonzero(rows >= 0)
+    no_facet = found[~reader.mask_rows(rows[found]).any(axis=1)] if len(found) else found
+    skipped = Counter({"missing_vector": len(rows) - len(found), "no_facet": len(no_facet)})
+    rows[no_facet] = -1
+    return rows, +skipped
+
+
+def check_overlap(keys: list[str], skipped: Counter, manifest_dir: Any, cache_dir: Any) -> None:
+    """Raise :class:`DataError` if no manifest key has a cache row (every key of ``keys`` counted as
+    ``missing_vector`` in ``skipped``, from :func:`trainable_rows`)."""
+    if skipped["missing_vector"] < len(keys):
         return
     raise DataError(
         f"manifest {manifest_dir} and cache {cache_dir} have no keys in common "

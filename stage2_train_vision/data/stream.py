@@ -2,9 +2,11 @@
 
 Each epoch shuffles the parts, cuts the resulting sequence of usable rows into ``world`` equal row ranges (so
 every process runs the same number of steps, whatever the part sizes), and process ``r`` reads its range
-through a seeded shuffle buffer and decodes only what it trains on (:class:`StreamPairs`). An image that fails
-to decode marks its batch slot invalid. :func:`stage2_train_vision.data.pairs.build_training_data` chooses between
-this and the in-memory source.
+through a seeded shuffle buffer and decodes only what it trains on (:class:`StreamPairs`). Which rows are usable
+is decided up front, per part, by :func:`stage2_train_vision.data.samples.trainable_rows` (a key with a cache row
+that has a present facet), both when the parts are counted (:func:`stream_shards`) and when they are read. An
+image that fails to decode marks its batch slot invalid. :func:`stage2_train_vision.data.pairs.build_training_data`
+chooses between this and the in-memory source.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from stage2_train_vision.data.samples import (
     make_sample,
     sample_seed,
     split_keys,
+    trainable_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StreamShard:
-    """One manifest part: its path and how many of its split's keys have a cache row."""
+    """One manifest part: its path and how many of its split's keys are trainable (:func:`trainable_rows`)."""
 
     path: Path
     n_valid: int
@@ -105,13 +108,14 @@ class StreamPairs(IterableDataset):
         return out
 
     def _part_rows(self, shard: StreamShard, first: int, stop: int) -> Iterator[dict[str, Any]]:
-        """Usable rows ``[first, stop)`` of one part in file order, each with ``row`` = its cache row."""
+        """Usable rows ``[first, stop)`` of one part in file order (:func:`trainable_rows`), each with ``row`` = its
+        cache row."""
         seen = 0  # usable rows of this part passed so far
         for part in iter_part(shard.path, IMAGE_COLUMNS, batch_rows=1024):
             if seen >= stop:
                 return
             part = part.filter(pc.equal(part["split"], self.cfg.split))
-            rows = self.reader.rows(part.column("key"))
+            rows, _ = trainable_rows(self.reader, part.column("key"))  # skips were counted by stream_shards
             ok = rows >= 0
             n_ok = int(ok.sum())
             a, b = max(first - seen, 0), min(stop - seen, n_ok)
@@ -150,14 +154,11 @@ class StreamPairs(IterableDataset):
         samples = []
         for j, row in enumerate(batch_rows):
             reason, image = None, None
-            if not mask[j].any():
-                reason = "no_facet"
-            else:
-                try:
-                    image = decode(row, self.cfg.manifest)
-                except IMAGE_ERRORS as exc:
-                    reason = "bad_image"
-                    log.warning("skipping %s: %s", row["key"], exc)
+            try:
+                image = decode(row, self.cfg.manifest)
+            except IMAGE_ERRORS as exc:
+                reason = "bad_image"
+                log.warning("skipping %s: %s", row["key"], exc)
             seed = sample_seed(self.seed, self.epoch, self.rank, b * self.batch_size + j)
             samples.append(
                 make_sample(row["key"], image, vectors[j], mask[j], self.transform, self.cfg.positives, seed, self.size, reason)
@@ -166,7 +167,8 @@ class StreamPairs(IterableDataset):
 
 
 def stream_shards(cfg: DataConfig, reader: CacheReader) -> tuple[list[StreamShard], Counter]:
-    """The manifest parts with their valid-row counts, and the count of split keys without a cache row.
+    """The manifest parts with their trainable-row counts, and the split's skipped keys counted by reason
+    (``missing_vector``, ``no_facet``: :func:`trainable_rows`, the rule :meth:`StreamPairs._part_rows` reads by).
 
     Raises :class:`DataError` for an empty split or no keys in common.
     """
@@ -174,19 +176,20 @@ def stream_shards(cfg: DataConfig, reader: CacheReader) -> tuple[list[StreamShar
     counted = _counts_from_cache(cfg, reader, info)
     if counted is not None:
         return counted
-    shards, skipped, n_split = [], Counter(), 0
+    shards, skipped, n_split = [], Counter({"missing_vector": 0}), 0  # named even when 0, as the recorded path does
     for part in info.parts:
         path = Path(cfg.manifest) / part
         table = pq.read_table(path, columns=["key", "split"])
         keys = table.filter(pc.equal(table["split"], cfg.split)).column("key")
-        n_ok = int((reader.rows(keys) >= 0).sum())
+        rows, why = trainable_rows(reader, keys)
+        n_ok = int((rows >= 0).sum())
         n_split += len(keys)
-        skipped["missing_vector"] += len(keys) - n_ok
+        skipped.update(why)
         if n_ok:
             shards.append(StreamShard(path, n_ok))
     if n_split == 0:
         split_keys(cfg.manifest, cfg.split)
-    if not shards:
+    if skipped["missing_vector"] == n_split:
         raise DataError(
             f"manifest {cfg.manifest} and cache {reader.dir} have no keys in common ({n_split} keys in split "
             f"{cfg.split!r}); was the cache built from this manifest?"
@@ -214,7 +217,11 @@ def _counts_from_cache(cfg: DataConfig, reader: CacheReader, info) -> tuple[list
     """:func:`stream_shards` without a key lookup when the cache was built from this very manifest: stage 1 records
     every part's name, size, modification time and keys per split (``meta.json`` ``extra.manifest_parts``).
     ``None`` when that record is absent or does not match the parts on disk (another manifest, a rewritten part,
-    a job with ``--limit``, or one planned on another split)."""
+    a job with ``--limit``, or one planned on another split).
+
+    Every key stage 1 kept has a row with a present facet (the planner keeps only samples with a caption, and a
+    present caption's facets are all present), so the recorded counts are the :func:`trainable_rows` counts and
+    nothing is ``no_facet``; were it otherwise, reading the part would find fewer rows and raise."""
     extra = reader.meta.extra
     recorded = extra.get("manifest_parts")
     if (not embedded_from(cfg.manifest, extra) or extra.get("limit") is not None

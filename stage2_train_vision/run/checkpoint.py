@@ -83,7 +83,7 @@ class TrainState:
         step: optimizer steps done.
         images: images trained on (all processes).
         history: ``[step, loss]`` of every optimizer step.
-        skipped: invalid batch slots seen so far, by reason (failed images, samples without facets).
+        skipped: invalid batch slots seen so far, by reason (images that failed to decode).
     """
 
     epoch: int = 0
