@@ -454,8 +454,7 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
              "batch_size": _batch_size(cfg), "baselines": baselines,
              "train_bases": "all" if cfg.train_bases is None else cfg.train_bases, "test_bases": cfg.test_bases,
              "split_rows": manifest_counts(data.manifest),
-             "reference": cfg.reference if cfg.reference and (cfg.out / cfg.reference / "fidelity" / "study.json").is_file()
-             else None,
+             "reference": reference_name(cfg.out, cfg.reference),
              "benchmark": "emoji, test split (concepts unseen in training)"}
     (cfg.out / "fidelity" / "study.json").write_text(json.dumps(study, indent=1, sort_keys=True) + "\n",
                                                       encoding="utf-8")
@@ -489,6 +488,11 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
             _run_one(cfg, name, job, data.manifest, path)
             refresh()
     return refresh(draw=True)
+
+
+def reference_name(out: Path, reference: str | None) -> str | None:
+    """``reference`` if ``out/<reference>`` holds a finished study (its ``fidelity/study.json``), else ``None``."""
+    return reference if reference and (Path(out) / reference / "fidelity" / "study.json").is_file() else None
 
 
 def manifest_counts(manifest: Path) -> dict[str, int]:
@@ -537,7 +541,12 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             print("fidelity --check: fidelity.json, fidelity.md and the README block match")
         return 1 if problems else 0
-    if args.render:
+    if args.render:  # also (re)names the reference study in study.json, the one field a render may change
+        path = args.out / "fidelity" / "study.json"
+        study = json.loads(path.read_text(encoding="utf-8"))
+        if study.get("reference") != reference_name(args.out, args.reference or None):
+            study["reference"] = reference_name(args.out, args.reference or None)
+            path.write_text(json.dumps(study, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         doc = build_document(args.out)
         write_outputs(doc, args.out, readme)
         print(render_summary(doc))

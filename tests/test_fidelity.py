@@ -213,6 +213,42 @@ def test_incomplete_arm_is_not_reported(tmp_path):
     assert fidelity.main(["--check", "--out", str(out), "--readme", str(readme)]) == 1
 
 
+def _synthetic_study(out: Path, flame: list[float], one_prompt: list[float], reference: str | None = None) -> None:
+    """A two-arm study whose names R@5 (multi) per seed are given; every other metric equal."""
+    (out / "fidelity").mkdir(parents=True)
+    study = {"arms": ["flame", "flame_one_prompt"], "seeds": list(range(len(flame))), "steps": 2, "batch_size": 8,
+             "cpu": "x", "text_tower": {"layers": 1, "width": 8}, "baselines": {}, "train_config": "c",
+             "overrides": [], "train_config_sha256_12": "h", "manifest": "m", "caches": {}, "threads": 1,
+             "reference": reference}
+    (out / "fidelity" / "study.json").write_text(json.dumps(study))
+    for arm, values in (("flame", flame), ("flame_one_prompt", one_prompt)):
+        for seed, v in enumerate(values):
+            names_r5, long_r1, cat_mpcr = fidelity.CLAIMS[0][4]  # the prompts claim's primary metrics
+            m = {names_r5: v, long_r1: 0.1, cat_mpcr: 0.2}
+            rec = {"inputs_hash": "h", "first_loss": 1.0, "final_loss": 0.5, "train_seconds": 1, "eval_seconds": 1,
+                   "metrics": m, "chance": dict.fromkeys(m, 0.01), "task_counts": {}}
+            (out / "fidelity" / f"{arm}-s{seed}.json").write_text(json.dumps(rec))
+
+
+def test_reference_study_verdicts_are_compared_per_pre_chosen_metric(tmp_path):
+    """The whole-split study names the subset study; each primary metric's verdict is compared (holds in both or
+    in neither = same), and the README sentence names the metric that differs."""
+    _synthetic_study(tmp_path / "fidelity-subset", [0.3] * 5, [0.2] * 5)      # subset: flame wins every seed
+    _synthetic_study(tmp_path, [0.2, 0.3, 0.2, 0.3, 0.2], [0.25] * 5, reference="fidelity-subset")  # mixed
+    doc = fidelity.build_document(tmp_path)
+    ref = doc["reference"]
+    assert ref["name"] == "fidelity-subset" and ref["compared"] == 3 and ref["same"] == 2
+    r5 = next(r for r in ref["rows"] if r["metric"] == fidelity.CLAIMS[0][4][0])
+    assert r5["reference"]["holds"] and not r5["this"]["holds"] and not r5["same"]
+    assert r5["reference"]["mean"] == pytest.approx(0.1) and r5["this"]["mean"] == pytest.approx(-0.01)
+    text = fidelity.render_summary(doc)
+    assert "gives the same verdict (holds / does not hold) on 2 of 3 pre-chosen metrics, and differs on " \
+           "`flame` > `flame_one_prompt` names I→T R@5, multi (here does not hold)." in text
+    assert "| `flame` > `flame_one_prompt` | names I→T R@5, multi | -1.0 [" in fidelity.render_markdown(doc)
+    fidelity.write_outputs(doc, tmp_path, None, draw=False)
+    assert fidelity.check(tmp_path, None) == []
+
+
 def test_paired_statistics_by_hand():
     assert fidelity.sign_flip_p(np.array([1.0, 1.0, 1.0, 1.0, 1.0])) == 2 / 32
     assert fidelity.sign_flip_p(np.array([3.0, 1.0, 1.0])) == 2 / 8  # only +++ and --- reach |sum| 5
