@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline.atomic import atomic_file, atomic_write_bytes
-from pipeline.cache.check import check_parts
 from pipeline.cache.files import KEY, META_JSON, ROW, CacheFiles
 from pipeline.cache.lock import CacheLock
 from pipeline.cache.lookup import KeyLookup
@@ -41,7 +40,7 @@ from pipeline.cache.meta import (
     check_unit_vectors,
 )
 from pipeline.cache.shards import ShardFiles
-from pipeline.cache.verify import shard_checksums
+from pipeline.cache.verify import check_parts, shard_checksums
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +299,7 @@ class CacheReader:
             self._lookup = build_key_lookup(self.files, self.meta, persist=_writable(self.files.root))
 
     def check_parts(self) -> None:
-        """The cheap check of every part's presence and size (:func:`pipeline.cache.check.check_parts`; no
+        """The cheap check of every part's presence and size (:func:`pipeline.cache.verify.check_parts`; no
         vector is read). Raises :class:`CacheError` naming the first damaged part and how to repair it."""
         check_parts(self.dir)
 
