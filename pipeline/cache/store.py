@@ -35,6 +35,7 @@ from pipeline.cache.meta import (
     CacheError,
     CacheIdentity,
     CacheIdentityError,
+    CacheKeyError,
     CacheLayout,
     CacheMeta,
     check_unit_vectors,
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 # pipeline.cache.lock; they are part of this module's interface too.
 __all__ = [
     "FORMAT_VERSION", "IDENTITY_KEYS", "NORM_TOLERANCE", "CacheError", "CacheIdentity", "CacheIdentityError",
-    "CacheLayout", "CacheLock", "CacheMeta", "CacheReader", "CacheWriter", "build_key_lookup", "read_index_part",
+    "CacheKeyError", "CacheLayout", "CacheLock", "CacheMeta", "CacheReader", "CacheWriter", "build_key_lookup", "read_index_part",
     "check_unit_vectors",
 ]
 
@@ -371,11 +372,16 @@ class CacheReader:
         return out_v, self.mask_rows(rows)
 
     def get(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors ``float16 [B, F, D]`` and mask ``bool [B, F]`` for ``keys``. Raises ``KeyError`` if any is absent."""
+        """Vectors ``float16 [B, F, D]`` and mask ``bool [B, F]`` for ``keys``, in the given order.
+
+        Raises:
+            CacheKeyError: a key is not in the cache (a ``KeyError`` too; the message counts them and names five).
+            CacheError: a shard file holding a requested row is damaged.
+        """
         rows = self.rows(keys)
         if (rows < 0).any():
             missing = [k for k, r in zip(keys, rows) if r < 0][:5]
-            raise KeyError(f"{int((rows < 0).sum())} keys not in cache {self.dir}, e.g. {missing}")
+            raise CacheKeyError(f"{int((rows < 0).sum())} keys not in cache {self.dir}, e.g. {missing}")
         return self.read_rows(rows)
 
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
