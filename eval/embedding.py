@@ -34,6 +34,10 @@ from stage2_train_vision.text_tower import TEXT_SIDE_KIND, TextTowerConfig, Towe
 log = logging.getLogger(__name__)
 
 
+class EmbedderError(FlameError, ValueError):
+    """A text embedder that returned vectors of the wrong shape, or not finite and unit-norm."""
+
+
 class ModelConfigError(FlameError, ValueError):
     """An exported model directory whose ``config.json`` lacks what eval needs (the cache identity or a known
     text side)."""
@@ -216,8 +220,9 @@ class TextEncoder:
         Identical texts are embedded once; texts already in the on-disk cache are not embedded again.
 
         Raises:
-            ValueError: unknown mode, or the embedder returned vectors of the wrong shape, not finite or not
-                unit norm (``|‖v‖ - 1|`` over :data:`pipeline.cache.store.NORM_TOLERANCE`).
+            stage1_embed_text.config.EmbedConfigError: unknown mode.
+            EmbedderError: the embedder returned vectors of the wrong shape, not finite or not unit norm
+                (``|‖v‖ - 1|`` over :data:`pipeline.cache.store.NORM_TOLERANCE`); nothing of the batch is cached.
         """
         check_text_mode(mode)
         uniq = list(dict.fromkeys(texts))
@@ -248,10 +253,10 @@ class TextEncoder:
     def _check(self, vec: np.ndarray, n: int) -> None:
         dim = self.identity.get("dim")
         if vec.ndim != 2 or vec.shape[0] != n or (dim is not None and vec.shape[1] != dim):
-            raise ValueError(f"text embedder returned {vec.shape}, expected [{n}, {dim}]")
+            raise EmbedderError(f"text embedder returned {vec.shape}, expected [{n}, {dim}]")
         if (not np.isfinite(vec).all()
                 or np.abs(np.linalg.norm(vec, axis=1) - 1).max(initial=0) > NORM_TOLERANCE):
-            raise ValueError("text embedder returned vectors that are not finite and unit-norm")
+            raise EmbedderError("text embedder returned vectors that are not finite and unit-norm")
 
 
 def load_model_text_encoder(model: torch.nn.Module, config: dict[str, Any], device: str | None = None):

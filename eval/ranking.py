@@ -23,7 +23,22 @@ import logging
 import numpy as np
 import torch
 
+from pipeline.errors import FlameError
+
 log = logging.getLogger(__name__)
+
+RANKING_BACKENDS = ("auto", "torch", "faiss")
+"""The ranking backends of :func:`topk` (``flame eval --ranking``)."""
+
+
+class RankingBackendError(FlameError, ValueError):
+    """A ranking backend that is not one of :data:`RANKING_BACKENDS`."""
+
+
+def check_backend(backend: str) -> None:
+    """Raise :class:`RankingBackendError` unless ``backend`` is one of :data:`RANKING_BACKENDS`."""
+    if backend not in RANKING_BACKENDS:
+        raise RankingBackendError(f"unknown ranking backend {backend!r} (known: {', '.join(RANKING_BACKENDS)})")
 
 #: Above this many query x key scores, ``backend="auto"`` uses faiss instead of a full torch matmul.
 EXACT_MAX_SCORES = 50_000_000
@@ -106,8 +121,10 @@ def topk(queries: np.ndarray, keys: np.ndarray, k: int, backend: str = "auto", m
         ``int64 [Q, min(k, N)]``.
 
     Raises:
-        ValueError: dimension mismatch or unknown backend.
+        RankingBackendError: unknown backend.
+        ValueError: query and key dimensions differ (a caller's bug: the eval compares identities first).
     """
+    check_backend(backend)
     if queries.shape[1] != keys.shape[1]:
         raise ValueError(f"query dim {queries.shape[1]} != key dim {keys.shape[1]}")
     n = keys.shape[0]
@@ -117,8 +134,6 @@ def topk(queries: np.ndarray, keys: np.ndarray, k: int, backend: str = "auto", m
         backend = "torch" if queries.shape[0] * n <= EXACT_MAX_SCORES else "faiss"
     if backend == "torch":
         cand = _candidates_torch(queries, keys, c)
-    elif backend == "faiss":
-        cand = _candidates_faiss(queries, keys, c)
     else:
-        raise ValueError(f"unknown ranking backend {backend!r} (torch, faiss, auto)")
+        cand = _candidates_faiss(queries, keys, c)
     return order_candidates(rescore(queries, keys, cand), cand, k)

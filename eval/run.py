@@ -24,6 +24,7 @@ from eval.embedding import (
     load_text_encoder,
 )
 from eval.plots import plot_classification, plot_language_bars, plot_retrieval_examples
+from eval.ranking import check_backend
 from eval.report import build_results, render_markdown, write_results
 from eval.tasks import TaskResult, evaluate_task
 from eval.text_cache import default_root
@@ -78,7 +79,9 @@ def evaluate_benchmark(bench: Benchmark, model: torch.nn.Module, transform: Any,
 
     Raises:
         BenchmarkError: no image opens, or no task has images left.
+        eval.ranking.RankingBackendError: an unknown ``backend`` (refused before any image is embedded).
     """
+    check_backend(backend)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     need_features = any(isinstance(t, LinearProbeTask) for t in bench.tasks)
     emb, feats, failed = embed_images(model, bench.images, transform, batch_size, device, features=need_features,

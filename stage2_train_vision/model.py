@@ -38,13 +38,14 @@ class FlameVisionModel(nn.Module):
         logit_bias: scalar parameter ``b`` of the sigmoid loss (init ``-10``).
 
     Raises:
-        ValueError: ``cfg.out_dim`` is unset, or the timm model has no ``num_prefix_tokens`` (not a ViT).
+        stage2_train_vision.config.ConfigError: ``cfg.out_dim`` is unset (e.g. an exported ``config.json`` without
+            it), or the timm model has no ``num_prefix_tokens`` (not a ViT).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.out_dim is None:
-            raise ValueError("ModelConfig.out_dim (D) is unset: it comes from the cache identity")
+            raise ConfigError("ModelConfig.out_dim (D) is unset: it comes from the cache identity")
         self.cfg = cfg
         overrides = {
             k: v

@@ -45,8 +45,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.cache.check import check_parts
 from pipeline.cache.store import CacheIdentityError, CacheReader
+from pipeline.cache.verify import check_parts
 from pipeline.errors import run_command
 from stage2_train_vision.cli import add_arguments
 from stage2_train_vision.config import Config, ConfigError, ImageConfig, ModelConfig, load_config
@@ -145,7 +145,7 @@ class TrainRun:
 
 
 def open_cache(cfg: Config) -> CacheReader:
-    """The training cache after the cheap check of every part (:func:`pipeline.cache.check.check_parts`: sizes
+    """The training cache after the cheap check of every part (:func:`pipeline.cache.verify.check_parts`: sizes
     and presence, no vector read), with ``data.expect`` checked. Raises :class:`pipeline.cache.meta.CacheError`
     naming the first damaged part, :class:`CacheIdentityError` for an unexpected identity."""
     check_parts(cfg.data.cache)

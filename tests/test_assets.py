@@ -234,7 +234,7 @@ def test_missing_pip_names_pip(fake_llm, home, monkeypatch):
 
 def test_unknown_llm_lists_the_known_ones(home):
     with pytest.raises(
-        KeyError, match=r"unknown embedded LLM 'gpt'; known: \['gemma3-270m', 'smollm2-135m'\]"
+        assets.AssetError, match=r"unknown embedded LLM 'gpt'; known: \['gemma3-270m', 'smollm2-135m'\]"
     ):
         assets.llm_gguf("gpt")
 

@@ -8,6 +8,7 @@ from pipeline.cache.store import (
     CacheError,
     CacheIdentity,
     CacheIdentityError,
+    CacheKeyError,
     CacheLayout,
     CacheMeta,
     CacheReader,
@@ -49,8 +50,9 @@ def test_roundtrip_by_key_in_request_order(tmp_path):
     np.testing.assert_allclose(vec.astype(np.float32), full[[9, 5, 0, 5]], atol=1e-3)
     assert msk.tolist() == [[True, True], [True, False], [True, True], [True, False]]
     assert len(reader) == 10 and reader.rows(["k3", "nope"]).tolist() == [3, -1]
-    with pytest.raises(KeyError, match="1 keys not in cache"):
+    with pytest.raises(KeyError, match="1 keys not in cache") as err:
         reader.get(["k1", "nope"])
+    assert isinstance(err.value, CacheKeyError) and str(err.value) == f"1 keys not in cache {tmp_path}, e.g. ['nope']"
 
 
 def test_identity_mismatch_names_both_values(tmp_path):

@@ -81,11 +81,16 @@ def test_flipped_byte_in_a_zarr_shard_index_is_one_line_in_reader_and_inspect(tm
     assert np.array_equal(reader.get(["k1"])[0], v[[1]])  # other shards still read
     with pytest.raises(CacheError, match=r"chunk index of cache shard 2 does not match its CRC-32C.*shard-00002"):
         reader.get(["k9"])
-    assert main(["inspect", str(cache)]) == 1
+    assert main(["inspect", str(cache)]) == 1  # the cheap level finds it too: one problem per file
     out = capsys.readouterr().out
     assert "unreadable : shard 2:" in out and "CRC-32C" in out
+    damaged = "  shard 2: store.zarr/vectors/c/2/0/0 has a chunk index that does not match its CRC-32C (a changed byte)"
+    assert damaged in out.splitlines()
     assert main(["inspect", str(cache), "--verify"]) == 1
-    assert "shard 2: store.zarr/vectors/c/2/0/0 differs from its checksum" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert damaged in lines and f"    redo   : rm {cache}/done/shard-00002.json && flame embed --manifest /data/m " \
+        f"--out {cache} --llm tiny" in "\n".join(lines)
+    assert verify_cache(cache).damaged == verify_cache(cache, checksums=False).damaged == {2: [damaged[11:]]}
 
 
 def test_zarr_fallback_read_of_a_damaged_shard_is_a_cache_error(tmp_path):
@@ -131,10 +136,13 @@ def test_damaged_lookup_is_one_line_and_rebuilt_after_deleting_it(tmp_path, caps
     else:
         _flip(rows_npy, rows_npy.stat().st_size - 3)  # a row number changes: only the checksum sees it
     report = verify_cache(cache)
-    assert report.lookup == [f"rows.npy differ from their checksums; delete {cache}/lookup (the next reader "
+    found = ("is damaged (EOF: reading array header, expected 118 bytes got 90)" if damage == "truncate"
+             else "differs from its checksum")  # a cut file is found without its checksum
+    assert report.lookup == [f"lookup/rows.npy {found}; delete {cache}/lookup (the next reader "
                              "rebuilds it from the index parts)"]
+    assert verify_cache(cache, checksums=False).lookup == (report.lookup if damage == "truncate" else [])
     assert main(["inspect", str(cache), "--verify"]) == 1
-    assert "lookup : rows.npy differ" in capsys.readouterr().out
+    assert f"  lookup : {report.lookup[0]}" in capsys.readouterr().out.splitlines()
     import shutil
 
     shutil.rmtree(cache / "lookup")

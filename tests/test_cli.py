@@ -49,23 +49,28 @@ def test_other_errors_keep_their_traceback(monkeypatch):
 def test_every_user_facing_error_is_one_flame_error():
     """One base class: the CLI catches FlameError once, so each module's input error must derive from it."""
     from eval.benchmarks.base import BenchmarkError
+    from eval.embedding import EmbedderError
+    from eval.ranking import RankingBackendError
     from eval.run import ModelConfigError
     from flame_pipeline.imports.checkpoint import CheckpointImportError
     from manifests.common import DuplicateKeyError
     from manifests.images import ImageTooLargeError, UndecodableImageError
     from manifests.schema import ManifestError
     from pipeline.assets import AssetError
-    from pipeline.cache.store import CacheError, CacheIdentityError
+    from pipeline.cache.store import CacheError, CacheIdentityError, CacheKeyError
     from pipeline.errors import FlameError, is_user_error
     from stage1_embed_text.backends.vllm_settings import VllmUnavailableError
+    from stage1_embed_text.config import EmbedConfigError
     from stage1_embed_text.encode.tokenization import TokenizerError
     from stage2_train_vision.config import ConfigError
     from stage2_train_vision.data.samples import DataError
+    from stage2_train_vision.export import ExportError
     from stage2_train_vision.run.checkpoint import CheckpointError
 
     classes = [BenchmarkError, ModelConfigError, DuplicateKeyError, ImageTooLargeError, UndecodableImageError,
                ManifestError, AssetError, CacheError, CacheIdentityError, TokenizerError, VllmUnavailableError,
-               ConfigError, DataError, CheckpointImportError, CheckpointError]
+               ConfigError, DataError, CheckpointImportError, CheckpointError, CacheKeyError, EmbedConfigError,
+               ExportError, EmbedderError, RankingBackendError]
     assert [c.__name__ for c in classes if not issubclass(c, FlameError)] == []
     assert is_user_error(FileNotFoundError("x")) and not is_user_error(RuntimeError("bug"))
 

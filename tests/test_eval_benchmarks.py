@@ -240,3 +240,17 @@ def test_a_truncated_annotation_file_is_a_benchmark_error(tmp_path):
     (tmp_path / "val2014").mkdir()
     with pytest.raises(BenchmarkError, match="not readable text/JSON"):
         load_benchmark("coco", tmp_path / "dataset_coco.json", image_root=tmp_path)
+
+
+def test_flame_eval_refuses_a_retrieval_set_without_captions_in_one_line(tmp_path, capsys):
+    """Empty captions leave no query: refused when the benchmark loads (exit 2), not by the metrics later."""
+    from flame_pipeline.cli import main
+
+    imgs = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": " "}]} for i in range(2)]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": imgs}))
+    for i in range(2):
+        write_png(tmp_path / f"{i}.jpg")
+    rc = main(["eval", "--model", str(tmp_path / "no-model"), "--benchmark", "coco", "--data", str(tmp_path),
+               "--out", str(tmp_path / "out")])
+    assert (rc, capsys.readouterr().err) == (
+        2, f"flame eval: {tmp_path}/dataset_coco.json: none of the 2 images of split 'test' has a caption\n")

@@ -6,7 +6,7 @@ import pytest
 from eval.compositionality import pair_similarity, sugarcrepe_accuracy, winoground_scores
 from eval.linear_probe import linear_probe
 from eval.metrics import chance_recall, class_prototypes, classification_metrics, retrieval_metrics
-from eval.ranking import topk
+from eval.ranking import RankingBackendError, topk
 
 # 3 images x 4 texts; with image_emb = I, text_emb = S.T, the scores are exactly S.
 S = np.array([[0.9, 0.1, 0.5, 0.2],
@@ -170,3 +170,10 @@ def test_classification_and_prototypes_equal_clip_benchmark():
     assert (ours["acc1"], ours["acc5"]) == (pytest.approx(acc1, abs=1e-12), pytest.approx(acc5, abs=1e-12))
     assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-12)
     assert 0.2 < ours["acc1"] < 1
+
+
+def test_an_unknown_ranking_backend_is_refused_as_bad_input():
+    q = np.eye(2)
+    with pytest.raises(RankingBackendError, match=r"^unknown ranking backend 'fast' \(known: auto, torch, faiss\)$"):
+        topk(q, q, 1, "fast")
+    assert issubclass(RankingBackendError, ValueError)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from eval.benchmarks import load_benchmark
-from eval.embedding import TextEncoder, embed_images
+from eval.embedding import EmbedderError, TextEncoder, embed_images
 from eval.report import build_results, write_results
 from eval.run import evaluate_benchmark
 from pipeline.cache.store import CacheIdentityError
@@ -65,6 +65,27 @@ def test_identity_mismatch_refused(tmp_path):
         TextEncoder(FakeEmbedder(dict(IDENTITY, layer=5)), IDENTITY, tmp_path)
     # the llm name may differ (alias vs path) when the weight fingerprints agree
     TextEncoder(FakeEmbedder(dict(IDENTITY, llm="/models/fake")), IDENTITY, tmp_path)
+
+
+class _BadEmbedder(FakeEmbedder):
+    def __init__(self, damage):
+        super().__init__()
+        self.damage = damage
+
+    def embed(self, texts, mode="single"):
+        v = super().embed(texts, mode)
+        return v[:, :8] if self.damage == "shape" else v * np.float32("nan")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("shape", r"^text embedder returned \(2, 8\), expected \[2, 16\]$"),
+    ("nan", r"^text embedder returned vectors that are not finite and unit-norm$")])
+def test_an_embedder_returning_bad_vectors_is_refused_and_nothing_is_cached(tmp_path, damage, message):
+    with pytest.raises(EmbedderError, match=message):
+        TextEncoder(_BadEmbedder(damage), IDENTITY, tmp_path).encode(["a", "b"], "single")
+    good = FakeEmbedder()
+    TextEncoder(good, IDENTITY, tmp_path).encode(["a", "b"], "single")
+    assert good.calls == 2
 
 
 def test_embed_images_shapes(tmp_path):

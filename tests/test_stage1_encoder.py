@@ -7,6 +7,7 @@ import torch
 from pipeline.cache.store import CacheIdentity, CacheIdentityError
 from stage1_embed_text.api import TextEmbedder
 from stage1_embed_text.backends.llm import load_llm
+from stage1_embed_text.config import EmbedConfigError
 from stage1_embed_text.encode.batching import collate, facet_mask, plan_batches
 from stage1_embed_text.encode.encoder import FacetEncoder
 from stage1_embed_text.encode.packing import pack_caption
@@ -106,6 +107,11 @@ def test_vectors_do_not_depend_on_batch_neighbours_or_padding(arch):
             enc = FacetEncoder(llm, max_batch_tokens=budget, padding_side=side)
             mixed = enc.encode([LONGER, SAMPLE, LONGER])
             np.testing.assert_allclose(mixed.vectors[1], alone, atol=1e-5, rtol=0)
+
+
+def test_an_unknown_padding_side_is_refused_when_the_encoder_is_built():
+    with pytest.raises(EmbedConfigError, match=r"^padding_side must be one of \('right', 'left'\), got 'top'$"):
+        FacetEncoder(tiny_llm("llama"), padding_side="top")
 
 
 def test_bf16_batch_invariance_cosine():

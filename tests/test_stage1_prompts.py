@@ -5,12 +5,21 @@ feeds the LLM for each facet (what both backends run), decoded with the tiny byt
 decodes to the exact text it encoded.
 """
 
+import dataclasses
+
 import pytest
 
 from pipeline.assets import DEFAULT_LLM, EMBEDDED_LLMS, default_readout
-from stage1_embed_text.config import EmbedConfig
+from stage1_embed_text.config import EmbedConfig, EmbedConfigError
 from stage1_embed_text.encode.packing import pack_samples
-from stage1_embed_text.encode.prompts import FLAME, SINGLE, clean_for_prompt, get_prompt_set, prompt_captions
+from stage1_embed_text.encode.prompts import (
+    FLAME,
+    SINGLE,
+    PromptSet,
+    clean_for_prompt,
+    get_prompt_set,
+    prompt_captions,
+)
 from stage1_embed_text.encode.tokenization import group_templates
 from tests.helpers.stage1_tiny import tiny_tokenizer
 
@@ -116,8 +125,10 @@ def test_content_hash_golden_and_sensitive():
 
 
 def test_unknown_names_raise():
-    with pytest.raises(KeyError, match="known"):
+    with pytest.raises(EmbedConfigError, match=r"^unknown prompt set 'nope'; known: \['flame', 'single'\]$"):
         get_prompt_set("nope")
+    with pytest.raises(EmbedConfigError, match=r"^unknown prompt groups \['medium'\]"):
+        PromptSet("mine", 1, (dataclasses.replace(FLAME.groups[0], name="medium"),))
     with pytest.raises(ValueError, match="bos_marker"):
         get_prompt_set("flame", bos_marker="bos")
 

@@ -153,3 +153,16 @@ def test_a_launch_that_started_fewer_processes_than_asked_is_refused():
     check_world(_acc(1), {"MASTER_PORT": "29500"})  # no launcher (a stray variable): fine
     with pytest.raises(ConfigError, match=r"launched as 2 processes \(WORLD_SIZE\) but Accelerate set up 1"):
         check_world(_acc(1), {"WORLD_SIZE": "2"})
+
+
+def test_a_toml_is_fully_checked_when_it_loads(data, tmp_path, capsys):
+    """An unknown loss.kind in the file itself is refused by load_config, not at the first training step."""
+    toml = tmp_path / "bad.toml"
+    shipped = (REPO / "configs" / "demo-cpu.toml").read_text(encoding="utf-8")
+    assert '[loss]\nkind = "sigmoid"\n' in shipped
+    toml.write_text(shipped.replace('[loss]\nkind = "sigmoid"\n', '[loss]\nkind = "hinge"\n'), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^loss.kind = 'hinge': must be one of sigmoid, infonce$"):
+        load_config(toml)
+    rc = flame_main(["train", "--config", str(toml), *tiny_overrides(data / "m", data / "c", tmp_path / "run")])
+    assert (rc, capsys.readouterr().err) == (2, "flame train: loss.kind = 'hinge': must be one of sigmoid, infonce\n")
+    assert not (tmp_path / "run").exists()

@@ -17,9 +17,9 @@ import torch
 import zarr
 
 from flame_pipeline.cli import main as flame_main
-from pipeline.cache.check import check_parts
 from pipeline.cache.meta import CacheError
 from pipeline.cache.store import CacheReader
+from pipeline.cache.verify import check_parts
 from stage2_train_vision import step as step_module
 from stage2_train_vision.config import ModelConfig, load_config
 from stage2_train_vision.export import ExportError, export_model, load_exported
@@ -53,37 +53,37 @@ def _truncate(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+REDO = (r"; redo only this shard with: rm {c}/done/shard-0000{s}.json && flame embed --manifest MANIFEST --out {c} "
+        r"--llm test-llm --layer 3 --readout pre_norm --backend hf --position-mode restart --shard-rows 16 "
+        r"--chunk-rows 4 --dtype bfloat16 --context-tokens 1024")
+LOOKUP_FIX = r"; delete {c}/lookup \(the next reader rebuilds it from the index parts\)"
 DAMAGE = {  # what is done to a copy of the cache -> the one line training stops with (regex)
     "half an index part": (lambda c: _truncate(c / "index/shard-00001.parquet",
                                                (c / "index/shard-00001.parquet").stat().st_size // 2),
-                           r"{c}/index/shard-00001.parquet is damaged \(.+\); delete {c}/done/shard-00001.json and "
-                           r"rerun flame embed to redo the shard"),
+                           r"cache {c}: shard 1: index/shard-00001.parquet is damaged \(.+\)" + REDO.replace("{s}", "1")),
     "a mask shard deleted": (lambda c: (c / "store.zarr/mask/c/1/0").unlink(),
-                             r"{c}/store.zarr/mask/c/1/0 is missing although shard 1 is finished; delete "
-                             r"{c}/done/shard-00001.json and rerun flame embed to redo the shard"),
+                             r"cache {c}: shard 1: store.zarr/mask/c/1/0 is missing" + REDO.replace("{s}", "1")),
     "a vector shard cut to 40 bytes": (lambda c: _truncate(c / "store.zarr/vectors/c/0/0/0", 40),
-                                       r"{c}/store.zarr/vectors/c/0/0/0 is truncated \(40 bytes, its index alone is "
-                                       r"68\); delete {c}/done/shard-00000.json and rerun flame embed to redo the shard"),
+                                       r"cache {c}: shard 0: store.zarr/vectors/c/0/0/0 is truncated \(40 bytes, its "
+                                       r"chunk index alone is 68\)" + REDO.replace("{s}", "0")),
     "a vector shard missing its middle": (
         lambda c: (lambda p, b: p.write_bytes(b[:1000] + b[-68:]))(c / "store.zarr/vectors/c/2/0/0",
                                                                   (c / "store.zarr/vectors/c/2/0/0").read_bytes()),
-        r"{c}/store.zarr/vectors/c/2/0/0 is truncated or damaged \(a chunk lies past its end\); delete "
-        r"{c}/done/shard-00002.json and rerun flame embed to redo the shard"),
+        r"cache {c}: shard 2: store.zarr/vectors/c/2/0/0 is truncated or damaged \(a chunk lies past its end\)"
+        + REDO.replace("{s}", "2")),
     "a flipped byte in a shard's chunk index": (
         lambda c: (lambda p, b: p.write_bytes(b[:-30] + bytes([b[-30] ^ 1]) + b[-29:]))(
             c / "store.zarr/vectors/c/1/0/0", (c / "store.zarr/vectors/c/1/0/0").read_bytes()),
-        r"the chunk index of {c}/store.zarr/vectors/c/1/0/0 fails its crc32c \(a changed byte\); delete "
-        r"{c}/done/shard-00001.json and rerun flame embed to redo the shard"),
+        r"cache {c}: shard 1: store.zarr/vectors/c/1/0/0 has a chunk index that does not match its CRC-32C \(a changed "
+        r"byte\)" + REDO.replace("{s}", "1")),
     "a marker with another key count": (
         lambda c: (c / "done/shard-00002.json").write_text(json.dumps({"shard": 2, "rows": [32, 40], "keys": 9})),
-        r"{c}/index/shard-00002.parquet holds 8 keys, its marker says 9; delete {c}/done/shard-00002.json and rerun "
-        r"flame embed to redo the shard"),
+        r"cache {c}: shard 2: index/shard-00002.parquet holds 8 keys, its marker recorded 9" + REDO.replace("{s}", "2")),
     "a lookup array cut": (lambda c: _truncate(c / "lookup/rows.npy", 200),
-                           r"{c}/lookup/rows.npy is damaged \(shape \(40,\), expected \(40,\), complete: False\); "
-                           r"delete {c}/lookup and the next open rebuilds it"),
+                           r"cache {c}: lookup/rows.npy is damaged \(shape \(40,\), expected \(40,\), complete: False\)"
+                           + LOOKUP_FIX),
     "the lookup's keys cut": (lambda c: _truncate(c / "lookup/keys.arrow", 100),
-                              r"the key lookup in {c}/lookup is damaged \(.+\); delete {c}/lookup and the next open "
-                              r"rebuilds it"),
+                              r"cache {c}: lookup/keys.arrow is damaged \(.+\)" + LOOKUP_FIX),
 }
 
 

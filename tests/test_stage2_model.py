@@ -81,7 +81,7 @@ def test_final_norm_option_and_default_projector_width():
     kept = FlameVisionModel(ModelConfig(**{**TINY.__dict__, "final_norm": True}))
     assert isinstance(kept.backbone.norm, nn.LayerNorm)
     assert projector_hidden(ModelConfig(), 640) == 4096 and projector_hidden(ModelConfig(), 5120) == 5120
-    with pytest.raises(ValueError, match="out_dim .* is unset"):
+    with pytest.raises(ConfigError, match="out_dim .* is unset"):
         FlameVisionModel(ModelConfig())
 
 
@@ -198,3 +198,28 @@ def test_cli_arguments():
     assert (args.config, args.resume, args.overrides) == ("c.toml", "latest", ["optim.lr=1e-3"])
     assert parser.parse_args(["--config", "c.toml", "--resume-from", "ck/step-0000010"]).resume == "ck/step-0000010"
     assert parser.parse_args(["--config", "c.toml"]).resume is None
+
+
+@pytest.mark.parametrize("damage", ["no out_dim", "other weights"])
+def test_flame_eval_refuses_an_export_that_cannot_be_rebuilt_in_one_line(tmp_path, capsys, damage):
+    """A config.json without model.out_dim, or weights of another width: ExportError naming the file, exit 2."""
+    from flame_pipeline.cli import main as flame_main
+    from tests.helpers.images import write_png
+
+    export_model(FlameVisionModel(TINY), TINY, load_config(None, []).data, {"llm": "test-llm", "dim": 16}, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    if damage == "no out_dim":
+        del config["model"]["out_dim"]
+        message = f"{tmp_path}/m/config.json: ModelConfig.out_dim (D) is unset: it comes from the cache identity"
+    else:
+        config["model"]["out_dim"] = 8
+        message = f"{tmp_path}/m/model.safetensors does not fit {tmp_path}/m/config.json (Error(s) in loading"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    write_png(tmp_path / "b" / "0.jpg")
+    (tmp_path / "b" / "dataset_coco.json").write_text(json.dumps(
+        {"images": [{"filename": "0.jpg", "split": "test", "sentences": [{"raw": "a red square"}]}]}))
+    rc = flame_main(["eval", "--model", str(tmp_path / "m"), "--benchmark", "coco", "--data", str(tmp_path / "b"),
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"flame eval: {message}"), err

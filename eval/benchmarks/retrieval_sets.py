@@ -56,7 +56,14 @@ IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 
 def _retrieval(name: str, split: str, images: list[ImageRef], captions: list[list[str]], source: Path,
                kind: str = "retrieval", dedupe: bool = False) -> Benchmark:
+    """The benchmark of one retrieval task over ``images`` and their ``captions``.
+
+    Raises:
+        BenchmarkError: no image has a caption (there would be no query).
+    """
     texts, pairs = pairs_from_captions(captions, dedupe=dedupe)
+    if not len(pairs):
+        raise BenchmarkError(f"{source}: none of the {len(images)} images of split {split!r} has a caption")
     # SPEC §6: English and long-caption retrieval use the multi-facet text mode by default
     task = RetrievalTask(f"{kind}_en", np.arange(len(images)), texts, pairs, text_mode=MULTI, kind=kind)
     return Benchmark(name, split, images, [task], str(source), {"images": len(images), "texts": len(texts)})

@@ -40,6 +40,12 @@ class CacheIdentityError(CacheError):
     """A cache was built with a different LLM, layer, readout, D or prompt set than the caller expects."""
 
 
+class CacheKeyError(CacheError, KeyError):
+    """Keys asked of a cache that it does not hold; a ``KeyError`` too, whose message is shown as is."""
+
+    __str__ = Exception.__str__  # KeyError's own would quote the message
+
+
 @dataclass(frozen=True)
 class CacheIdentity:
     """What produced the vectors of a cache; two caches with equal identities are interchangeable.

@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline.atomic import atomic_file, atomic_write_bytes
-from pipeline.cache.check import check_parts
 from pipeline.cache.files import KEY, META_JSON, ROW, CacheFiles
 from pipeline.cache.lock import CacheLock
 from pipeline.cache.lookup import KeyLookup
@@ -36,12 +35,13 @@ from pipeline.cache.meta import (
     CacheError,
     CacheIdentity,
     CacheIdentityError,
+    CacheKeyError,
     CacheLayout,
     CacheMeta,
     check_unit_vectors,
 )
 from pipeline.cache.shards import ShardFiles
-from pipeline.cache.verify import shard_checksums
+from pipeline.cache.verify import check_parts, shard_checksums
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # pipeline.cache.lock; they are part of this module's interface too.
 __all__ = [
     "FORMAT_VERSION", "IDENTITY_KEYS", "NORM_TOLERANCE", "CacheError", "CacheIdentity", "CacheIdentityError",
-    "CacheLayout", "CacheLock", "CacheMeta", "CacheReader", "CacheWriter", "build_key_lookup", "read_index_part",
+    "CacheKeyError", "CacheLayout", "CacheLock", "CacheMeta", "CacheReader", "CacheWriter", "build_key_lookup", "read_index_part",
     "check_unit_vectors",
 ]
 
@@ -300,7 +300,7 @@ class CacheReader:
             self._lookup = build_key_lookup(self.files, self.meta, persist=_writable(self.files.root))
 
     def check_parts(self) -> None:
-        """The cheap check of every part's presence and size (:func:`pipeline.cache.check.check_parts`; no
+        """The cheap check of every part's presence and size (:func:`pipeline.cache.verify.check_parts`; no
         vector is read). Raises :class:`CacheError` naming the first damaged part and how to repair it."""
         check_parts(self.dir)
 
@@ -372,11 +372,16 @@ class CacheReader:
         return out_v, self.mask_rows(rows)
 
     def get(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors ``float16 [B, F, D]`` and mask ``bool [B, F]`` for ``keys``. Raises ``KeyError`` if any is absent."""
+        """Vectors ``float16 [B, F, D]`` and mask ``bool [B, F]`` for ``keys``, in the given order.
+
+        Raises:
+            CacheKeyError: a key is not in the cache (a ``KeyError`` too; the message counts them and names five).
+            CacheError: a shard file holding a requested row is damaged.
+        """
         rows = self.rows(keys)
         if (rows < 0).any():
             missing = [k for k, r in zip(keys, rows) if r < 0][:5]
-            raise KeyError(f"{int((rows < 0).sum())} keys not in cache {self.dir}, e.g. {missing}")
+            raise CacheKeyError(f"{int((rows < 0).sum())} keys not in cache {self.dir}, e.g. {missing}")
         return self.read_rows(rows)
 
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:

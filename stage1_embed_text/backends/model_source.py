@@ -107,7 +107,7 @@ def embedded_folder(name: str) -> Path:
     """The bf16 safetensors folder of embedded model ``name``, converting its GGUF once if needed (SPEC §9).
 
     Raises:
-        KeyError: not an embedded model name.
+        pipeline.assets.AssetError: not an embedded model name, or its asset cannot be fetched or verified.
     """
     target = flame_home() / "models" / f"{name}-bf16"
     if (target / "config.json").exists():

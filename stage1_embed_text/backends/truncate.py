@@ -167,7 +167,8 @@ def final_norm_scale(folder: str | Path) -> np.ndarray:
     """``float32 [D]``: the elementwise factor the final RMSNorm multiplies by (``w``, or ``1 + w`` for Gemma).
 
     Raises:
-        KeyError: no final-norm tensor found (the message lists the candidates looked for).
+        stage1_embed_text.config.EmbedConfigError: no final-norm tensor in the checkpoint (the message lists the
+            names looked for and the readout that needs none).
     """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -182,5 +183,6 @@ def final_norm_scale(folder: str | Path) -> np.ndarray:
         if found is not None:
             break
     if found is None:
-        raise KeyError(f"no final norm weight in {folder} (looked for {_NORM_NAMES})")
+        raise EmbedConfigError(f"no final norm weight in {folder} (looked for {', '.join(_NORM_NAMES)}): the "
+                               "pre_norm readout needs it; use readout='post_norm'")
     return (1.0 + found if is_gemma(config) else found).astype(np.float32)

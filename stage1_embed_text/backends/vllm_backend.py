@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.store import CacheIdentity
+from pipeline.cache.store import CacheError, CacheIdentity
 from stage1_embed_text.backends.model_source import resolve_source, safetensors_folder, weights_fingerprint
 from stage1_embed_text.backends.registry import EncoderSpec, register_backend
 from stage1_embed_text.backends.truncate import final_norm_scale, truncated_checkpoint
@@ -245,7 +245,8 @@ class VllmFacetEncoder:
             ``truncated bool [n, 3]``.
 
         Raises:
-            RuntimeError: the engine returned a vector that is not finite or has zero norm.
+            pipeline.cache.store.CacheError: the engine returned a vector that is not finite or has zero norm
+                (as the ``hf`` backend's job refuses such a vector; a wider ``dtype`` may help).
         """
         items = pack_samples(self.tokenizer, self.templates, self.prompt_set, samples, self.context_tokens)
         out = EncodedSamples.for_texts(len(samples), len(self.facets), self.dim, items, self.context_tokens)
@@ -297,8 +298,10 @@ class VllmFacetEncoder:
         if self._scale is not None:
             h = h / self._scale
         norms = np.linalg.norm(h, axis=-1, keepdims=True)
-        if not (np.isfinite(h).all() and (norms > 0).all()):
-            raise RuntimeError("vLLM returned a non-finite or zero vector")
+        ok = np.isfinite(h).all(axis=-1) & (norms[:, 0] > 0)
+        if not ok.all():
+            raise CacheError(f"vLLM returned a non-finite or zero vector for {int((~ok).sum())} of {len(prompts)} "
+                             "prompts; try --dtype float32")
         return h / norms
 
     def reset_prefix_cache(self) -> None:

@@ -19,10 +19,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from stage1_embed_text.config import EmbedConfigError
+
 if TYPE_CHECKING:
     from stage1_embed_text.encode.packing import PackedSequence
 
 PAD_SEGMENT = -1
+PADDING_SIDES = ("right", "left")
+"""Where a batch's padding goes; the results do not depend on it."""
+
+
+def check_padding_side(padding_side: str) -> None:
+    """Raise :class:`~stage1_embed_text.config.EmbedConfigError` unless ``padding_side`` is one of
+    :data:`PADDING_SIDES`."""
+    if padding_side not in PADDING_SIDES:
+        raise EmbedConfigError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
 
 
 def plan_batches(
@@ -74,9 +85,12 @@ class Batch:
 def collate(
     seqs: Sequence[PackedSequence], pad_id: int, position_mode: str = "restart", padding_side: str = "right"
 ) -> Batch:
-    """Pad packed sequences to a batch (``padding_side`` ``"right"`` or ``"left"``)."""
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    """Pad packed sequences to a batch (``padding_side`` ``"right"`` or ``"left"``).
+
+    Raises:
+        stage1_embed_text.config.EmbedConfigError: another ``padding_side``.
+    """
+    check_padding_side(padding_side)
     t = max(len(s) for s in seqs)
     b = len(seqs)
     ids = np.full((b, t), pad_id, dtype=np.int64)

@@ -66,7 +66,8 @@ def check_template_room(templates: Mapping[str, GroupTemplate], context_tokens: 
     """Refuse a context length that leaves no token for a caption in some group.
 
     Raises:
-        ValueError: a group's template alone (empty caption) takes ``context_tokens`` tokens or more.
+        stage1_embed_text.config.EmbedConfigError: a group's template alone (empty caption) takes
+            ``context_tokens`` tokens or more.
     """
     for name, t in templates.items():
         if t.fixed_len >= context_tokens:

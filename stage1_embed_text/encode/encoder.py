@@ -23,7 +23,7 @@ from stage1_embed_text.config import (
     check_encoder_modes,
     default,
 )
-from stage1_embed_text.encode.batching import Batch, collate, facet_mask, plan_batches
+from stage1_embed_text.encode.batching import Batch, check_padding_side, collate, facet_mask, plan_batches
 from stage1_embed_text.encode.encoded import EncodedSamples, check_template_room, text_identity
 from stage1_embed_text.encode.packing import PackedSequence, pack_samples
 from stage1_embed_text.encode.prompts import FLAME, PromptSet
@@ -47,8 +47,8 @@ class FacetEncoder:
         max_batch_sequences: at most this many sequences per batch (``flame embed --batch-size``).
 
     Raises:
-        stage1_embed_text.config.EmbedConfigError: unknown readout/position mode, or ``context_tokens`` too small
-            for a template.
+        stage1_embed_text.config.EmbedConfigError: unknown readout/position mode/padding side, or
+            ``context_tokens`` too small for a template.
     """
 
     def __init__(
@@ -63,6 +63,7 @@ class FacetEncoder:
         max_batch_sequences: int | None = None,
     ):
         check_encoder_modes(readout, position_mode)
+        check_padding_side(padding_side)
         self.llm = llm
         self.prompt_set = prompt_set
         self.readout = readout

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stage1_embed_text.config import POSITION_MODES
+from stage1_embed_text.config import POSITION_MODES, EmbedConfigError
 from stage1_embed_text.encode.prompts import GROUPS, PromptSet, prompt_captions
 from stage1_embed_text.encode.tokenization import (
     GroupTemplate,
@@ -90,7 +90,9 @@ def pack_caption(
         The packed sequence (``truncated`` set if caption text was cut).
 
     Raises:
-        ValueError: the template alone (empty caption) does not fit ``context_tokens``.
+        stage1_embed_text.config.EmbedConfigError: the template alone (empty caption) does not fit
+            ``context_tokens`` (the encoders refuse such a context up front:
+            :func:`~stage1_embed_text.encode.encoded.check_template_room`).
     """
     if encoded is None:
         enc = plain_encode(tokenizer, [template.prefix_text(caption)], offsets=True)
@@ -135,7 +137,7 @@ def pack_caption(
         else:
             hi = m
     if best is None:
-        raise ValueError(
+        raise EmbedConfigError(
             f"max_tokens={context_tokens} cannot hold the prompt template ({template.fixed_len} tokens)"
         )
     return PackedSequence(np.asarray(best[0], dtype=np.int64), best[1], best[2], True)

@@ -127,6 +127,10 @@ class PromptSet:
         groups: the groups in storage order; their facets, concatenated, are :attr:`facets`.
         bos_marker: what became of the official ``<s>`` marker after the prefix: ``"drop"`` (default,
             SPEC §2.2) or ``"keep"`` (the literal text ``<s>`` starts the first facet segment of each group).
+
+    Raises:
+        stage1_embed_text.config.EmbedConfigError: an unknown ``bos_marker``, or a group not named in
+            :data:`GROUPS`.
     """
 
     name: str
@@ -139,7 +143,7 @@ class PromptSet:
             raise EmbedConfigError(f"bos_marker must be one of {BOS_MARKERS}, got {self.bos_marker!r}")
         unknown = [g.name for g in self.groups if g.name not in GROUPS]
         if unknown:
-            raise ValueError(f"unknown prompt groups {unknown}; expected names from {GROUPS}")
+            raise EmbedConfigError(f"unknown prompt groups {unknown}; expected names from {GROUPS}")
 
     @property
     def facets(self) -> tuple[str, ...]:
@@ -227,11 +231,11 @@ def get_prompt_set(name: str, bos_marker: str = "drop") -> PromptSet:
     """The registered prompt set ``name`` (``"flame"`` or ``"single"``), with the given ``<s>`` marker choice.
 
     Raises:
-        KeyError: unknown name (the message lists the known ones).
-        ValueError: unknown ``bos_marker``.
+        stage1_embed_text.config.EmbedConfigError: unknown name (the message lists the known ones) or
+            ``bos_marker``.
     """
     if name not in _REGISTRY:
-        raise KeyError(f"unknown prompt set {name!r}; known: {sorted(_REGISTRY)}")
+        raise EmbedConfigError(f"unknown prompt set {name!r}; known: {sorted(_REGISTRY)}")
     base = _REGISTRY[name]
     if bos_marker == base.bos_marker:
         return base
