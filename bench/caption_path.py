@@ -9,6 +9,7 @@ an edge between our two files). Two views:
   functions that read, clean, plan, encode, write, look up, pair, draw and score a sample);
 * ``run``: every project file the two commands execute (config, locks, logs, checkpoints, export included).
 
+Planning, which the job runs in a spawned child process, runs in this process here so that it is traced too.
 For each file: the order of first entry, and its **entry points**, the distinct ``caller file:function ->
 function`` edges into it (a file "entered once" has one). Every module is imported before tracing starts, so
 import-time code is not counted. Writes ``bench/results/caption_path.json`` and ``caption_path.md``.
@@ -154,6 +155,11 @@ def trace(llm: str, rows: int, runs: Path) -> dict[str, Any]:
         cfg = load_config(ROOT / "configs" / "demo-cpu.toml", [
             f"data.manifest={manifest}", f"data.cache={tmp / 'cache'}", f"train.output_dir={tmp / 'train'}",
             "train.max_steps=1", f"train.batch_size={rows}", "train.save_every=0", "optim.warmup_steps=0"])
+        import stage1_embed_text.ranks as ranks
+        from stage1_embed_text.plan import plan_job
+
+        # the job plans in a spawned child process (memory); here in this process, so the planner is traced too
+        ranks._plan_in_child_process = plan_job
         tracer = CallTracer(ROOTS)
         sys.setprofile(tracer)
         try:

@@ -34,8 +34,14 @@ The arms, table rows and claims, the statistics and everything derived from the 
 
 Usage::
 
-    python bench/fidelity.py --steps 100 --seeds 0 1 2 3 4     # train/evaluate what is missing, write results
+    python bench/fidelity.py --train-bases 300 --steps 60 --jobs 2 --threads 1   # the committed demo-subset round
+    python bench/fidelity.py --steps 60 --jobs 2 --threads 1 --out bench/results/fidelity-full \
+        --reference bench/results --no-readme                  # the whole train split, verdicts compared
     python bench/fidelity.py --check                           # re-derive JSON + Markdown + README table; diff
+
+Cost of the whole-split round: its stage-1 caches hold 6,488 rows per LLM against the subset's 900 (about 7x the
+LLM work; the demo's 900-row Gemma cache took 180 s on a 2-core CPU with native bf16); the 25 training runs cost
+the same as the subset's (fixed steps).
 
 Each finished (arm, seed) writes ``bench/results/fidelity/<arm>-s<seed>.json`` (metrics in both modes, chance,
 task counts, first/final loss, seconds, the hash of its inputs); a rerun skips every run whose file matches its
@@ -114,8 +120,9 @@ class StudyConfig:
         train_bases: train concepts of the study's manifest; ``None`` (default) = the whole emoji train
             split (6,188 images, skin-tone variants included); an int = that many base concepts, as the demo.
         test_bases: test concepts (base emoji only, both vendors), the same for every arm.
-        reference: a finished study under ``out`` (a folder name) whose verdicts are compared claim by claim
-            (:func:`fidelity_report.reference_verdicts`); ignored when that folder has no study.
+        reference: the ``out`` folder of a finished study whose verdicts are compared claim by claim
+            (:func:`fidelity_report.reference_verdicts`), e.g. ``bench/results`` (the demo-subset round) for a
+            whole-split run written to ``bench/results/fidelity-full``; stored relative to ``out``.
     """
 
     arms: tuple[str, ...] = tuple(ARMS)
@@ -132,7 +139,7 @@ class StudyConfig:
     tower: dict[str, Any] = field(default_factory=dict)
     train_bases: int | None = None
     test_bases: int = 150
-    reference: str | None = "fidelity-subset"
+    reference: Path | None = None
 
 
 @dataclass
@@ -490,9 +497,14 @@ def run_study(cfg: StudyConfig, data: StudyData | None = None) -> dict[str, Any]
     return refresh(draw=True)
 
 
-def reference_name(out: Path, reference: str | None) -> str | None:
-    """``reference`` if ``out/<reference>`` holds a finished study (its ``fidelity/study.json``), else ``None``."""
-    return reference if reference and (Path(out) / reference / "fidelity" / "study.json").is_file() else None
+def reference_name(out: Path, reference: Path | str | None) -> str | None:
+    """``reference`` relative to ``out`` (POSIX) if it holds a finished study (``fidelity/study.json``), else
+    ``None``; with ``reference`` given but holding no study, :class:`FileNotFoundError`."""
+    if not reference:
+        return None
+    if not (Path(reference) / "fidelity" / "study.json").is_file():
+        raise FileNotFoundError(f"--reference {reference}: no finished study there (no fidelity/study.json)")
+    return Path(os.path.relpath(Path(reference).resolve(), Path(out).resolve())).as_posix()
 
 
 def manifest_counts(manifest: Path) -> dict[str, int]:
@@ -522,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-readme", action="store_true", help="leave the README alone")
     p.add_argument("--train-bases", default="all",
                    help="train concepts: 'all' = the whole emoji train split (default), N = N base concepts (the demo: 300)")
-    p.add_argument("--reference", default=StudyConfig.reference,
-                   help="a finished study folder under --out whose verdicts are compared claim by claim ('' = none)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="the --out folder of a finished study whose verdicts are compared claim by claim, e.g. "
+                        "bench/results (the demo-subset round) for a whole-split run with --out bench/results/fidelity-full")
     p.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: torch default); with --jobs > 1 stage 1 still uses every core")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
     p.add_argument("--check", action="store_true",
@@ -544,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:  # also (re)names the reference study in study.json, the one field a render may change
         path = args.out / "fidelity" / "study.json"
         study = json.loads(path.read_text(encoding="utf-8"))
-        if study.get("reference") != reference_name(args.out, args.reference or None):
-            study["reference"] = reference_name(args.out, args.reference or None)
+        if args.reference is not None and study.get("reference") != reference_name(args.out, args.reference):
+            study["reference"] = reference_name(args.out, args.reference)
             path.write_text(json.dumps(study, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         doc = build_document(args.out)
         write_outputs(doc, args.out, readme)
@@ -562,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                                 train_config=args.config, overrides=tuple(args.overrides), runs=args.runs,
                                 out=args.out, readme=readme, threads=args.threads, jobs=args.jobs,
                                 train_bases=None if args.train_bases == "all" else int(args.train_bases),
-                                reference=args.reference or None))
+                                reference=args.reference))
     print(render_summary(doc))
     return 0
 

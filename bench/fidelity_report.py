@@ -198,19 +198,20 @@ def build_document(out: Path) -> dict[str, Any]:
                               "primary_holding": sum(tests[k]["holds"] for k in primary if k in tests)})
     if study.get("reference"):
         doc["reference"] = reference_verdicts(out / study["reference"], doc["claims"])
+        doc["reference"]["name"] = study["reference"]
     return doc
 
 
 def reference_verdicts(ref_out: Path, claims: list[dict[str, Any]]) -> dict[str, Any]:
-    """Does a reference study (the same arms and claims on another training set, e.g. the demo subset in
-    ``bench/results/fidelity-subset/``) give the same verdict on each pre-chosen metric?
+    """Does a reference study (the same arms and claims on another training set, e.g. the demo-subset round in
+    ``bench/results`` for a whole-split run) give the same verdict on each pre-chosen metric?
 
     Returns:
         ``{"name", "train_set", "rows": [{"claim", "metric", "this": {mean, ci95, holds}, "reference": {...},
         "same": bool}], "same": n, "compared": n}``; a metric counts as the same verdict when it holds in both
         or in neither. Derived from the reference's per-run files (:func:`build_document`).
     """
-    ref = build_document(ref_out)
+    ref = build_document(ref_out)  # ref_out: the reference's folder, relative to this study's (as stored)
     ref_claims = {c["id"]: c for c in ref["claims"]}
     rows = []
     for c in claims:
@@ -221,7 +222,7 @@ def reference_verdicts(ref_out: Path, claims: list[dict[str, Any]]) -> dict[str,
             this, other = ({f: t[k][f] for f in ("mean", "ci95", "holds")} for t in (c["tests"], rc["tests"]))
             rows.append({"claim": c["id"], "a": c["a"], "b": c["b"], "metric": k, "this": this, "reference": other,
                          "same": this["holds"] == other["holds"]})
-    return {"name": ref_out.name, "train_set": _train_set(ref["study"]), "rows": rows,
+    return {"name": ref_out.as_posix(), "train_set": _train_set(ref["study"]), "rows": rows,
             "same": sum(r["same"] for r in rows), "compared": len(rows)}
 
 
@@ -312,7 +313,7 @@ def render_summary(doc: dict[str, Any]) -> str:
     lines += [f"- {claim_sentence(c, n)}" for c in doc["claims"]]
     ref = doc.get("reference")
     if ref and ref["compared"]:
-        lines += ["", f"The same study on {ref['train_set']} (`bench/results/{ref['name']}/`) gives the same verdict "
+        lines += ["", f"The same study on {ref['train_set']} (`{ref['name']}`, relative to this study) gives the same verdict "
                   f"(holds / does not hold) on {ref['same']} of {ref['compared']} pre-chosen metrics"
                   + ("." if ref["same"] == ref["compared"] else ", and differs on " + "; ".join(
                       f"`{r['a']}` > `{r['b']}` {_LABEL.get(r['metric'], r['metric'])} (here "
@@ -326,7 +327,7 @@ def render_reference(doc: dict[str, Any]) -> list[str]:
     ref = doc.get("reference")
     if not ref:
         return []
-    lines = [f"## The same claims on {ref['train_set']} (`{ref['name']}/`)", "",
+    lines = [f"## The same claims on {ref['train_set']} (`{ref['name']}`, relative to this study)", "",
              "| claim | metric | this study: diff (pp) [95 %] | holds | reference: diff (pp) [95 %] | holds | "
              "same verdict |", "|---|---|---|---|---|---|---|"]
 

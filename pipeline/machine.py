@@ -14,6 +14,8 @@ from typing import Any
 
 # The flags that decide how fast the matmuls of stage 1 and stage 2 run on a CPU.
 MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+# A CPU with one of these runs bf16 matmuls natively; without them torch emulates bf16, several times slower than fp32.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def logical_cores() -> int:
@@ -42,3 +44,19 @@ def cpu_summary(info: dict[str, Any] | None = None) -> str:
     info = info or cpu_info()
     flags = " ".join(info["flags"]) or "no avx2/avx512/amx"
     return f"{info['model']} [{flags}], {info['logical_cores']} cores"
+
+
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 compute is native, hence worth choosing, on ``device_type`` (``"cuda"`` or ``"cpu"``): the one
+    place both stages' ``auto`` precision is decided.
+
+    CUDA: :func:`torch.cuda.is_bf16_supported`. CPU: one of :data:`BF16_FLAGS`. Without them torch emulates bf16:
+    measured on a 2-core AMD EPYC with AVX2 only (torch 2.14.1), a ``[1024, 640] x [640, 2048]`` bf16 matmul ran
+    at 6.1 GFLOP/s against 57.9 in float32 (one thread), and a 64 px ViT-Tiny training step of 128 images took
+    20.3 s under bf16 autocast against 0.80 s in float32.
+    """
+    if device_type == "cuda":
+        import torch  # third-party, heavy: only when a CUDA device is asked about
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return any(f in cpu_info()["flags"] for f in BF16_FLAGS)

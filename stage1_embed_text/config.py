@@ -13,11 +13,13 @@ from typing import Any
 
 from pipeline.assets import DEFAULT_LLM, default_readout
 from pipeline.errors import FlameError
+from pipeline.machine import fast_bf16
 
 BACKENDS = ("hf", "vllm")
 """Stage-1 backends: ``hf`` (transformers, the reference) and ``vllm`` (SPEC §2.5)."""
-DTYPE_CHOICES = ("bfloat16", "float32")
-"""Compute dtypes ``flame embed --dtype`` offers (the loaders accept ``float16`` as well)."""
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")
+"""Compute dtypes ``flame embed --dtype`` offers (the loaders accept ``float16`` as well); ``auto`` is resolved by
+:func:`compute_dtype` on the job's device and recorded resolved in the cache identity."""
 READOUTS = ("pre_norm", "post_norm")
 """Where a facet vector is read: the block output ``hidden_states[L]`` (``pre_norm``, the official recipe) or
 that state passed through the model's final norm (``post_norm``)."""
@@ -46,7 +48,7 @@ class EmbedConfig:
         layer: ``hidden_states`` index read out; ``None`` = penultimate block.
         readout: ``"pre_norm"`` or ``"post_norm"``; ``None`` = the LLM's default
             (:func:`pipeline.assets.default_readout`).
-        dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
+        dtype: compute dtype, ``"auto"`` (default: :func:`compute_dtype`), ``"bfloat16"`` or ``"float32"``.
         backend: ``"hf"`` (reference, CPU/GPU) or ``"vllm"`` (needs vLLM importable, SPEC §2.5).
         context_tokens: longest packed sequence in tokens; longer captions are cut (SPEC §2.4).
         max_batch_tokens: padded tokens per forward batch (``hf`` backend).
@@ -70,7 +72,7 @@ class EmbedConfig:
     llm: str = DEFAULT_LLM
     layer: int | None = None
     readout: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     backend: str = "hf"
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
@@ -153,3 +155,12 @@ def check_text_mode(mode: str) -> str:
     if mode not in TEXT_MODES:
         raise EmbedConfigError(f"unknown text mode {mode!r} ({', '.join(TEXT_MODES)})")
     return mode
+
+
+def compute_dtype(dtype: str, device_type: str) -> str:
+    """The compute dtype a job runs in: ``dtype`` itself unless it is ``"auto"``, which means ``"bfloat16"`` where
+    bf16 is native on ``device_type`` (:func:`pipeline.machine.fast_bf16`: a CUDA GPU with bf16, a CPU with
+    AVX-512 BF16 or AMX) and ``"float32"`` elsewhere (on an AVX2-only CPU bf16 is emulated, ~10x slower)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if fast_bf16(device_type) else "float32"

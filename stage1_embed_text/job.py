@@ -71,7 +71,7 @@ def run_embed(config: EmbedConfig, encoder: TextEncoder | None = None) -> EmbedS
         # heavy (torch, transformers): not loaded for planning or `flame --help`
         from stage1_embed_text import backends
 
-        encoder = backends.build_encoder(backends.EncoderSpec.of_config(config), state.device)
+        encoder = backends.build_encoder(backends.EncoderSpec.of_config(config, state.device), state.device)
     lock = CacheLock(files) if state.process_index == 0 else None
     try:
         return _run(config, state, files, token, encoder, lock, t0)

@@ -134,8 +134,10 @@ class TrainConfig:
         batch_size: global batch (all processes, all accumulation micro-steps).
         grad_accum: micro-steps per optimizer step.
         mixed_precision: ``"launcher"`` (default: whatever ``accelerate launch`` was told by its flags or config
-            file, i.e. ``ACCELERATE_MIXED_PRECISION``; ``"no"`` without a launcher) or ``"no"`` | ``"bf16"`` |
-            ``"fp16"``. An explicit value that contradicts the launcher's is refused, naming both.
+            file, i.e. ``ACCELERATE_MIXED_PRECISION``; ``"no"`` without a launcher), ``"auto"`` (the launcher's
+            when one sets it, else ``"bf16"`` where bf16 is native and ``"no"`` elsewhere, e.g. an AVX2-only CPU:
+            :func:`pipeline.machine.fast_bf16`) or ``"no"`` | ``"bf16"`` | ``"fp16"``. An explicit value that
+            contradicts the launcher's is refused, naming both.
         seed: seeds model init, shuffling, augmentation and facet draws.
         save_every: checkpoint every this many optimizer steps (0 = only at the end).
         keep_checkpoints: how many recent checkpoints to keep (0 = all).
@@ -274,7 +276,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 LOSS_KINDS = ("sigmoid", "infonce")
-MIXED_PRECISION = ("launcher", "no", "bf16", "fp16")
+MIXED_PRECISION = ("launcher", "auto", "no", "bf16", "fp16")
 DATA_MODES = ("auto", "memory", "stream")
 INTERPOLATIONS = ("bicubic", "bilinear")
 

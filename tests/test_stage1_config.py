@@ -74,8 +74,8 @@ def test_vllm_settings_reach_the_engine_builder(monkeypatch):
     monkeypatch.setattr(job, "read_manifest_info", lambda manifest: None)  # no manifest needed to build the encoder
     argv = ["embed", "--manifest", "m", "--out", "c", "--backend", "vllm", "--context-tokens", "300",
             "--vllm-setting", "gpu_memory_utilization=0.5", "--vllm-setting", "max_num_seqs=64",
-            "--vllm-setting", "tensor_parallel_size=2"]
-    assert _config(*argv[5:]).vllm_settings == {"gpu_memory_utilization": 0.5, "max_num_seqs": 64,
+            "--vllm-setting", "tensor_parallel_size=2", "--dtype", "bfloat16"]
+    assert _config(*argv[5:-2]).vllm_settings == {"gpu_memory_utilization": 0.5, "max_num_seqs": 64,
                                                 "tensor_parallel_size": 2}
     with pytest.raises(_Built):
         main(argv)
@@ -87,6 +87,22 @@ def test_vllm_settings_reach_the_engine_builder(monkeypatch):
         config = EmbedConfig(manifest="m", out="c", backend="vllm", vllm_settings={"block_size": 64})
         backends.build_encoder(backends.EncoderSpec.of_config(config), torch.device("cpu"))
     assert (seen["settings"].block_size, seen["settings"].device) == (64, "cpu")
+
+
+@pytest.mark.parametrize(("flags", "device", "expected"), [
+    (["avx2"], "cpu", "float32"),                      # AVX2-only: bf16 is emulated, ~10x slower than float32
+    (["avx2", "avx512f", "avx512_bf16"], "cpu", "bfloat16"),
+    (["avx2", "amx_bf16"], torch.device("cpu"), "bfloat16"),
+])
+def test_auto_dtype_is_resolved_once_for_the_jobs_device(flags, device, expected, monkeypatch):
+    """``dtype="auto"`` (the default) becomes the spec's concrete dtype, which the cache identity records;
+    an explicit dtype is kept whatever the machine."""
+    import pipeline.machine as machine
+
+    monkeypatch.setattr(machine, "cpu_info", lambda: {"model": "x", "flags": flags, "logical_cores": 2})
+    assert EmbedConfig(manifest="m", out="c").dtype == "auto"
+    assert backends.EncoderSpec.of_config(EmbedConfig(manifest="m", out="c"), device).dtype == expected
+    assert backends.EncoderSpec.of_config(EmbedConfig(manifest="m", out="c", dtype="float32"), device).dtype == "float32"
 
 
 def test_plan_only_and_the_command_line_do_not_import_torch(tmp_path):

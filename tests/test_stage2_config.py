@@ -33,7 +33,7 @@ BAD = [
     ("optim.lr=nan", "optim.lr = nan: must be a number >= 0"),
     ("train.grad_accum=0", "train.grad_accum = 0: must be at least 1"),
     ("loss.kind=hinge", "loss.kind = 'hinge': must be one of sigmoid, infonce"),
-    ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8': must be one of launcher, no, bf16, fp16"),
+    ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8': must be one of launcher, auto, no, bf16, fp16"),
     ("train.max_steps=-5", "train.max_steps = -5: must be at least 0 (0 = train.epochs)"),
     ("train.epochs=0", "train.max_steps = 0 and train.epochs = 0: the run would train 0 steps"),
     ("data.expect={lm = \"gemma\"}", "data.expect: 'lm' is not a cache identity field (known: llm, llm_fingerprint, "
@@ -115,6 +115,21 @@ def test_several_bad_values_are_named_together_and_the_shipped_configs_are_valid
 ])
 def test_mixed_precision_takes_the_launchers_unless_the_toml_agrees(toml, env, expected):
     assert resolve_mixed_precision(toml, env) == expected
+
+
+@pytest.mark.parametrize(("flags", "env", "expected"), [
+    (["avx2"], {}, "no"),                               # AVX2-only CPU: bf16 is emulated, train in float32
+    (["avx2", "avx512f", "avx512_bf16"], {}, "bf16"),   # native bf16 dot products
+    (["avx2", "amx_bf16", "amx_tile"], {}, "bf16"),
+    (["avx2"], {"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16"),  # a launcher's word wins over auto
+])
+def test_auto_precision_is_bf16_only_where_it_is_native(flags, env, expected, monkeypatch):
+    import pipeline.machine as machine
+    import stage2_train_vision.run.launch as launch
+
+    monkeypatch.setattr(machine, "cpu_info", lambda: {"model": "x", "flags": flags, "logical_cores": 2})
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision("auto", env) == expected
 
 
 def test_a_toml_precision_that_contradicts_the_launcher_is_one_line(data, tmp_path, monkeypatch, capsys):

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from pipeline.cache.store import CacheIdentity
-from stage1_embed_text.config import BACKENDS, DEFAULT_MAX_BATCH_TOKENS, EmbedConfig, EmbedConfigError
+from stage1_embed_text.config import (
+    BACKENDS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    EmbedConfig,
+    EmbedConfigError,
+    compute_dtype,
+)
 from stage1_embed_text.encode.encoded import EncodedSamples
 from stage1_embed_text.encode.prompts import PromptSet, get_prompt_set
 
@@ -84,10 +90,12 @@ class EncoderSpec:
     vllm_settings: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of_config(cls, config: EmbedConfig) -> EncoderSpec:
-        """The encoder of a stage-1 job."""
+    def of_config(cls, config: EmbedConfig, device: Any = None) -> EncoderSpec:
+        """The encoder of a stage-1 job on ``device`` (a ``torch.device`` or its type; ``None``: CUDA if available,
+        else CPU), with ``dtype="auto"`` resolved for it (:func:`stage1_embed_text.config.compute_dtype`)."""
         return cls(
-            llm=config.llm, layer=config.layer, readout=config.readout, dtype=config.dtype,
+            llm=config.llm, layer=config.layer, readout=config.readout,
+            dtype=compute_dtype(config.dtype, _device_type(device)),
             position_mode=config.position_mode, context_tokens=config.context_tokens,
             prompt_set=get_prompt_set(config.prompt_set, bos_marker=config.bos_marker), backend=config.backend,
             max_batch_tokens=config.max_batch_tokens, batch_size=config.batch_size,
@@ -108,6 +116,14 @@ class EncoderSpec:
             position_mode=identity.position_mode, context_tokens=identity.max_tokens,
             prompt_set=get_prompt_set(identity.prompt_set, bos_marker=identity.bos_marker),
         )
+
+
+def _device_type(device: Any) -> str:
+    if device is None:
+        import torch  # third-party, heavy: only when the caller did not say
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
 Builder = Callable[[EncoderSpec, "str | None"], TextEncoder]

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from pipeline.machine import fast_bf16
 from stage2_train_vision.config import Config, ConfigError
 from stage2_train_vision.run.run_lock import RunLock, RunLockError
 
@@ -32,7 +33,9 @@ def resolve_mixed_precision(value: str, env: dict[str, str] | None = None) -> st
     normally unset.
 
     Args:
-        value: ``train.mixed_precision`` (``"launcher"``, ``"no"``, ``"bf16"`` or ``"fp16"``).
+        value: ``train.mixed_precision`` (``"launcher"``, ``"auto"``, ``"no"``, ``"bf16"`` or ``"fp16"``); ``"auto"``
+            takes the launcher's when it sets one, else ``"bf16"`` if bf16 is native on this machine's device
+            (:func:`pipeline.machine.fast_bf16`) and ``"no"`` if not.
         env: the environment (default ``os.environ``).
 
     Returns:
@@ -45,6 +48,8 @@ def resolve_mixed_precision(value: str, env: dict[str, str] | None = None) -> st
     launcher = launcher.lower() if launcher else None
     if value == "launcher":
         return launcher or "no"
+    if value == "auto":
+        return launcher or ("bf16" if fast_bf16("cuda" if torch.cuda.is_available() else "cpu") else "no")
     if launcher is not None and launcher != value:
         raise ConfigError(
             f"train.mixed_precision = {value!r} but accelerate launch asks for {launcher!r} (its --mixed_precision "
