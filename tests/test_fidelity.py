@@ -141,7 +141,7 @@ def test_smoke_study_writes_runs_json_table_plot_and_readme_and_check_passes(stu
     assert all(f"`{a}`" in md for a in arms) and "most common class" in md
     assert (out / "fidelity.png").stat().st_size > 10_000
     text = readme.read_text()
-    assert text.startswith("# Project\n\n## Fidelity\n\n<!-- fidelity:begin -->\nEmoji test split")
+    assert text.startswith("# Project\n\n## Fidelity\n\n<!-- fidelity:begin -->\nTrained on ")
     assert text.endswith("<!-- fidelity:end -->\n\n## Next\n") and "old text" not in text
     assert fidelity.main(["--check", "--out", str(out), "--readme", str(readme)]) == 0
 
@@ -149,7 +149,7 @@ def test_smoke_study_writes_runs_json_table_plot_and_readme_and_check_passes(stu
     (out / "fidelity.md").write_text(md.replace("| `flame` |", "| `flame` | ", 1))
     assert fidelity.check(out, readme) == ["fidelity.md differs from the one rendered from fidelity.json"]
     (out / "fidelity.md").write_text(md)
-    readme.write_text(text.replace("Emoji test split", "Emoji  test split"))
+    readme.write_text(text.replace("Trained on ", "Trained  on "))
     assert fidelity.check(out, readme) == ["README.md's fidelity block differs from the one rendered from fidelity.json"]
     readme.write_text(text)
     run = json.loads((out / "fidelity" / "raw_only-s3.json").read_text())
