@@ -22,6 +22,7 @@ ONE_PROMPT = "one-prompt"  #: facet selection: raw + the first facet of the shor
 MODES = ("single", "multi")
 BEGIN, END = "<!-- fidelity:begin -->", "<!-- fidelity:end -->"
 BOOTSTRAP = 10_000
+_REPO = Path(__file__).resolve().parent.parent  #: a reference study inside the repository is named from its root
 HOLD_P = 2 / 2**5  #: the smallest exact sign-flip p of 5 seeds (all agree in sign); fewer seeds never "hold"
 
 
@@ -198,7 +199,8 @@ def build_document(out: Path) -> dict[str, Any]:
                               "primary_holding": sum(tests[k]["holds"] for k in primary if k in tests)})
     if study.get("reference"):
         doc["reference"] = reference_verdicts(out / study["reference"], doc["claims"])
-        doc["reference"]["name"] = study["reference"]
+        where = (out / study["reference"]).resolve()
+        doc["reference"]["name"] = where.relative_to(_REPO).as_posix() if where.is_relative_to(_REPO) else study["reference"]
     return doc
 
 
@@ -313,7 +315,7 @@ def render_summary(doc: dict[str, Any]) -> str:
     lines += [f"- {claim_sentence(c, n)}" for c in doc["claims"]]
     ref = doc.get("reference")
     if ref and ref["compared"]:
-        lines += ["", f"The same study on {ref['train_set']} (`{ref['name']}`, relative to this study) gives the same verdict "
+        lines += ["", f"The same study on {ref['train_set']} (`{ref['name']}`) gives the same verdict "
                   f"(holds / does not hold) on {ref['same']} of {ref['compared']} pre-chosen metrics"
                   + ("." if ref["same"] == ref["compared"] else ", and differs on " + "; ".join(
                       f"`{r['a']}` > `{r['b']}` {_LABEL.get(r['metric'], r['metric'])} (here "
@@ -327,7 +329,7 @@ def render_reference(doc: dict[str, Any]) -> list[str]:
     ref = doc.get("reference")
     if not ref:
         return []
-    lines = [f"## The same claims on {ref['train_set']} (`{ref['name']}`, relative to this study)", "",
+    lines = [f"## The same claims on {ref['train_set']} (`{ref['name']}`)", "",
              "| claim | metric | this study: diff (pp) [95 %] | holds | reference: diff (pp) [95 %] | holds | "
              "same verdict |", "|---|---|---|---|---|---|---|"]
 
