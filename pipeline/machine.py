@@ -50,10 +50,9 @@ def fast_bf16(device_type: str) -> bool:
     """Whether bf16 compute is native, hence worth choosing, on ``device_type`` (``"cuda"`` or ``"cpu"``): the one
     place both stages' ``auto`` precision is decided.
 
-    CUDA: :func:`torch.cuda.is_bf16_supported`. CPU: one of :data:`BF16_FLAGS`. Without them torch emulates bf16:
-    measured on a 2-core AMD EPYC with AVX2 only (torch 2.14.1), a ``[1024, 640] x [640, 2048]`` bf16 matmul ran
-    at 6.1 GFLOP/s against 57.9 in float32 (one thread), and a 64 px ViT-Tiny training step of 128 images took
-    20.3 s under bf16 autocast against 0.80 s in float32.
+    CUDA: :func:`torch.cuda.is_bf16_supported`. CPU: one of :data:`BF16_FLAGS`. Without them torch emulates bf16,
+    several times slower than float32 for both a stage-1 matmul and a demo training step (``bench/precision.py``
+    measures both and prints this rule's answer next to them; ``bench/results/precision.json``).
     """
     if device_type == "cuda":
         import torch  # third-party, heavy: only when a CUDA device is asked about

@@ -160,7 +160,8 @@ def check_text_mode(mode: str) -> str:
 def compute_dtype(dtype: str, device_type: str) -> str:
     """The compute dtype a job runs in: ``dtype`` itself unless it is ``"auto"``, which means ``"bfloat16"`` where
     bf16 is native on ``device_type`` (:func:`pipeline.machine.fast_bf16`: a CUDA GPU with bf16, a CPU with
-    AVX-512 BF16 or AMX) and ``"float32"`` elsewhere (on an AVX2-only CPU bf16 is emulated, ~10x slower)."""
+    AVX-512 BF16 or AMX) and ``"float32"`` elsewhere (on an AVX2-only CPU bf16 is emulated, several times slower:
+    ``bench/precision.py``)."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if fast_bf16(device_type) else "float32"

@@ -143,6 +143,19 @@ def test_manifest_and_cache_without_common_keys_are_refused(tmp_path, fixture):
             _build(tmp_path, mode)
 
 
+def test_a_split_whose_rows_have_no_present_facet_is_refused_by_name(tmp_path, fixture):
+    """Every key has a row but no row a present facet: one DataError naming both counts, in both modes (not the
+    later 'fewer than one batch')."""
+    root, _ = fixture
+    keys = [key(i) for i in range(N)]
+    make_cache(tmp_path / "c", keys, absent={r: list(range(F)) for r in range(N)})
+    (tmp_path / "m").symlink_to(root / "m")
+    for mode in ("memory", "stream"):
+        with pytest.raises(DataError, match=r"no key of split 'train' in manifest .* has a present facet in cache "
+                                            r".* \(0 without a row, 20 with an all-absent row\)$"):
+            _build(tmp_path, mode)
+
+
 def test_fewer_samples_than_a_batch_is_refused(fixture):
     root, _ = fixture
     with pytest.raises(DataError, match=r"16 usable samples are fewer than one global batch \(32 x 1 accumulation\)"):

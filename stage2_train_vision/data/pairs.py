@@ -119,7 +119,7 @@ def load_memory_pairs(
         split_keys(cfg.manifest, cfg.split)  # raises with the split counts
     keys = table.column("key").to_pylist()
     rows, skipped = trainable_rows(reader, keys)
-    check_overlap(keys, skipped, cfg.manifest, reader.dir)
+    check_overlap(len(keys), skipped, cfg.manifest, reader.dir, cfg.split)
     vectors, mask = reader.load_all()
     kept_keys, kept_images, kept_rows = [], [], []
     for i, row in enumerate(table.to_pylist()):

@@ -153,12 +153,17 @@ def trainable_rows(
     return rows, +skipped
 
 
-def check_overlap(keys: list[str], skipped: Counter, manifest_dir: Any, cache_dir: Any) -> None:
-    """Raise :class:`DataError` if no manifest key has a cache row (every key of ``keys`` counted as
-    ``missing_vector`` in ``skipped``, from :func:`trainable_rows`)."""
-    if skipped["missing_vector"] < len(keys):
-        return
-    raise DataError(
-        f"manifest {manifest_dir} and cache {cache_dir} have no keys in common "
-        f"({len(keys)} manifest keys, e.g. {keys[:3]}); was the cache built from this manifest?"
-    )
+def check_overlap(n_keys: int, skipped: Counter, manifest_dir: Any, cache_dir: Any, split: str) -> None:
+    """Raise :class:`DataError` if none of the split's ``n_keys`` keys is trainable: every one counted as
+    ``missing_vector`` (no keys in common) or, failing that, as ``missing_vector`` or ``no_facet`` (no present
+    facet to train against); ``skipped`` from :func:`trainable_rows`. Both data sources call it."""
+    if skipped["missing_vector"] >= n_keys:
+        raise DataError(
+            f"manifest {manifest_dir} and cache {cache_dir} have no keys in common ({n_keys} keys in split "
+            f"{split!r}); was the cache built from this manifest?"
+        )
+    if skipped["missing_vector"] + skipped["no_facet"] >= n_keys:
+        raise DataError(
+            f"no key of split {split!r} in manifest {manifest_dir} has a present facet in cache {cache_dir} "
+            f"({skipped['missing_vector']} without a row, {skipped['no_facet']} with an all-absent row)"
+        )

@@ -33,6 +33,7 @@ from stage2_train_vision.data.samples import (
     IMAGE_COLUMNS,
     IMAGE_ERRORS,
     DataError,
+    check_overlap,
     collate,
     decode,
     make_sample,
@@ -189,11 +190,7 @@ def stream_shards(cfg: DataConfig, reader: CacheReader) -> tuple[list[StreamShar
             shards.append(StreamShard(path, n_ok))
     if n_split == 0:
         split_keys(cfg.manifest, cfg.split)
-    if skipped["missing_vector"] == n_split:
-        raise DataError(
-            f"manifest {cfg.manifest} and cache {reader.dir} have no keys in common ({n_split} keys in split "
-            f"{cfg.split!r}); was the cache built from this manifest?"
-        )
+    check_overlap(n_split, skipped, cfg.manifest, reader.dir, cfg.split)
     return shards, skipped
 
 
